@@ -1,0 +1,3 @@
+from genkit.cli import main
+
+main()

@@ -1,0 +1,81 @@
+"""The `genkit` command: a thin Typer layer that parses flags, calls the library and renders.
+
+Each command lives in its own module under genkit/cli/. Nothing here imports torch or
+transformers at import time: `genkit --help` and the preset commands stay instant.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+import typer
+
+from genkit.errors import GenkitError
+
+app = typer.Typer(
+    name="genkit",
+    help="Generate text with language models on Hugging Face transformers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _register() -> None:
+    from genkit.cli import config_cmd, models_cmd, presets_cmd, run_cmd
+
+    run_cmd.register(app)
+    presets_cmd.register(app)
+    models_cmd.register(app)
+    config_cmd.register(app)
+    for optional in ("compare_cmd", "detect_cmd", "batch_cmd", "bench_cmd"):
+        try:
+            module = __import__(f"genkit.cli.{optional}", fromlist=["register"])
+        except ModuleNotFoundError as e:
+            if e.name != f"genkit.cli.{optional}":
+                raise
+            continue
+        module.register(app)
+
+
+_register()
+
+
+def error(message: str) -> None:
+    """One line on stderr: what went wrong and what to do."""
+    print(f"genkit: error: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    debug = os.environ.get("GENKIT_DEBUG") == "1"
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in args:
+        args.remove("--debug")
+        debug = True
+    try:
+        rc = app(args=args, prog_name="genkit", standalone_mode=False)
+    except GenkitError as e:
+        if debug:
+            raise
+        error(e.message)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): not an error worth a traceback.
+        sys.stderr.close()
+        sys.exit(1)
+    except Exception as e:  # a bug: keep it to one line unless asked
+        if debug:
+            raise
+        error(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)")
+        sys.exit(1)
+    sys.exit(rc if isinstance(rc, int) else 0)

@@ -1,0 +1,78 @@
+"""`genkit models` (what is cached) and `genkit pull` (prepare the default model)."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    app.command("models")(list_models)
+    app.command("pull")(pull)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def list_models(json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Models in genkit's cache: name, source, size, state."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from genkit import models
+
+    rows = models.cached_entries()
+    if json_out:
+        for r in rows:
+            print(json.dumps(r))
+        return
+    console = Console(highlight=False)
+    if not rows:
+        console.print(f"no cached models in {models.models_dir()} (run `genkit pull`)")
+        return
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("name", "source", "size", "state"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], r["source"], _size(r["size"]), r["state"])
+    console.print(table)
+
+
+def pull(
+    model: Annotated[Optional[str], typer.Argument(help="A .gguf file to convert (default: the embedded model).")] = None,
+) -> None:
+    """Convert the embedded default model (or a GGUF file) into genkit's cache ahead of time."""
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from genkit import models
+    from genkit.errors import GenkitError
+
+    if model is not None and not model.endswith(".gguf"):
+        raise GenkitError(f"genkit pull converts .gguf files; {model} is loaded as it is by --model")
+    gguf = Path(model) if model else models.default_gguf_path()
+    if not gguf.is_file():
+        raise GenkitError(f"GGUF file {model} does not exist; check the path")
+    console = Console(stderr=True)
+    steps = ["converting tokenizer", "dequantising weights", "writing safetensors"]
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=console, transient=False, disable=not console.is_terminal) as progress:
+        task = progress.add_task("checking cache", total=len(steps))
+
+        def step(msg):
+            progress.update(task, description=msg, completed=steps.index(msg) if msg in steps else 0)
+            if not console.is_terminal:
+                console.print(f"genkit: {msg}")
+
+        entry = models.prepare_gguf(gguf, default=model is None, progress=step)
+        progress.update(task, description="ready", completed=len(steps))
+    print(entry)

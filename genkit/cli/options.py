@@ -1,0 +1,80 @@
+"""Flags shared by the commands that load a model and generate."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from genkit.errors import GenkitError
+
+MODEL_PANEL = "Model"
+GEN_PANEL = "Generation"
+
+Model = Annotated[Optional[str], typer.Option(
+    "--model", "-m", rich_help_panel=MODEL_PANEL,
+    help="Model directory, .gguf file or hub id (default: the embedded SmolLM2-135M-Instruct).")]
+Dtype = Annotated[str, typer.Option(
+    "--dtype", rich_help_panel=MODEL_PANEL, help="auto, float32, bfloat16 or float16.")]
+DeviceMap = Annotated[Optional[str], typer.Option(
+    "--device-map", rich_help_panel=MODEL_PANEL, help="auto, cpu, cuda, balanced or a JSON map.")]
+Load4 = Annotated[bool, typer.Option(
+    "--load-in-4bit", rich_help_panel=MODEL_PANEL, help="Quantise the weights to 4 bits (bitsandbytes).")]
+Load8 = Annotated[bool, typer.Option(
+    "--load-in-8bit", rich_help_panel=MODEL_PANEL, help="Quantise the weights to 8 bits (bitsandbytes).")]
+QuantType = Annotated[str, typer.Option(
+    "--quant-type", rich_help_panel=MODEL_PANEL, help="4-bit quantisation type: nf4 or fp4.")]
+ComputeDtype = Annotated[Optional[str], typer.Option(
+    "--compute-dtype", rich_help_panel=MODEL_PANEL, help="4-bit compute dtype: float32, bfloat16, float16.")]
+TrustRemote = Annotated[bool, typer.Option(
+    "--trust-remote-code", rich_help_panel=MODEL_PANEL, help="Allow the model's own Python code (off by default).")]
+
+Preset = Annotated[Optional[str], typer.Option(
+    "--preset", "-p", rich_help_panel=GEN_PANEL, help="Preset name or YAML file (`genkit presets list`).")]
+GenConfig = Annotated[Optional[str], typer.Option(
+    "--generation-config", rich_help_panel=GEN_PANEL, help="A saved GenerationConfig (.json) or YAML file.")]
+Set = Annotated[Optional[list[str]], typer.Option(
+    "--set", "-s", rich_help_panel=GEN_PANEL, help="Any generation parameter: --set key=value (repeatable).")]
+Var = Annotated[Optional[list[str]], typer.Option(
+    "--var", rich_help_panel=GEN_PANEL, help="Template variable of the preset: --var target=French.")]
+
+
+def load_options(dtype, device_map, load_in_4bit, load_in_8bit, quant_type, compute_dtype, trust_remote_code):
+    from genkit.models import LoadOptions
+
+    return LoadOptions(
+        dtype=dtype, device_map=device_map, load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
+        quant_type=quant_type, compute_dtype=compute_dtype, trust_remote_code=trust_remote_code,
+    )
+
+
+def load_model(model, opts, quiet: bool = False):
+    """Load with a spinner on stderr when it is a terminal."""
+    from rich.console import Console
+
+    from genkit import models
+
+    console = Console(stderr=True)
+    if quiet or not console.is_terminal:
+        return models.load(model, opts)
+    with console.status("loading model…", spinner="dots") as status:
+        return models.load(model, opts, progress=lambda msg: status.update(f"{msg}…"))
+
+
+def read_stdin() -> str:
+    data = sys.stdin.read()
+    if not data.strip():
+        raise GenkitError("stdin was empty: pipe a prompt in, or pass it as an argument")
+    return data.rstrip("\n")
+
+
+def prompt_from(arg: Optional[str]) -> str:
+    """The prompt from the argument, or stdin when the argument is '-' or stdin is a pipe."""
+    if arg == "-" or (arg is None and not sys.stdin.isatty()):
+        return read_stdin()
+    if arg is None:
+        raise GenkitError('no prompt: pass one as an argument (genkit run "...") or pipe it on stdin')
+    if not arg.strip():
+        raise GenkitError("the prompt is empty: pass some text")
+    return arg

@@ -1,0 +1,188 @@
+"""The decode loop's driver: one request from prompts to events and results.
+
+    gen = Generation(lm, ["Hello"], settings)
+    for event in gen:          # token events as they are accepted, then finish events
+        print(event.text, end="")
+    gen.results, gen.stats     # final texts, token ids, finish reasons, timings
+
+The driver prepares inputs, processors and per-row random generators, picks the strategy,
+feeds the strategy's proposals to the tracker (which applies every stopping rule), and
+forwards tokens to a `put()`/`end()` streamer when one is given.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from genkit import prompts as prompts_mod
+from genkit.engine import processors as procs
+from genkit.engine import strategies
+from genkit.engine.runner import make_runner
+from genkit.engine.settings import DecodeSettings
+from genkit.engine.strategies.base import Context
+from genkit.engine.tracker import Event, Tracker
+
+BEAM_STRATEGIES = ("beam", "beam-sampling", "diverse-beam")
+
+
+@dataclass
+class SequenceResult:
+    index: int
+    prompt_index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    logprobs: list[float] | None = None
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    elapsed_s: float = 0.0
+    time_to_first_token_s: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.completion_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "elapsed_s": round(self.elapsed_s, 4),
+            "time_to_first_token_s": None if self.time_to_first_token_s is None else round(self.time_to_first_token_s, 4),
+            "tokens_per_s": round(self.tokens_per_s, 2),
+            **self.extra,
+        }
+
+
+def row_generator(seed: int, k: int) -> torch.Generator:
+    """The random generator of return sequence k of a prompt seeded with `seed`."""
+    g = torch.Generator()
+    g.manual_seed((seed * 0x9E3779B1 + k) % (2**63 - 1))
+    return g
+
+
+class Generation:
+    def __init__(
+        self,
+        lm,
+        prompts: list,
+        settings: DecodeSettings,
+        *,
+        system: str | None = None,
+        raw: bool = False,
+        streamer=None,
+        logprobs: bool = False,
+        assistant=None,
+        seeds: list[int | None] | None = None,
+    ):
+        self.lm = lm
+        self.settings = settings
+        self.streamer = streamer
+        self.want_logprobs = logprobs
+        self.assistant = assistant
+        self.templated = prompts_mod.uses_chat(lm, raw)
+        self.texts = [prompts_mod.to_text(lm, p, system=system, raw=raw) for p in prompts]
+        base_seed = settings.seed if settings.seed is not None else int.from_bytes(os.urandom(4), "little")
+        self.seeds = [s if s is not None else base_seed for s in (seeds or [None] * len(prompts))]
+        self.seed = self.seeds[0] if self.seeds else base_seed
+        self.results: list[SequenceResult] = []
+        self.stats = Stats()
+        self.tracker: Tracker | None = None
+        self.prompt_lengths: list[int] = []
+
+    @property
+    def num_return_sequences(self) -> int:
+        return self.settings.num_return_sequences
+
+    def __iter__(self):
+        s, lm = self.settings, self.lm
+        input_ids, mask, lengths = prompts_mod.encode(
+            lm, self.texts, templated=self.templated, max_new_tokens=s.max_new_tokens
+        )
+        self.prompt_lengths = lengths
+        n = self.num_return_sequences
+        max_new = min(prompts_mod.fit_max_new_tokens(lm, ln, s.max_new_tokens) for ln in lengths)
+        tracker = Tracker(lm.tokenizer, len(self.texts) * n, s.eos_ids, max_new, s.stop_strings, s.max_time)
+        self.tracker = tracker
+        if s.strategy not in BEAM_STRATEGIES and n > 1:
+            input_ids = input_ids.repeat_interleave(n, dim=0)
+            mask = mask.repeat_interleave(n, dim=0)
+        runner = make_runner(lm.model, input_ids, mask, s.values.get("decoder_start_token_id"))
+        vocab = lm.model.config.get_text_config().vocab_size
+        kw = dict(
+            prompt_length=runner.prompt.shape[1], attention_mask=mask if not lm.is_encoder_decoder else None,
+            vocab_size=vocab, device=input_ids.device, is_encoder_decoder=lm.is_encoder_decoder,
+        )
+        generators = None
+        if s.do_sample:
+            per_prompt = input_ids.shape[0] // len(self.texts)
+            generators = [row_generator(self.seeds[r // per_prompt], r % per_prompt) for r in range(input_ids.shape[0])]
+        ctx = Context(
+            lm=lm, settings=s, runner=runner, input_ids=runner.prompt, attention_mask=mask,
+            processors=procs.build_processors(s, **kw),
+            warpers=procs.build_warpers(s, device=input_ids.device, beams=s.num_beams > 1),
+            watermark=procs.build_watermark(s, vocab_size=vocab, device=input_ids.device),
+            tracker=tracker, generators=generators, num_prompts=len(self.texts),
+            want_logprobs=self.want_logprobs, extras={"assistant": self.assistant},
+        )
+        if self.streamer is not None:
+            self.streamer.put(input_ids[:1].cpu())
+        strategy = strategies.get(s.strategy)
+        try:
+            with torch.inference_mode():
+                for proposal in strategy(ctx):
+                    for ev in tracker.add(proposal.tokens, proposal.logprobs):
+                        self._stream(ev)
+                        yield ev
+                    if tracker.all_done:
+                        break
+                else:
+                    # The strategy ended on its own (e.g. beam search hit max length).
+                    for ev in tracker.finish_all("length"):
+                        yield ev
+        except (KeyboardInterrupt, GeneratorExit):
+            for ev in tracker.finish_all("cancelled"):
+                pass
+            self._finish()
+            raise
+        self._finish()
+
+    def _stream(self, ev: Event) -> None:
+        if self.streamer is not None and ev.index == 0 and ev.token_ids:
+            self.streamer.put(torch.tensor(ev.token_ids))
+
+    def _finish(self) -> None:
+        tr = self.tracker
+        n = self.num_return_sequences
+        self.results = [
+            SequenceResult(
+                index=i, prompt_index=i // n, text=seq.text, token_ids=list(seq.ids),
+                finish_reason=seq.finish_reason or "cancelled", prompt_tokens=self.prompt_lengths[i // n],
+                logprobs=list(seq.logprobs) if self.want_logprobs else None,
+            )
+            for i, seq in enumerate(tr.seqs)
+        ]
+        now = time.perf_counter()
+        self.stats = Stats(
+            prompt_tokens=sum(self.prompt_lengths),
+            completion_tokens=sum(len(r.token_ids) for r in self.results),
+            elapsed_s=now - tr.started,
+            time_to_first_token_s=None if tr.first_token_at is None else tr.first_token_at - tr.started,
+        )
+        if self.streamer is not None:
+            self.streamer.end()
+
+    def run(self) -> list[SequenceResult]:
+        """Generate to the end without looking at the events."""
+        for _ in self:
+            pass
+        return self.results

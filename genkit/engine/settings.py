@@ -1,0 +1,108 @@
+"""Turn genkit's parameter dict into what the decode loop needs.
+
+The user's parameters (preset + flags) sit on top of the model's own generation config; the
+result is one `DecodeSettings` with every parameter filled in, plus a transformers
+`GenerationConfig` built from it for the processors and for saving.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from genkit import params as P
+from genkit.errors import GenkitError
+
+# Parameters of the model's generation_config.json that genkit takes as the model's defaults.
+MODEL_CONFIG_KEYS = set(P.PARAMS) - {"seed", "assistant_model", "watermark"}
+
+
+@dataclass
+class DecodeSettings:
+    values: dict[str, Any]  # every parameter of genkit/params.py, effective values
+    strategy: str
+    eos_ids: list[int]
+    pad_id: int
+    explicit: dict[str, Any] = field(default_factory=dict)  # what the user set (for reports)
+
+    def __getattr__(self, name):
+        try:
+            return self.__dict__["values"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def generation_config(self):
+        """The same settings as a transformers GenerationConfig."""
+        gc = to_generation_config(self.values)
+        gc.eos_token_id = self.eos_ids if len(self.eos_ids) != 1 else self.eos_ids[0]
+        gc.pad_token_id = self.pad_id
+        return gc
+
+
+def to_generation_config(values: dict):
+    """A transformers GenerationConfig holding genkit's parameters (defaults left out).
+
+    `seed` and `assistant_model` have no GenerationConfig field; they are stored as extra
+    attributes, which GenerationConfig saves and reads back."""
+    from transformers import GenerationConfig, WatermarkingConfig
+
+    from genkit.presets import diff_from_defaults
+
+    kwargs = diff_from_defaults(values)
+    if "sequence_bias" in kwargs:
+        kwargs["sequence_bias"] = [[list(ids), b] for ids, b in kwargs["sequence_bias"]]
+    if "watermark" in kwargs:
+        kwargs["watermarking_config"] = WatermarkingConfig(**kwargs.pop("watermark"))
+    return GenerationConfig(**kwargs)
+
+
+def model_defaults(model) -> dict:
+    """The parameters a model's own generation config sets (ignoring transformers' defaults)."""
+    gc = getattr(model, "generation_config", None)
+    if gc is None:
+        return {}
+    out = {}
+    for k, v in gc.to_diff_dict().items():
+        if k in MODEL_CONFIG_KEYS and v is not None:
+            try:
+                out.update([P.check_param(k, v, "model generation config")])
+            except GenkitError:
+                pass  # a value genkit cannot use is ignored, the model still runs
+    # The old 20-token max_length default must not silently cap generation.
+    out.pop("max_length", None)
+    return out
+
+
+def build(lm, generation: dict) -> DecodeSettings:
+    """Effective settings for one request on a loaded model."""
+    merged = {**model_defaults(lm.model), **{k: v for k, v in generation.items() if v is not None}}
+    P.check_combination(merged, "settings")
+    values = P.effective(merged)
+    if values["max_new_tokens"] is None:
+        values["max_new_tokens"] = P.DEFAULT_MAX_NEW_TOKENS
+    eos = values["eos_token_id"]
+    if eos is None:
+        eos = lm.tokenizer.eos_token_id
+    eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    pad = values["pad_token_id"]
+    if pad is None:
+        pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else (eos_ids or [0])[0]
+    if values["dola_layers"] is not None and lm.is_encoder_decoder:
+        raise GenkitError("DoLa (dola_layers) works with decoder-only models only")
+    if values["penalty_alpha"] and lm.is_encoder_decoder:
+        raise GenkitError("contrastive search (penalty_alpha) works with decoder-only models only")
+    vocab = lm.model.config.get_text_config().vocab_size
+    for key in ("suppress_tokens",):
+        for t in values[key] or []:
+            if t >= vocab:
+                raise GenkitError(f"{key}: token id {t} is outside the vocabulary (size {vocab})")
+    for ids in values["bad_words_ids"] or []:
+        if any(t >= vocab for t in ids):
+            raise GenkitError(f"bad_words_ids: {ids} has a token id outside the vocabulary (size {vocab})")
+    return DecodeSettings(
+        values=values,
+        strategy=P.strategy_of(merged),
+        eos_ids=eos_ids,
+        pad_id=pad,
+        explicit=dict(generation),
+    )

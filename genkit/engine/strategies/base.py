@@ -1,0 +1,71 @@
+"""What every strategy receives and yields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers.generation import LogitsProcessorList
+
+from genkit.engine.runner import Runner
+from genkit.engine.settings import DecodeSettings
+from genkit.engine.tracker import Tracker
+
+
+@dataclass
+class Proposal:
+    """New tokens per output row (an empty list for a row with nothing new)."""
+
+    tokens: list[list[int]]
+    logprobs: list[list[float]] | None = None
+
+
+@dataclass
+class Context:
+    lm: Any  # genkit.models.LoadedModel
+    settings: DecodeSettings
+    runner: Runner
+    input_ids: torch.Tensor  # (rows, prompt_length) left-padded prompts, one row per output sequence
+    attention_mask: torch.Tensor
+    processors: LogitsProcessorList  # penalties and constraints
+    warpers: LogitsProcessorList  # sampling warpers (empty unless do_sample)
+    watermark: LogitsProcessorList  # applied last
+    tracker: Tracker
+    generators: list[torch.Generator] | None  # one per row, for sampling
+    num_prompts: int
+    want_logprobs: bool = False
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def model(self):
+        return self.lm.model
+
+    @property
+    def tokenizer(self):
+        return self.lm.tokenizer
+
+    def unfinished(self) -> torch.Tensor:
+        """Bool tensor (rows,): True for rows still generating."""
+        done = self.tracker.finished_mask()
+        return torch.tensor([not d for d in done], device=self.input_ids.device)
+
+    def score(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Processors, warpers and watermark in generate()'s order."""
+        scores = self.processors(input_ids, logits)
+        scores = self.warpers(input_ids, scores)
+        return self.watermark(input_ids, scores)
+
+
+def sample_rows(probs: torch.Tensor, generators: list[torch.Generator] | None) -> torch.Tensor:
+    """One token per row from `probs` (rows, vocab). Each row draws from its own generator, so
+    a seeded row gives the same tokens whatever else shares the batch."""
+    if generators is None:
+        return torch.multinomial(probs, num_samples=1).squeeze(1)
+    out = [torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)]
+    return torch.cat(out)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> list[float]:
+    """The model's log-probability of each chosen token (raw logits, before processing)."""
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1).tolist()

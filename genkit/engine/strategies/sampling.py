@@ -1,0 +1,33 @@
+"""Greedy decoding and multinomial sampling: one token per row per step."""
+
+from __future__ import annotations
+
+import torch
+
+from genkit.engine.strategies.base import Context, Proposal, sample_rows, token_logprobs
+
+
+def choose(ctx: Context, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """The next token of every row from the last position's logits."""
+    scores = ctx.score(input_ids, logits)
+    if ctx.settings.do_sample:
+        return sample_rows(torch.softmax(scores, dim=-1), ctx.generators)
+    return scores.argmax(dim=-1)
+
+
+def decode(ctx: Context):
+    input_ids = ctx.input_ids
+    pad = ctx.settings.pad_id
+    out = ctx.runner.prefill()
+    while True:
+        logits = out.logits[:, -1, :]
+        tokens = choose(ctx, input_ids, logits)
+        # Finished rows keep receiving padding, as in generate(), so the batch stays rectangular.
+        tokens = torch.where(ctx.unfinished(), tokens, torch.full_like(tokens, pad))
+        lps = token_logprobs(logits, tokens) if ctx.want_logprobs else None
+        ids = tokens.tolist()
+        yield Proposal([[t] for t in ids], [[x] for x in lps] if lps is not None else None)
+        if ctx.tracker.all_done:
+            return
+        input_ids = torch.cat([input_ids, tokens[:, None]], dim=-1)
+        out = ctx.runner.step(tokens[:, None])

@@ -1,0 +1,39 @@
+"""Where genkit keeps things: its cache of converted models and the user's presets.
+
+`GENKIT_HOME` puts everything under one directory (handy for tests and CI); otherwise the XDG
+base directories are used.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _xdg(var: str, fallback: str) -> Path:
+    return Path(os.environ.get(var) or Path.home() / fallback)
+
+
+def cache_dir() -> Path:
+    home = os.environ.get("GENKIT_HOME")
+    if home:
+        return Path(home) / "cache"
+    return _xdg("XDG_CACHE_HOME", ".cache") / "genkit"
+
+
+def config_dir() -> Path:
+    home = os.environ.get("GENKIT_HOME")
+    if home:
+        return Path(home) / "config"
+    return _xdg("XDG_CONFIG_HOME", ".config") / "genkit"
+
+
+def user_presets_dir() -> Path:
+    return config_dir() / "presets"
+
+
+def builtin_presets_dir() -> Path:
+    # Installed from a wheel the presets sit inside the package; in a source checkout (or an
+    # editable install) they are at the repository root.
+    inside = Path(__file__).parent / "presets"
+    return inside if inside.is_dir() else Path(__file__).parent.parent / "presets"
