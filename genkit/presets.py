@@ -202,10 +202,16 @@ def parse_set(items: list[str]) -> dict:
         key = key.strip()
         if not sep or not key:
             raise GenkitError(f"--set {item!r}: expected key=value, e.g. --set repetition_penalty=1.2")
+        kind = P.PARAMS.get(P.ALIASES.get(key, key))
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
-            raise GenkitError(f"--set {item!r}: cannot read the value {raw!r}") from None
+            value = None if not kind or not kind.kind.startswith("str") else raw
+            if value is None:
+                raise GenkitError(f"--set {item!r}: cannot read the value {raw!r}") from None
+        # Text parameters take the text as typed ('###' is a YAML comment, '1' a number).
+        if kind and kind.kind.startswith("str") and raw and not isinstance(value, list):
+            value = raw
         if value is None:
             raise GenkitError(f"--set {item!r}: missing value after '='")
         k, v = P.check_param(key, value, f"--set {key}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import sys
 
-import click
 import typer
 
 from genkit.errors import GenkitError
@@ -62,18 +61,20 @@ def main(argv: list[str] | None = None) -> None:
             raise
         error(e.message)
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        sys.exit(130)
     except KeyboardInterrupt:
         sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
     except BrokenPipeError:
         # The reader went away (e.g. `| head`): not an error worth a traceback.
         sys.stderr.close()
         sys.exit(1)
-    except Exception as e:  # a bug: keep it to one line unless asked
+    except Exception as e:
+        # Usage errors come from click (vendored inside newer Typer releases): they know how
+        # to show themselves and carry exit code 2. Abort is click's name for Ctrl-C.
+        if type(e).__name__ == "Abort":
+            sys.exit(130)
+        if hasattr(e, "show") and hasattr(e, "exit_code"):
+            e.show()
+            sys.exit(e.exit_code)
         if debug:
             raise
         error(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)")
