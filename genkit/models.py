@@ -240,13 +240,19 @@ def _quiet():
     from transformers.utils import logging as hf_logging
 
     old = hf_logging.get_verbosity()
+    old_tqdm = os.environ.get("TQDM_DISABLE")
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    os.environ["TQDM_DISABLE"] = "1"  # the GGUF dequantiser's own tqdm bar
     try:
         yield
     finally:
         hf_logging.set_verbosity(old)
         hf_logging.enable_progress_bar()
+        if old_tqdm is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = old_tqdm
 
 
 # ---------------------------------------------------------------- loading
