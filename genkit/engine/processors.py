@@ -46,7 +46,9 @@ def build_processors(
         pad_lengths = None
         if attention_mask is not None and not is_encoder_decoder:
             pad_lengths = (attention_mask != 0).int().argmax(dim=1)
-        procs.append(RepetitionPenaltyLogitsProcessor(s.repetition_penalty, prompt_ignore_length=pad_lengths))
+            if not pad_lengths.any():
+                pad_lengths = None
+        procs.append(_repetition_penalty(s.repetition_penalty, pad_lengths))
     if s.no_repeat_ngram_size:
         procs.append(NoRepeatNGramLogitsProcessor(s.no_repeat_ngram_size))
     if s.bad_words_ids:
@@ -60,6 +62,15 @@ def build_processors(
     if s.suppress_tokens:
         procs.append(SuppressTokensLogitsProcessor(s.suppress_tokens, device=device))
     return procs
+
+
+def _repetition_penalty(penalty: float, pad_lengths):
+    try:
+        return RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=pad_lengths)
+    except ValueError:
+        # transformers releases before 5.2x take only an int here; they then penalise the
+        # padding token too, as their own generate() does.
+        return RepetitionPenaltyLogitsProcessor(penalty)
 
 
 def build_warpers(s: DecodeSettings, *, device, beams: bool = False) -> LogitsProcessorList:
