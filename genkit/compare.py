@@ -1,0 +1,60 @@
+"""Run one prompt through several presets (or --set variants) on one loaded model.
+
+This is how a person learns what the decoding strategies do: the same model, the same prompt,
+the answers side by side with each variant's settings and speed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from genkit import presets as presets_mod
+from genkit.engine import Generation
+from genkit.engine.settings import build
+from genkit.errors import GenkitError
+
+
+@dataclass
+class Variant:
+    label: str
+    preset: presets_mod.Preset
+
+
+@dataclass
+class Row:
+    label: str
+    strategy: str
+    settings: dict
+    text: str
+    finish_reason: str
+    tokens: int
+    tokens_per_s: float
+    seconds: float
+
+
+def variants(preset_names: list[str], set_variants: list[str], base: str | None, common: dict) -> list[Variant]:
+    """Resolve every variant before the model loads, so a typo fails fast."""
+    out = [Variant(name, presets_mod.resolve(name, None, common)) for name in preset_names]
+    for spec in set_variants:
+        items = [s.strip() for s in spec.split(",") if s.strip()]
+        overrides = {**common, **presets_mod.parse_set(items)}
+        out.append(Variant(spec, presets_mod.resolve(base, None, overrides)))
+    if not out:
+        raise GenkitError("nothing to compare: pass --presets a,b,c and/or --variant key=value,...")
+    return out
+
+
+def run_variant(lm, v: Variant, prompt: str, *, system=None, raw=False, assistant=None) -> Row:
+    settings = build(lm, v.preset.generation)
+    text = presets_mod.render_prompt(v.preset, prompt)
+    gen = Generation(lm, [text], settings, system=system if system is not None else v.preset.system,
+                     raw=raw, assistant=assistant)
+    results = gen.run()
+    diff = presets_mod.diff_from_defaults(settings.explicit)
+    diff["seed"] = gen.seed
+    return Row(
+        label=v.label, strategy=settings.strategy, settings=diff,
+        text=results[0].text, finish_reason=results[0].finish_reason,
+        tokens=gen.stats.completion_tokens, tokens_per_s=round(gen.stats.tokens_per_s, 2),
+        seconds=round(gen.stats.elapsed_s, 3),
+    )
