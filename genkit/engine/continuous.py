@@ -1,0 +1,353 @@
+"""Continuous batching for greedy decoding and sampling: a finished row's slot is refilled at once.
+
+Why: in a padded static batch every row waits for the longest one, and short prompts pay for
+the padding of long ones. Here a job (one prompt) is prefilled when a slot frees up, its KV
+cache is merged into the running batch, and each row leaves the batch on the step it finishes.
+
+Layout: the running batch is right-aligned, as generate() lays out a left-padded batch. Row b's
+real tokens fill the last columns of the cache and of the attention mask; the columns to their
+left are masked padding. Merging a newly prefilled group left-pads whichever side is narrower;
+dropping finished rows can leave columns that are padding for every row, and those are cut.
+Position ids are per row (the count of the row's real tokens before), so what a row computes
+does not depend on the padding its neighbours force on it.
+
+Reused rather than rewritten: SequenceState (stopping rules, incremental text), the processors
+and warpers of genkit.engine.processors, sample_rows / token_logprobs, and row_generator, so a
+seeded job draws the same tokens here as through `Generation`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from genkit.engine import processors as procs
+from genkit.engine.core import row_generator
+from genkit.engine.settings import DecodeSettings
+from genkit.engine.strategies.base import sample_rows, token_logprobs
+from genkit.engine.tracker import SequenceState
+
+STRATEGIES = ("greedy", "sampling")
+
+
+@dataclass
+class Job:
+    """One prompt to complete; `handle` comes back with its result."""
+
+    handle: Any
+    input_ids: list[int]
+    seed: int
+    max_new_tokens: int
+    stop_strings: list[str] | None = None
+
+
+@dataclass
+class Sequence:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    logprobs: list[float] | None = None
+
+
+@dataclass
+class JobResult:
+    handle: Any
+    sequences: list[Sequence]
+    prompt_tokens: int
+    started_at: float
+    first_token_at: float | None
+    finished_at: float
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.sequences)
+
+
+@dataclass
+class _Active:
+    """A job whose rows are in the running batch."""
+
+    job: Job
+    rows_left: int
+    states: list[SequenceState]
+    started_at: float
+    deadline: float | None
+    first_token_at: float | None = None
+
+
+@dataclass
+class _Row:
+    active: _Active
+    state: SequenceState
+    generator: torch.Generator | None
+    history: list[int] = field(default_factory=list)  # prompt + generated, for the processors
+
+
+def supported(lm, settings: DecodeSettings) -> bool:
+    """Whether continuous batching can run these settings on this model."""
+    if settings.strategy not in STRATEGIES or lm.is_encoder_decoder:
+        return False
+    # Sliding-window and other special layers keep state that left-padding would corrupt.
+    layers = DynamicCache(config=lm.model.config).layers
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+class ContinuousBatcher:
+    """Runs jobs that share one DecodeSettings (seed, max_new_tokens and stop strings may differ
+    per job) through one running batch of at most `batch_size` rows.
+
+    `max_batch_tokens` bounds rows x the widest KV cache they can reach (prompt + new tokens),
+    the memory that the batch may grow to; a job larger than the budget still runs, alone.
+    """
+
+    def __init__(self, lm, settings: DecodeSettings, *, batch_size: int = 32,
+                 max_batch_tokens: int | None = None, logprobs: bool = False):
+        self.lm = lm
+        self.model = lm.model
+        self.s = settings
+        self.n = settings.num_return_sequences
+        self.batch_size = max(1, batch_size)
+        self.budget = max_batch_tokens
+        self.want_logprobs = logprobs
+        self.device = lm.device
+        vocab = self.model.config.get_text_config().vocab_size
+        self._proc_kw = dict(attention_mask=None, vocab_size=vocab, device=self.device)
+        self._procs: dict[int, Any] = {}
+        self.warpers = procs.build_warpers(settings, device=self.device)
+        self.watermark = procs.build_watermark(settings, vocab_size=vocab, device=self.device)
+        self.uses_history = bool(self._processors(0)) or bool(self.watermark)
+        # Refilling one slot at a time costs a prefill pass per job; wait for a few free slots.
+        self.refill_at = max(1, self.batch_size // 8)
+        self.rows: list[_Row] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # (rows, width) 1 for real tokens
+        self.next_pos: torch.Tensor | None = None  # (rows,) position id of the next token
+        self.last: torch.Tensor | None = None  # (rows,) the token to feed next
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self, jobs: Iterable[Job]) -> Iterator[JobResult]:
+        """Results as jobs finish (not in the order given). Callers sort by prompt length."""
+        waiting = deque(jobs)
+        with torch.inference_mode():
+            while waiting or self.rows:
+                if waiting and self._should_admit():
+                    group = self._take(waiting)
+                    yield from self._admit(group)
+                if self.rows:
+                    yield from self._step()
+
+    def _should_admit(self) -> bool:
+        free = self.batch_size - len(self.rows)
+        return not self.rows or free >= min(self.refill_at * self.n, self.batch_size)
+
+    def _future_width(self, extra: Job | None = None) -> int:
+        """The widest the cache can grow for the running rows (plus `extra`)."""
+        widths = [r.active.job.max_new_tokens + len(r.active.job.input_ids) for r in self.rows]
+        if extra is not None:
+            widths.append(extra.max_new_tokens + len(extra.input_ids))
+        return max(widths, default=0)
+
+    def _take(self, waiting: deque) -> list[Job]:
+        """The next jobs that fit in the free rows and the token budget (at least one when idle)."""
+        group: list[Job] = []
+        rows = len(self.rows)
+        width = self._future_width()
+        while waiting:
+            job = waiting[0]
+            w = max(width, len(job.input_ids) + job.max_new_tokens)
+            busy = rows > 0 or group
+            if busy and rows + self.n > self.batch_size:
+                break
+            if busy and self.budget and (rows + self.n) * w > self.budget:
+                break
+            group.append(waiting.popleft())
+            rows, width = rows + self.n, w
+        return group
+
+    # ------------------------------------------------------------------ admission
+
+    def _admit(self, group: list[Job]) -> Iterator[JobResult]:
+        """Prefill a group of jobs, choose their first tokens and merge them into the batch."""
+        pad = self.s.pad_id
+        width = max(len(j.input_ids) for j in group)
+        ids = torch.full((len(group), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for i, j in enumerate(group):
+            ids[i, width - len(j.input_ids):] = torch.tensor(j.input_ids)
+            mask[i, width - len(j.input_ids):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        cache = DynamicCache(config=self.model.config)
+        started = time.perf_counter()
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1, :].to(torch.float32)
+        rows = self._new_rows(group, started)
+        if self.n > 1:
+            # Sequences of one prompt share its prefill: repeat the rows after it.
+            index = torch.arange(len(group), device=self.device).repeat_interleave(self.n)
+            cache.reorder_cache(index)
+            logits, mask = logits.index_select(0, index), mask.index_select(0, index)
+        tokens = self._choose(rows, logits)
+        done = self._accept(rows, tokens, logits)
+        keep = [i for i in range(len(rows)) if i not in done]
+        next_pos = mask.sum(dim=1)
+        if keep:
+            index = torch.tensor(keep, device=self.device)
+            if len(keep) < len(rows):
+                cache.reorder_cache(index)
+            self._merge(cache, mask.index_select(0, index), next_pos.index_select(0, index),
+                        tokens.index_select(0, index), [rows[i] for i in keep])
+        yield from self._results([rows[i] for i in done])
+
+    def _new_rows(self, group: list[Job], started: float) -> list[_Row]:
+        rows = []
+        deadline = started + self.s.max_time if self.s.max_time else None
+        for job in group:
+            states = [
+                SequenceState(self.lm.tokenizer, self.s.eos_ids, job.max_new_tokens, job.stop_strings)
+                for _ in range(self.n)
+            ]
+            active = _Active(job, self.n, states, started, deadline)
+            for k, state in enumerate(states):
+                gen = row_generator(job.seed, k) if self.s.do_sample else None
+                history = list(job.input_ids) if self.uses_history else []
+                rows.append(_Row(active, state, gen, history))
+        return rows
+
+    def _merge(self, cache, mask, next_pos, last, rows) -> None:
+        """Add prefilled rows to the running batch, right-aligned to a common width."""
+        if not self.rows:
+            self.cache, self.mask, self.next_pos, self.last, self.rows = cache, mask, next_pos, last, rows
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(mask, width)])
+        for old, new in zip(self.cache.layers, cache.layers):
+            old.keys = torch.cat([_left_pad(old.keys, width, dim=2), _left_pad(new.keys, width, dim=2)])
+            old.values = torch.cat([_left_pad(old.values, width, dim=2), _left_pad(new.values, width, dim=2)])
+        self.next_pos = torch.cat([self.next_pos, next_pos])
+        self.last = torch.cat([self.last, last])
+        self.rows = self.rows + rows
+
+    # ------------------------------------------------------------------ decoding
+
+    def _step(self) -> Iterator[JobResult]:
+        """One decode step for every running row; finished rows leave the batch."""
+        ones = self.mask.new_ones((len(self.rows), 1))
+        self.mask = torch.cat([self.mask, ones], dim=1)
+        out = self.model(input_ids=self.last[:, None], attention_mask=self.mask,
+                         position_ids=self.next_pos[:, None], past_key_values=self.cache,
+                         use_cache=True, logits_to_keep=1)
+        self.next_pos = self.next_pos + 1
+        logits = out.logits[:, -1, :].to(torch.float32)
+        tokens = self._choose(self.rows, logits)
+        done = self._accept(self.rows, tokens, logits)
+        self.last = tokens
+        self._expire_deadlines(done)
+        if done:
+            finished = [self.rows[i] for i in sorted(done)]
+            self._drop(done)
+            yield from self._results(finished)
+
+    def _processors(self, prompt_length: int):
+        # Only min_new_tokens depends on the prompt length; the rest are shared by every row.
+        key = prompt_length if self.s.min_new_tokens else 0
+        if key not in self._procs:
+            self._procs[key] = procs.build_processors(self.s, prompt_length=key, **self._proc_kw)
+        return self._procs[key]
+
+    def _choose(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
+        """Next token per row: processors on each row's own history, then warpers, then the
+        watermark, in generate()'s order."""
+        scores = logits
+        if self.uses_history:
+            scores = torch.cat([
+                self._processors(len(r.active.job.input_ids))(self._ids(r), logits[i:i + 1])
+                for i, r in enumerate(rows)
+            ])
+        if self.warpers:
+            scores = self.warpers(None, scores)
+        if self.watermark:
+            scores = torch.cat([self.watermark(self._ids(r), scores[i:i + 1]) for i, r in enumerate(rows)])
+        if self.s.do_sample:
+            return sample_rows(torch.softmax(scores, dim=-1), [r.generator for r in rows])
+        return scores.argmax(dim=-1)
+
+    def _ids(self, row: _Row) -> torch.Tensor:
+        return torch.tensor([row.history], dtype=torch.long, device=self.device)
+
+    def _accept(self, rows: list[_Row], tokens: torch.Tensor, logits: torch.Tensor) -> set[int]:
+        """Feed each row's token to its SequenceState; the indices of rows that finished."""
+        ids = tokens.tolist()
+        lps = token_logprobs(logits, tokens) if self.want_logprobs else None
+        now = time.perf_counter()
+        done = set()
+        for i, (row, t) in enumerate(zip(rows, ids)):
+            row.state.add([t], [lps[i]] if lps is not None else None)
+            if row.active.first_token_at is None:
+                row.active.first_token_at = now
+            if self.uses_history:
+                row.history.append(t)
+            if row.state.done:
+                done.add(i)
+        return done
+
+    def _expire_deadlines(self, done: set[int]) -> None:
+        if not self.s.max_time:
+            return
+        now = time.perf_counter()
+        for i, row in enumerate(self.rows):
+            if i not in done and row.active.deadline is not None and now >= row.active.deadline:
+                row.state.finish("time")
+                done.add(i)
+
+    def _drop(self, done: set[int]) -> None:
+        keep = [i for i in range(len(self.rows)) if i not in done]
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache = self.mask = self.next_pos = self.last = None
+            return
+        index = torch.tensor(keep, device=self.device)
+        self.cache.reorder_cache(index)
+        self.mask = self.mask.index_select(0, index)
+        self.next_pos = self.next_pos.index_select(0, index)
+        self.last = self.last.index_select(0, index)
+        # Columns that are padding for every remaining row only cost attention time.
+        first = int(self.mask.any(dim=0).to(torch.int8).argmax())
+        if first > 0:
+            self.mask = self.mask[:, first:]
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[:, :, first:]
+                layer.values = layer.values[:, :, first:]
+
+    def _results(self, finished: list[_Row]) -> Iterator[JobResult]:
+        now = time.perf_counter()
+        for row in finished:
+            active = row.active
+            active.rows_left -= 1
+            if active.rows_left:
+                continue
+            seqs = [
+                Sequence(st.text, list(st.ids), st.finish_reason or "cancelled",
+                         list(st.logprobs) if self.want_logprobs else None)
+                for st in active.states
+            ]
+            yield JobResult(active.job.handle, seqs, len(active.job.input_ids), active.started_at,
+                            active.first_token_at, now)
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
+    """Zeros on the left of `dim` up to `width` (masked positions: their values never count)."""
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
