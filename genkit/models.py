@@ -46,6 +46,7 @@ class LoadOptions:
     quant_type: str = "nf4"  # 4-bit: nf4 or fp4
     compute_dtype: str | None = None  # 4-bit compute dtype
     trust_remote_code: bool = False
+    native_4bit: bool = False  # run GGUF Q4_0/Q4_1 weights as they are (genkit/native/q4.py)
 
 
 @dataclass
@@ -336,6 +337,8 @@ def load(model: str | None = None, options: LoadOptions | None = None, progress=
     device_map = _device_map(opts.device_map)
     quant = _quantization(opts)
     name, source, location = resolve_source(model, progress)
+    if opts.native_4bit:
+        return _load_native(model, name, source, location, opts, progress)
     if progress:
         progress("loading weights")
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": opts.trust_remote_code}
@@ -360,6 +363,29 @@ def load(model: str | None = None, options: LoadOptions | None = None, progress=
             raise _load_error(model or name, e) from None
     lm.name, lm.source = name, source
     return lm
+
+
+def _load_native(model, name, source, location, opts, progress) -> LoadedModel:
+    """The native 4-bit mode: GGUF Q4 blocks multiplied as they are, on the CPU."""
+    if quant_flags := [f for f, on in (("--load-in-4bit", opts.load_in_4bit), ("--load-in-8bit", opts.load_in_8bit)) if on]:
+        raise GenkitError(f"--native-4bit already runs 4-bit weights: drop {quant_flags[0]}")
+    if opts.device_map not in (None, "cpu") or opts.dtype not in ("auto", "bfloat16", "bf16"):
+        raise GenkitError("--native-4bit runs on the CPU with bfloat16 activations: drop --device-map / --dtype")
+    gguf = default_gguf_path() if not model else Path(model).expanduser()
+    if gguf.suffix != ".gguf":
+        raise GenkitError("--native-4bit needs a .gguf model (or the embedded default model)")
+    from transformers import AutoTokenizer
+
+    from genkit.native.q4 import Q4Llama
+
+    if progress:
+        progress("packing 4-bit weights")
+    q4 = Q4Llama(gguf, Path(location))
+    with _quiet():
+        tokenizer = AutoTokenizer.from_pretrained(location)
+    fix_tokenizer(tokenizer, q4)
+    return LoadedModel(model=q4, tokenizer=tokenizer, name=name, source=source, path=location,
+                       info={"mode": "native-4bit"})
 
 
 def _cuda() -> bool:

@@ -36,6 +36,7 @@ def compare(
     quant_type: o.QuantType = "nf4",
     compute_dtype: o.ComputeDtype = None,
     trust_remote_code: o.TrustRemote = False,
+    native_4bit: o.Native4 = False,
 ) -> None:
     """Run one prompt through several presets on one loaded model and show the answers side by side."""
     from rich.console import Console
@@ -46,7 +47,8 @@ def compare(
     names = [p.strip() for p in presets_.split(",") if p.strip()]
     todo = cmp.variants(names, variant or [], preset, common)
     text = o.prompt_from(prompt)
-    opts = o.load_options(dtype, device_map, load_in_4bit, load_in_8bit, quant_type, compute_dtype, trust_remote_code)
+    opts = o.load_options(dtype, device_map, load_in_4bit, load_in_8bit, quant_type, compute_dtype, trust_remote_code,
+                          native_4bit)
     out = Console(highlight=False)
     as_json = json_out or not out.is_terminal
     lm = o.load_model(model, opts)

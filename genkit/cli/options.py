@@ -29,6 +29,9 @@ ComputeDtype = Annotated[Optional[str], typer.Option(
     "--compute-dtype", rich_help_panel=MODEL_PANEL, help="4-bit compute dtype: float32, bfloat16, float16.")]
 TrustRemote = Annotated[bool, typer.Option(
     "--trust-remote-code", rich_help_panel=MODEL_PANEL, help="Allow the model's own Python code (off by default).")]
+Native4 = Annotated[bool, typer.Option(
+    "--native-4bit", rich_help_panel=MODEL_PANEL,
+    help="Run a GGUF's Q4_0/Q4_1 weights as they are on the CPU (fast; Llama models).")]
 
 Preset = Annotated[Optional[str], typer.Option(
     "--preset", "-p", rich_help_panel=GEN_PANEL, help="Preset name or YAML file (`genkit presets list`).")]
@@ -40,12 +43,14 @@ Var = Annotated[Optional[list[str]], typer.Option(
     "--var", rich_help_panel=GEN_PANEL, help="Template variable of the preset: --var target=French.")]
 
 
-def load_options(dtype, device_map, load_in_4bit, load_in_8bit, quant_type, compute_dtype, trust_remote_code):
+def load_options(dtype, device_map, load_in_4bit, load_in_8bit, quant_type, compute_dtype, trust_remote_code,
+                 native_4bit=False):
     from genkit.models import LoadOptions
 
     return LoadOptions(
         dtype=dtype, device_map=device_map, load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
         quant_type=quant_type, compute_dtype=compute_dtype, trust_remote_code=trust_remote_code,
+        native_4bit=native_4bit,
     )
 
 

@@ -64,6 +64,7 @@ def run(
     quant_type: o.QuantType = "nf4",
     compute_dtype: o.ComputeDtype = None,
     trust_remote_code: o.TrustRemote = False,
+    native_4bit: o.Native4 = False,
 ) -> None:
     """Generate from one prompt and stream the answer."""
     from genkit import params as P
@@ -88,7 +89,8 @@ def run(
     overrides.update(presets.parse_set(set_ or []))
     resolved = presets.resolve(preset, generation_config, overrides, presets.parse_vars(var or []))
     text = presets.render_prompt(resolved, o.prompt_from(prompt))
-    opts = o.load_options(dtype, device_map, load_in_4bit, load_in_8bit, quant_type, compute_dtype, trust_remote_code)
+    opts = o.load_options(dtype, device_map, load_in_4bit, load_in_8bit, quant_type, compute_dtype, trust_remote_code,
+                          native_4bit)
 
     lm = o.load_model(model, opts)
     _generate(lm, resolved, text, system, raw, json_out, stats, logprobs)

@@ -82,7 +82,8 @@ class Runner:
 
     def crop(self, length: int) -> None:
         """Forget everything after the first `length` positions (rejected draft tokens)."""
-        self.cache.crop(length)
+        # transformers 5's Cache.crop takes how many positions to drop, as a negative number.
+        self.cache.crop(-max(0, self.length - length))
         self.attention_mask = self.attention_mask[:, :length]
         self.positions = self.positions[:, :length]
 
@@ -128,6 +129,8 @@ class EncoderDecoderRunner(Runner):
 
 
 def make_runner(model, input_ids, attention_mask, start_id: int | None = None) -> Runner:
+    if getattr(model, "native_runner", None) is not None:
+        return model.native_runner(input_ids, attention_mask)
     if getattr(model.config, "is_encoder_decoder", False):
         if start_id is None:
             start_id = model.generation_config.decoder_start_token_id

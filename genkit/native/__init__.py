@@ -1,0 +1,1 @@
+"""Native quantised execution paths (GGUF weights run as they are)."""

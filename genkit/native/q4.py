@@ -1,0 +1,252 @@
+"""Native 4-bit mode: run a Llama-architecture GGUF's Q4_0 / Q4_1 weights as they are.
+
+Instead of dequantising the GGUF into fp32 (538 MB for the embedded model, read once per token),
+every linear layer keeps its 4-bit blocks and multiplies through torch's int4 CPU kernel
+(`_weight_int4pack_mm_for_cpu`, group size 32, bf16 activations). Its dequantisation is
+`(q - 8) * scale + zero` per group, so GGUF blocks map onto it exactly:
+
+    Q4_1 block (32 weights):  w = q * d + m   ->  scale = d, zero = m + 8 d
+    Q4_0 block (32 weights):  w = (q - 8) * d ->  scale = d, zero = 0
+
+The forward pass is a small Llama written for decoding (in the spirit of gpt-fast): fused
+q/k/v and gate/up products, a preallocated KV cache, rotary embeddings from a precomputed
+table, and activations in bf16. What it does not do: hidden-state outputs (DoLa, contrastive
+search) and architectures other than Llama; genkit says so instead of guessing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from genkit.errors import GenkitError
+
+GROUP = 32
+Q4_0, Q4_1, Q8_0, F16, F32 = "Q4_0", "Q4_1", "Q8_0", "F16", "F32"
+
+
+# ---------------------------------------------------------------- reading GGUF blocks
+
+
+def _blocks(t, bytes_per_block: int) -> np.ndarray:
+    rows = t.data.shape[0]
+    return np.ascontiguousarray(t.data).reshape(rows, -1, bytes_per_block)
+
+
+def _f16(blocks: np.ndarray, start: int) -> np.ndarray:
+    return blocks[:, :, start:start + 2].copy().view(np.float16)[..., 0].astype(np.float32)
+
+
+def q4_blocks(t) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes 0..15 as (rows, cols), scale (rows, groups), zero (rows, groups)) of a Q4 tensor."""
+    kind = t.tensor_type.name
+    if kind == Q4_1:
+        b = _blocks(t, 20)
+        d, m, qs = _f16(b, 0), _f16(b, 2), b[:, :, 4:]
+        zero = m + 8 * d
+    elif kind == Q4_0:
+        b = _blocks(t, 18)
+        d, qs = _f16(b, 0), b[:, :, 2:]
+        zero = np.zeros_like(d)
+    else:
+        raise ValueError(kind)
+    # Within a block, byte j holds weight j in its low nibble and weight j + 16 in its high one.
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(b.shape[0], -1)
+    return codes, d, zero
+
+
+def dequantize(t) -> torch.Tensor:
+    """A whole tensor as float32 (for embeddings, norms and the output head)."""
+    kind = t.tensor_type.name
+    if kind == F32:
+        return torch.from_numpy(np.array(t.data, dtype=np.float32)).reshape(_shape(t))
+    if kind == F16:
+        return torch.from_numpy(np.array(t.data, dtype=np.float16).astype(np.float32)).reshape(_shape(t))
+    if kind == Q8_0:
+        b = _blocks(t, 34)
+        d = _f16(b, 0)
+        q = b[:, :, 2:].copy().view(np.int8).astype(np.float32)
+        return torch.from_numpy((q * d[..., None]).reshape(b.shape[0], -1))
+    if kind in (Q4_0, Q4_1):
+        codes, d, zero = q4_blocks(t)
+        w = (codes.reshape(codes.shape[0], -1, GROUP).astype(np.float32) - 8) * d[..., None] + zero[..., None]
+        return torch.from_numpy(w.reshape(codes.shape[0], -1).astype(np.float32))
+    raise GenkitError(f"native 4-bit mode cannot read GGUF tensor {t.name} of type {kind}")
+
+
+def _shape(t):
+    return tuple(int(x) for x in reversed(t.shape)) if len(t.shape) > 1 else (int(t.shape[0]),)
+
+
+# ---------------------------------------------------------------- int4 linear layers
+
+
+@dataclass
+class Int4Linear:
+    packed: torch.Tensor  # torch's int4 CPU layout
+    scale_zero: torch.Tensor  # (in_features / 32, out_features, 2) bf16
+    out_features: int
+
+    @classmethod
+    def from_gguf(cls, tensors: list, row_orders: list | None = None) -> "Int4Linear":
+        """One layer from one or more GGUF tensors stacked along the output dimension (fused
+        q/k/v or gate/up), each with an optional row order (undoing llama.cpp's q/k permutation)."""
+        codes, scales, zeros = [], [], []
+        for i, t in enumerate(tensors):
+            c, d, z = q4_blocks(t)
+            order = row_orders[i] if row_orders else None
+            if order is not None:
+                c, d, z = c[order], d[order], z[order]
+            codes.append(c), scales.append(d), zeros.append(z)
+        c = torch.from_numpy(np.concatenate(codes)).to(torch.int32)
+        sz = torch.stack([torch.from_numpy(np.concatenate(scales)), torch.from_numpy(np.concatenate(zeros))], -1)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(c.contiguous(), 2)
+        return cls(packed, sz.transpose(0, 1).contiguous().to(torch.bfloat16), c.shape[0])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]), self.packed, GROUP, self.scale_zero)
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+def _unpermute_rows(n_rows: int, n_head: int) -> np.ndarray:
+    """Row order that undoes llama.cpp's rotary permutation of q/k weights."""
+    dim = n_rows // n_head // 2
+    return np.arange(n_rows).reshape(n_head, dim, 2).swapaxes(1, 2).reshape(-1)
+
+
+# ---------------------------------------------------------------- the model
+
+
+class _Config:
+    """The few config fields the engine reads, plus what the forward pass needs."""
+
+    def __init__(self, cfg: dict):
+        self.__dict__.update(cfg)
+        self.is_encoder_decoder = False
+
+    def get_text_config(self):
+        return self
+
+
+class Q4Llama:
+    """A Llama decoder over native 4-bit GGUF weights; used through `NativeRunner`."""
+
+    def __init__(self, gguf_path: Path, config_dir: Path, threads: int | None = None):
+        from gguf import GGUFReader
+        from transformers import GenerationConfig
+
+        cfg = json.loads((config_dir / "config.json").read_text())
+        if cfg.get("model_type") != "llama":
+            raise GenkitError(f"native 4-bit mode supports Llama-architecture GGUF files, not {cfg.get('model_type')}")
+        self.config = _Config(cfg)
+        self.generation_config = GenerationConfig.from_pretrained(config_dir)
+        self.device = torch.device("cpu")
+        self.dtype = torch.bfloat16
+        reader = GGUFReader(str(gguf_path))
+        t = {x.name: x for x in reader.tensors}
+        self.n_layers = cfg["num_hidden_layers"]
+        self.n_heads = cfg["num_attention_heads"]
+        self.n_kv = cfg["num_key_value_heads"]
+        self.head_dim = cfg.get("head_dim") or cfg["hidden_size"] // self.n_heads
+        self.eps = cfg["rms_norm_eps"]
+        theta = (cfg.get("rope_parameters") or {}).get("rope_theta") or cfg.get("rope_theta", 10000.0)
+        kinds = {x.tensor_type.name for n, x in t.items() if n.startswith("blk.") and n.endswith(".weight") and x.data.ndim == 2}
+        if not kinds <= {Q4_0, Q4_1}:
+            raise GenkitError(
+                f"{gguf_path.name}: native 4-bit mode runs Q4_0 / Q4_1 weights; this file has {', '.join(sorted(kinds))}"
+            )
+        self.embed = dequantize(t["token_embd.weight"]).to(torch.bfloat16)
+        # The output head: its own tensor, or the embeddings when they are tied. fp16 F.linear
+        # streams fastest on these CPUs for a full-precision head.
+        head = t.get("output.weight")
+        self.head = (dequantize(head) if head is not None else self.embed.float()).to(torch.float16)
+        self.norm = dequantize(t["output_norm.weight"]).to(torch.bfloat16)
+        q_rows = _unpermute_rows(self.n_heads * self.head_dim, self.n_heads)
+        k_rows = _unpermute_rows(self.n_kv * self.head_dim, self.n_kv)
+        self.layers = []
+        for i in range(self.n_layers):
+            p = f"blk.{i}."
+            self.layers.append({
+                "attn_norm": dequantize(t[p + "attn_norm.weight"]).to(torch.bfloat16),
+                "ffn_norm": dequantize(t[p + "ffn_norm.weight"]).to(torch.bfloat16),
+                "qkv": Int4Linear.from_gguf([t[p + "attn_q.weight"], t[p + "attn_k.weight"], t[p + "attn_v.weight"]],
+                                            [q_rows, k_rows, None]),
+                "o": Int4Linear.from_gguf([t[p + "attn_output.weight"]]),
+                "gate_up": Int4Linear.from_gguf([t[p + "ffn_gate.weight"], t[p + "ffn_up.weight"]]),
+                "down": Int4Linear.from_gguf([t[p + "ffn_down.weight"]]),
+            })
+        inv = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
+        pos = torch.arange(cfg["max_position_embeddings"], dtype=torch.float32)
+        freqs = torch.outer(pos, inv)
+        self.cos = torch.cat([freqs, freqs], -1).cos().to(torch.bfloat16)
+        self.sin = torch.cat([freqs, freqs], -1).sin().to(torch.bfloat16)
+
+    def eval(self):
+        return self
+
+    def native_runner(self, input_ids, attention_mask):
+        """The engine asks the model for its runner (see genkit.engine.runner.make_runner)."""
+        from genkit.native.runner import NativeRunner
+
+        return NativeRunner(self, input_ids, attention_mask)
+
+    def _rms(self, x, w):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(torch.bfloat16) * w
+
+    def _rope(self, x, cos, sin):
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+    def forward(self, tokens, positions, cache: "StaticKV", start: int, mask, logits_for: int) -> torch.Tensor:
+        """Logits (float32) of the last `logits_for` positions (0: all) after feeding `tokens`
+        (batch, n) at cache slots start..start+n; `mask` is the boolean attention mask
+        (batch, 1, n, start+n)."""
+        b, n = tokens.shape
+        x = self.embed[tokens]
+        cos = self.cos[positions].unsqueeze(1)  # (b, 1, n, d)
+        sin = self.sin[positions].unsqueeze(1)
+        hq, hk, d = self.n_heads, self.n_kv, self.head_dim
+        end = start + n
+        for i, L in enumerate(self.layers):
+            h = self._rms(x, L["attn_norm"])
+            qkv = L["qkv"](h)
+            q = qkv[..., : hq * d].view(b, n, hq, d).transpose(1, 2)
+            k = qkv[..., hq * d: (hq + hk) * d].view(b, n, hk, d).transpose(1, 2)
+            v = qkv[..., (hq + hk) * d:].view(b, n, hk, d).transpose(1, 2)
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            cache.k[i][:, :, start:end] = k
+            cache.v[i][:, :, start:end] = v
+            attn = F.scaled_dot_product_attention(
+                q, cache.k[i][:, :, :end], cache.v[i][:, :, :end], attn_mask=mask, enable_gqa=True
+            )
+            x = x + L["o"](attn.transpose(1, 2).reshape(b, n, hq * d))
+            h = self._rms(x, L["ffn_norm"])
+            gu = L["gate_up"](h)
+            half = gu.shape[-1] // 2
+            x = x + L["down"](F.silu(gu[..., :half]) * gu[..., half:])
+        if logits_for:
+            x = x[:, -logits_for:]
+        x = self._rms(x, self.norm)
+        return F.linear(x.to(torch.float16), self.head).float()
+
+
+class StaticKV:
+    """Preallocated keys and values: (batch, kv_heads, capacity, head_dim) per layer."""
+
+    def __init__(self, model: Q4Llama, batch: int, capacity: int):
+        shape = (batch, model.n_kv, capacity, model.head_dim)
+        self.k = [torch.zeros(shape, dtype=torch.bfloat16) for _ in range(model.n_layers)]
+        self.v = [torch.zeros(shape, dtype=torch.bfloat16) for _ in range(model.n_layers)]
+        self.capacity = capacity
+
+    def select(self, index: torch.Tensor) -> None:
+        self.k = [t.index_select(0, index) for t in self.k]
+        self.v = [t.index_select(0, index) for t in self.v]

@@ -1,0 +1,87 @@
+"""The engine's Runner interface over the native 4-bit model (genkit/native/q4.py).
+
+Same contract as genkit.engine.runner.Runner: prefill, step, select, crop. Left padding is
+handled with a boolean attention mask; the KV cache is preallocated and grows by doubling.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from genkit.engine.runner import StepOutput
+from genkit.errors import GenkitError
+from genkit.native.q4 import Q4Llama, StaticKV
+
+
+class NativeRunner:
+    def __init__(self, model: Q4Llama, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        self.model = model
+        self.device = input_ids.device
+        self.prompt = input_ids
+        self.attention_mask = attention_mask
+        pos = attention_mask.long().cumsum(-1) - 1
+        self.positions = pos.masked_fill(attention_mask == 0, 0)
+        self.padded = bool((attention_mask == 0).any())
+        self.cache = StaticKV(model, input_ids.shape[0], max(64, 2 * input_ids.shape[1]))
+        self.filled = 0  # cache slots in use
+
+    @property
+    def batch_size(self) -> int:
+        return self.attention_mask.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.attention_mask.shape[1]
+
+    def _ensure(self, end: int) -> None:
+        if end <= self.cache.capacity:
+            return
+        grow = max(end, 2 * self.cache.capacity) - self.cache.capacity
+        pad = lambda t: torch.cat([t, t.new_zeros(t.shape[0], t.shape[1], grow, t.shape[3])], dim=2)
+        self.cache.k = [pad(t) for t in self.cache.k]
+        self.cache.v = [pad(t) for t in self.cache.v]
+        self.cache.capacity += grow
+
+    def _mask(self, start: int, n: int):
+        if n == 1 and not self.padded:
+            return None  # one new token that may see everything before it
+        end = start + n
+        keys = torch.arange(end, device=self.device)
+        queries = torch.arange(start, end, device=self.device)
+        causal = keys[None, :] <= queries[:, None]  # (n, end)
+        return (causal[None] & self.attention_mask[:, None, :end].bool()).unsqueeze(1)
+
+    def _run(self, tokens, positions, n, keep, hidden):
+        if hidden:
+            raise GenkitError("native 4-bit mode has no hidden-state outputs (DoLa, contrastive search): drop --native-4bit")
+        start = self.filled
+        self._ensure(start + n)
+        logits = self.model.forward(tokens, positions, self.cache, start, self._mask(start, n), keep)
+        self.filled = start + n
+        return StepOutput(logits)
+
+    def prefill(self, hidden: bool = False, all_logits: bool = False) -> StepOutput:
+        n = self.prompt.shape[1]
+        return self._run(self.prompt, self.positions, n, 0 if all_logits else 1, hidden)
+
+    def step(self, tokens: torch.Tensor, hidden: bool = False) -> StepOutput:
+        n = tokens.shape[1]
+        new_pos = self.positions[:, -1:] + torch.arange(1, n + 1, device=self.device)
+        self.positions = torch.cat([self.positions, new_pos], dim=-1)
+        ones = self.attention_mask.new_ones((self.batch_size, n))
+        self.attention_mask = torch.cat([self.attention_mask, ones], dim=-1)
+        return self._run(tokens, new_pos, n, n, hidden)
+
+    def select(self, index: torch.Tensor) -> None:
+        self.cache.select(index)
+        self.attention_mask = self.attention_mask.index_select(0, index)
+        self.positions = self.positions.index_select(0, index)
+        self.padded = bool((self.attention_mask == 0).any())
+
+    def repeat_interleave(self, n: int) -> None:
+        self.select(torch.arange(self.batch_size, device=self.device).repeat_interleave(n))
+
+    def crop(self, length: int) -> None:
+        self.filled = min(self.filled, length)
+        self.attention_mask = self.attention_mask[:, :length]
+        self.positions = self.positions[:, :length]
