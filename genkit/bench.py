@@ -1,0 +1,200 @@
+"""`genkit bench`: genkit's engine against plain transformers generate(), side by side, one process.
+
+Each scenario runs both on the same model, prompts and settings, alternating (so a noisy
+machine hurts both alike), keeps the best of the rounds, and reports tokens/s, time to first
+token, memory and the genkit/transformers ratio. Greedy scenarios also report whether both
+produced the same token ids. Strategies transformers 5 no longer implements (DoLa, contrastive
+search) are reported as the cost of their step relative to genkit's own greedy step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+STORY = "Write a long story about a lighthouse keeper who finds a message in a bottle."
+# An input-grounded task: the answer copies long spans of the prompt, which prompt lookup drafts.
+GROUNDED = (
+    "Rewrite the following text, keeping every sentence but fixing the spelling mistakes:\n\n"
+    "The lighthouse stood on the edge of the cliff for more then two hundred years. Every night "
+    "the keeper climbed the hundred and twelve steps to light the lamp, and every morning he "
+    "wrote the weather in a thick leather book. Ships passing the rocks saw the light and knew "
+    "they were safe. One winter a storm broke the windows and the keeper had to hold the lamp "
+    "with his own hands untill dawn."
+)
+
+
+@dataclass
+class Scenario:
+    name: str
+    prompts: list[str]
+    params: dict
+    transformers: bool = True  # does plain generate() implement it?
+    raw: bool = False
+
+
+@dataclass
+class Row:
+    scenario: str
+    genkit_tps: float
+    transformers_tps: float | None = None
+    genkit_ttft: float | None = None
+    transformers_ttft: float | None = None
+    memory_mb: float | None = None
+    same_tokens: bool | None = None
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float | None:
+        if not self.transformers_tps:
+            return None
+        return self.genkit_tps / self.transformers_tps
+
+
+def scenarios(new_tokens: int, with_assistant: bool, only: list[str] | None = None) -> list[Scenario]:
+    greedy = {"do_sample": False, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
+    items = [
+        Scenario("greedy-b1", [STORY], greedy),
+        Scenario("sampling-b1", [STORY], {**greedy, "do_sample": True, "temperature": 0.8, "top_p": 0.95, "seed": 1}),
+        Scenario("greedy-b8", [f"{STORY} Chapter {i}." * (1 + i % 3) for i in range(8)], greedy),
+        Scenario("beam4", [STORY], {**greedy, "num_beams": 4}),
+        Scenario("prompt-lookup", [GROUNDED], {"do_sample": False, "max_new_tokens": new_tokens,
+                                               "prompt_lookup_num_tokens": 10}),
+        Scenario("dola", [STORY], {**greedy, "dola_layers": "high", "repetition_penalty": 1.2}, transformers=False),
+        Scenario("contrastive", [STORY], {**greedy, "penalty_alpha": 0.6, "top_k": 4}, transformers=False),
+    ]
+    if with_assistant:
+        items.insert(5, Scenario("assisted", [GROUNDED], {"do_sample": False, "max_new_tokens": new_tokens}))
+    if only:
+        items = [s for s in items if s.name in only]
+    return items
+
+
+def _memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e6
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1e3
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _FirstToken:
+    """A put()/end() streamer that notes when the first generated token arrives."""
+
+    def __init__(self):
+        self.calls = 0
+        self.first: float | None = None
+
+    def put(self, value):
+        self.calls += 1
+        if self.calls == 2 and self.first is None:  # the first put() is the prompt
+            self.first = time.perf_counter()
+
+    def end(self):
+        pass
+
+
+def run_transformers(lm, sc: Scenario, assistant=None):
+    from genkit import prompts
+
+    templated = prompts.uses_chat(lm, sc.raw)
+    texts = [prompts.to_text(lm, p, raw=sc.raw) for p in sc.prompts]
+    ids, mask, _ = prompts.encode(lm, texts, templated=templated, max_new_tokens=0)
+    kw = {k: v for k, v in sc.params.items() if k != "seed"}
+    if "seed" in sc.params:
+        torch.manual_seed(sc.params["seed"])
+    stream = _FirstToken() if len(texts) == 1 and kw.get("num_beams", 1) == 1 else None
+    if assistant is not None:
+        kw["assistant_model"] = assistant.model
+    _sync(lm.device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = lm.model.generate(input_ids=ids, attention_mask=mask, pad_token_id=lm.tokenizer.pad_token_id,
+                                streamer=stream, **kw)
+    _sync(lm.device)
+    elapsed = time.perf_counter() - start
+    new = out[:, ids.shape[1]:]
+    tokens = int((new != lm.tokenizer.pad_token_id).sum()) if len(texts) > 1 else new.shape[1]
+    ttft = (stream.first - start) if stream is not None and stream.first else None
+    return tokens / elapsed, ttft, new.tolist()
+
+
+def run_genkit(lm, sc: Scenario, assistant=None):
+    from genkit import api
+
+    _sync(lm.device)
+    start = time.perf_counter()
+    gen = api.stream(lm, list(sc.prompts), raw=sc.raw, assistant=assistant, **sc.params)
+    gen.run()
+    _sync(lm.device)
+    elapsed = time.perf_counter() - start
+    tokens = gen.stats.completion_tokens
+    return tokens / elapsed, gen.stats.time_to_first_token_s, [r.token_ids for r in gen.results]
+
+
+def _same(ours: list[list[int]], theirs: list[list[int]], eos: int | None) -> bool:
+    def cut(row):
+        return row[: row.index(eos) + 1] if eos is not None and eos in row else row
+
+    return [cut(r) for r in ours] == [cut(r) for r in theirs]
+
+
+def bench(lm, *, new_tokens=64, rounds=3, assistant=None, only=None, reference=None, progress=None) -> list[Row]:
+    """Run every scenario; `reference` is the model plain transformers runs (default: `lm`),
+    which lets the native 4-bit mode be compared with the fp32 path."""
+    ref = reference or lm
+    rows = []
+    greedy_tps = None
+    for sc in scenarios(new_tokens, assistant is not None, only):
+        if progress:
+            progress(sc.name)
+        ours, theirs = [], []
+        for _ in range(rounds):
+            if sc.transformers:
+                theirs.append(run_transformers(ref, sc, assistant))
+            ours.append(run_genkit(lm, sc, assistant))
+        best = max(ours, key=lambda r: r[0])
+        row = Row(sc.name, genkit_tps=best[0], genkit_ttft=min((r[1] for r in ours if r[1] is not None), default=None),
+                  memory_mb=_memory_mb(lm.device))
+        if theirs:
+            tb = max(theirs, key=lambda r: r[0])
+            row.transformers_tps = tb[0]
+            row.transformers_ttft = min((r[1] for r in theirs if r[1] is not None), default=None)
+            if not sc.params.get("do_sample"):
+                row.same_tokens = _same(best[2], tb[2], lm.tokenizer.eos_token_id)
+        if sc.name == "greedy-b1":
+            greedy_tps = row.genkit_tps
+        if not sc.transformers and greedy_tps:
+            row.note = f"step {greedy_tps / row.genkit_tps:.2f}x greedy"
+            row.extra["step_cost_vs_greedy"] = round(greedy_tps / row.genkit_tps, 3)
+        rows.append(row)
+    return rows
+
+
+def llama_cpp_greedy(gguf_path: str, prompt: str, new_tokens: int, threads: int, rounds: int = 3) -> float | None:
+    """Batch-1 greedy tokens/s of llama.cpp (llama-cpp-python) on the same GGUF, when installed."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(model_path=gguf_path, n_threads=threads, n_ctx=2048, verbose=False, seed=0)
+    best = 0.0
+    for _ in range(rounds):
+        start = time.perf_counter()
+        out = llm.create_completion(prompt, max_tokens=new_tokens, temperature=0.0, top_k=1)
+        elapsed = time.perf_counter() - start
+        best = max(best, out["usage"]["completion_tokens"] / elapsed)
+    return best

@@ -1,0 +1,91 @@
+"""`genkit bench`: genkit's engine against plain transformers, side by side in one run."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+
+from genkit.cli import options as o
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench")(bench)
+
+
+def bench(
+    model: o.Model = None,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", help="Tokens generated per scenario.")] = 64,
+    rounds: Annotated[int, typer.Option("--rounds", help="Alternating rounds; the best counts.")] = 3,
+    only: Annotated[Optional[str], typer.Option(
+        "--only", help="Comma-separated scenarios: greedy-b1, sampling-b1, greedy-b8, beam4, prompt-lookup, "
+        "assisted, dola, contrastive.")] = None,
+    assistant_model: Annotated[Optional[str], typer.Option("--assistant-model", help="Draft model: adds 'assisted'.")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per scenario.")] = False,
+    dtype: o.Dtype = "auto",
+    device_map: o.DeviceMap = None,
+    load_in_4bit: o.Load4 = False,
+    load_in_8bit: o.Load8 = False,
+    quant_type: o.QuantType = "nf4",
+    compute_dtype: o.ComputeDtype = None,
+    trust_remote_code: o.TrustRemote = False,
+    native_4bit: o.Native4 = False,
+) -> None:
+    """Tokens/s, time to first token and memory of genkit and plain transformers generate()."""
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from genkit import bench as B
+    from genkit import models
+
+    if threads:
+        torch.set_num_threads(threads)
+    opts = o.load_options(dtype, device_map, load_in_4bit, load_in_8bit, quant_type, compute_dtype,
+                          trust_remote_code, native_4bit)
+    lm = o.load_model(model, opts)
+    reference = None
+    if native_4bit:
+        # transformers cannot run the 4-bit blocks: its baseline is the same GGUF dequantised.
+        reference = o.load_model(model, o.load_options("auto", None, False, False, "nf4", None, False))
+    assistant = o.load_model(assistant_model, o.load_options(dtype, device_map, False, False, "nf4", None, False)) \
+        if assistant_model else None
+    err = Console(stderr=True)
+    names = [s.strip() for s in only.split(",")] if only else None
+    with err.status("benchmarking…") as status:
+        rows = B.bench(lm, new_tokens=new_tokens, rounds=rounds, assistant=assistant, only=names,
+                       reference=reference, progress=lambda n: status.update(f"benchmarking {n}…"))
+    llama = None
+    if native_4bit and (names is None or "greedy-b1" in names):
+        gguf = model or str(models.default_gguf_path())
+        llama = B.llama_cpp_greedy(gguf, B.STORY, new_tokens, torch.get_num_threads(), rounds)
+    device = str(lm.device) if lm.device.type != "cuda" else torch.cuda.get_device_name(lm.device)
+    header = {"model": lm.name, "device": device, "threads": torch.get_num_threads(), "dtype": str(getattr(lm.model, "dtype", "")),
+              "native_4bit": native_4bit, "new_tokens": new_tokens, "rounds": rounds}
+    if json_out:
+        for r in rows:
+            print(json.dumps({**header, "scenario": r.scenario, "genkit_tokens_per_s": round(r.genkit_tps, 2),
+                              "transformers_tokens_per_s": None if r.transformers_tps is None else round(r.transformers_tps, 2),
+                              "ratio": None if r.ratio is None else round(r.ratio, 3),
+                              "genkit_ttft_s": r.genkit_ttft, "transformers_ttft_s": r.transformers_ttft,
+                              "memory_mb": round(r.memory_mb, 1), "same_tokens": r.same_tokens, **r.extra}))
+        if native_4bit:
+            print(json.dumps({**header, "scenario": "llama.cpp greedy-b1", "tokens_per_s": llama,
+                              "note": None if llama is not None else "llama-cpp-python not installed"}))
+        return
+    table = Table(title=f"genkit bench · {lm.name} · {device} · {torch.get_num_threads()} threads · "
+                        f"{new_tokens} new tokens", header_style="bold")
+    for col in ("scenario", "tf tok/s", "genkit tok/s", "ratio", "TTFT tf", "TTFT genkit", "MB", "same", "note"):
+        table.add_column(col, justify="left" if col in ("scenario", "note", "same") else "right")
+    fmt = lambda v, p=1: "-" if v is None else f"{v:.{p}f}"
+    for r in rows:
+        table.add_row(r.scenario, fmt(r.transformers_tps), fmt(r.genkit_tps), fmt(r.ratio, 2) + ("x" if r.ratio else ""),
+                      fmt(r.transformers_ttft, 3), fmt(r.genkit_ttft, 3), fmt(r.memory_mb, 0),
+                      {True: "yes", False: "NO", None: "-"}[r.same_tokens], r.note)
+    console = Console(highlight=False, width=max(120, Console().width))
+    console.print(table)
+    if native_4bit:
+        console.print("llama.cpp greedy-b1: " + (f"{llama:.1f} tok/s" if llama is not None
+                      else "llama-cpp-python not installed (pip install 'genkit[bench]')"))

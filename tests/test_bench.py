@@ -1,0 +1,18 @@
+"""`genkit bench` runs both engines and reports figures (no timing assertions)."""
+
+import json
+
+from conftest import run_cli
+
+
+def test_bench_json_reports_both_engines(tiny_dir):
+    r = run_cli("bench", "--model", str(tiny_dir), "--only", "greedy-b1,greedy-b8,contrastive",
+                "--rounds", "1", "--new-tokens", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = {x["scenario"]: x for x in map(json.loads, r.stdout.splitlines())}
+    assert set(rows) == {"greedy-b1", "greedy-b8", "contrastive"}
+    for name in ("greedy-b1", "greedy-b8"):
+        assert rows[name]["same_tokens"] is True
+        assert rows[name]["genkit_tokens_per_s"] > 0 and rows[name]["transformers_tokens_per_s"] > 0
+    assert rows["contrastive"]["transformers_tokens_per_s"] is None
+    assert rows["contrastive"]["step_cost_vs_greedy"] > 0
