@@ -506,10 +506,10 @@ class OutputStore:
             self._fh.close()
             self._fh = None
 
-    def finalize(self, order: list[str] | None) -> int:
+    def finalize(self, order: list[str] | None) -> tuple[int, int]:
         """Rewrite OUTPUT from every file of the job: records in `order` (input order), or in
         the order they were written when `order` is None; then drop the parts. Returns the
-        number of failed records in OUTPUT."""
+        number of records in OUTPUT and how many of them failed."""
         self.load()
         latest: dict[str, _Line] = {}
         for ln in self.lines:
@@ -537,9 +537,11 @@ class OutputStore:
             for fh in handles.values():
                 fh.close()
         os.replace(tmp, self.path)
-        for p in self.parts():
+        # What the final file now holds: the parts, and temporary files of rewrites killed midway.
+        for p in [*self.parts(), *self._temps()]:
             p.unlink(missing_ok=True)
-        return sum(1 for key in order if key in latest and not latest[key].ok)
+        written = [key for key in order if key in latest]
+        return len(written), sum(1 for key in written if not latest[key].ok)
 
 
 class StdoutSink:
@@ -607,7 +609,8 @@ class Job:
     sink: Any
     summary: Summary
     state: Any = None  # accelerate's PartialState under `accelerate launch`
-    final_failed: int | None = None  # failed records in the finished OUTPUT (process 0)
+    final_records: int | None = None  # records in the finished OUTPUT (process 0)
+    final_failed: int | None = None  # how many of them failed
 
     @property
     def needs_model(self) -> bool:
@@ -620,10 +623,15 @@ def distributed() -> tuple[int, int, Any]:
         return 0, 1, None
     from datetime import timedelta
 
+    import torch
     from accelerate import PartialState
 
-    # Processes finish their shards at different times; the final barrier must outwait that.
-    state = PartialState(timeout=timedelta(days=7))
+    # Without CUDA, accelerate starts its multi-process (gloo) mode only when asked for the CPU.
+    # Processes finish their shards at different times: the final barrier must outwait that.
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(days=7))
+    if state.num_processes <= 1:
+        raise GenkitError("WORLD_SIZE is above 1 but accelerate started no process group: launch with "
+                          "`accelerate launch --multi_gpu --num_processes N -m genkit batch ...` or torchrun")
     return state.process_index, state.num_processes, state
 
 
@@ -696,7 +704,8 @@ def _finish(job: Job) -> None:
     if job.state is not None:
         job.state.wait_for_everyone()
     if job.summary.rank == 0:
-        job.final_failed = job.store.finalize(None if job.opts.unordered else [r.key for r in job.requests])
+        job.final_records, job.final_failed = job.store.finalize(
+            None if job.opts.unordered else [r.key for r in job.requests])
 
 
 # ====================================================================== running records

@@ -127,6 +127,8 @@ def summary_line(job, interrupted: bool = False) -> str:
         f"{s.done} done, {s.failed} failed{skipped}",
         f"{s.completion_tokens} tokens in {s.elapsed_s:.1f} s ({s.tokens_per_s:.1f} tokens/s)",
     ]
+    if job.final_records is not None and s.world > 1:
+        parts.append(f"{where}: {job.final_records} records merged from {s.world} processes")
     if interrupted:
         parts.append(f"interrupted: run the same command again to resume" if job.opts.output
                      else "interrupted")
