@@ -83,8 +83,12 @@ class Generation:
         logprobs: bool = False,
         assistant=None,
         seeds: list[int | None] | None = None,
+        inputs: tuple | None = None,
     ):
         self.lm = lm
+        # Pre-tokenized (input_ids, attention_mask), left-padded: used as they are, so a test can
+        # feed the exact ids another library saw. `prompts` then only counts the rows.
+        self.inputs = inputs
         self.settings = settings
         self.streamer = streamer
         self.want_logprobs = logprobs
@@ -105,9 +109,7 @@ class Generation:
 
     def __iter__(self):
         s, lm = self.settings, self.lm
-        input_ids, mask, lengths = prompts_mod.encode(
-            lm, self.texts, templated=self.templated, max_new_tokens=s.max_new_tokens
-        )
+        input_ids, mask, lengths = self._encode()
         self.prompt_lengths = lengths
         n = self.num_return_sequences
         max_new = min(prompts_mod.fit_max_new_tokens(lm, ln, s.max_new_tokens) for ln in lengths)
@@ -155,6 +157,14 @@ class Generation:
             self._finish()
             raise
         self._finish()
+
+    def _encode(self):
+        if self.inputs is None:
+            return prompts_mod.encode(
+                self.lm, self.texts, templated=self.templated, max_new_tokens=self.settings.max_new_tokens
+            )
+        ids, mask = (t.to(self.lm.device) for t in self.inputs)
+        return ids, mask, mask.sum(dim=1).tolist()
 
     def _stream(self, ev: Event) -> None:
         if self.streamer is not None and ev.index == 0 and ev.token_ids:

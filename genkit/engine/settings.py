@@ -89,6 +89,10 @@ def build(lm, generation: dict) -> DecodeSettings:
         pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else (eos_ids or [0])[0]
     if values["dola_layers"] is not None and lm.is_encoder_decoder:
         raise GenkitError("DoLa (dola_layers) works with decoder-only models only")
+    if values["dola_layers"] is not None:
+        from genkit.engine.strategies.dola import layers_for
+
+        layers_for(lm.model, values["dola_layers"])  # an unknown layer fails here, before generation
     if values["penalty_alpha"] and lm.is_encoder_decoder:
         raise GenkitError("contrastive search (penalty_alpha) works with decoder-only models only")
     vocab = lm.model.config.get_text_config().vocab_size

@@ -1,0 +1,139 @@
+"""DoLa: Decoding by Contrasting Layers (Chuang et al., ICLR 2024).
+
+Facts tend to emerge in the later layers of a transformer. DoLa reads the next-token
+distribution of an early ("premature") layer as well as the final ("mature") one and decodes
+from the difference of their log-probabilities, which amplifies what the late layers added.
+Each step:
+
+1. every candidate premature layer gets logits from the model's lm_head applied to its hidden
+   state (no final norm in between: transformers 4.55 did it that way, and parity with it is
+   what tests/fixtures/dola_455.json checks);
+2. the candidate whose distribution is furthest from the final layer's, by the Jensen-Shannon
+   style divergence of the DoLa reference code, is the premature layer of this step;
+3. the adaptive plausibility constraint keeps only tokens whose final-layer probability is at
+   least 0.1 times the top token's, and the next-token scores are
+   log p_final - log p_premature over those tokens;
+4. the request's logits processors (repetition_penalty 1.2 is advised) and, when sampling,
+   the warpers act on those scores; then argmax or a draw.
+
+As in 4.55, the premature layer of a step is chosen for the whole batch (the divergence is
+averaged over rows), so batched output matches 4.55's batched output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from genkit.engine.strategies.base import Context, Proposal, token_logprobs
+from genkit.engine.strategies.sampling import choose
+from genkit.errors import GenkitError
+
+RELATIVE_TOP = 0.1  # the paper's alpha for the adaptive plausibility constraint
+# What an implausible token's premature log-prob becomes: any finite value works, since its
+# final score is -inf; this is the one of the DoLa reference code.
+IMPLAUSIBLE_BASE = -1e-3
+
+
+def _first_layer(num_layers: int, tied_embeddings: bool) -> int:
+    """Where 'low' starts. With tied embeddings an early exit at the embeddings (layer 0) only
+    maps a token back onto itself, so it is skipped; shallow models keep what they have."""
+    if not tied_embeddings:
+        return 0
+    if num_layers > 2:
+        return 2
+    return 1 if num_layers == 2 else 0
+
+
+def dola_layer_indices(num_layers: int, dola_layers, tied_embeddings: bool) -> list[int]:
+    """The candidate premature layers (0 is the word embeddings, i the output of block i).
+
+    'low' and 'high' follow the documents' rules: with N <= 40 layers, range(0, N // 2, 2) and
+    range(N // 2, N, 2); with more, range(0, 20, 2) and range(N - 20, N, 2); 'low' starts at
+    layer 2 (1 for a 2-layer model) when the embeddings are tied. A list is taken as given;
+    an index that is not a premature layer (N is the final layer itself) is an error."""
+    n = num_layers
+    if dola_layers == "high":
+        return list(range(n // 2, n, 2)) if n <= 40 else list(range(n - 20, n, 2))
+    if dola_layers == "low":
+        start = _first_layer(n, tied_embeddings)
+        if start == n // 2:
+            return [start]
+        layers = list(range(start, n // 2 if n <= 40 else 20, 2))
+        if not layers:
+            raise GenkitError(f"dola_layers 'low' selects no layer in this {n}-layer model: use 'high' or a list")
+        return layers
+    if isinstance(dola_layers, (list, tuple)) and dola_layers:
+        bad = [i for i in dola_layers if not 0 <= i < n]
+        if bad:
+            raise GenkitError(
+                f"dola_layers: layer {bad[0]} does not exist in this {n}-layer model; premature layers are "
+                f"0 (the word embeddings) to {n - 1}, and layer {n} is the final layer they are contrasted with"
+            )
+        return list(dola_layers)
+    raise GenkitError(f"dola_layers: expected 'low', 'high' or a list of layer indices, not {dola_layers!r}")
+
+
+def layers_for(model, dola_layers) -> list[int]:
+    """dola_layer_indices for a loaded model."""
+    text = model.config.get_text_config()
+    tied = getattr(text, "tie_word_embeddings", getattr(model.config, "tie_word_embeddings", False))
+    return dola_layer_indices(text.num_hidden_layers, dola_layers, bool(tied))
+
+
+def divergence(final_logits: torch.Tensor, premature_logits: torch.Tensor) -> torch.Tensor:
+    """Per candidate layer, the divergence of its distribution from the final one, averaged
+    over the vocabulary and the batch: (layers, rows, vocab) -> (layers,).
+
+    This is the quantity of the DoLa reference code (and 4.55): with M the mean of the two
+    distributions, (KL(M || P_final) + KL(M || P_layer)) / 2. The argument order differs from the
+    textbook Jensen-Shannon divergence, and it decides which layer wins, so it is kept."""
+    logp_final = torch.log_softmax(final_logits, dim=-1)[None]
+    logp_layers = torch.log_softmax(premature_logits, dim=-1)
+    m = 0.5 * (logp_final.exp() + logp_layers.exp())
+    m_log_m = torch.special.xlogy(m, m)
+    kl_final = (m_log_m - m * logp_final).mean(-1)
+    kl_layers = (m_log_m - m * logp_layers).mean(-1)
+    return (0.5 * (kl_final + kl_layers)).mean(-1)
+
+
+def contrast(final_logits: torch.Tensor, base_logits: torch.Tensor) -> torch.Tensor:
+    """log p_final - log p_base over the plausible tokens, -inf elsewhere."""
+    final = torch.log_softmax(final_logits, dim=-1)
+    base = torch.log_softmax(base_logits, dim=-1)
+    threshold = final.max(dim=-1, keepdim=True).values + math.log(RELATIVE_TOP)
+    implausible = final < threshold
+    final = final.masked_fill(implausible, float("-inf"))
+    base = base.masked_fill(implausible, IMPLAUSIBLE_BASE)
+    return final - base
+
+
+def dola_logits(lm_head, hidden_states, layers: list[int], final_logits: torch.Tensor) -> torch.Tensor:
+    """The next-token scores of DoLa for the last position of every row."""
+    stacked = torch.stack([hidden_states[i][:, -1, :] for i in layers])  # (layers, rows, hidden)
+    premature = lm_head(stacked).to(torch.float32)  # one product for every candidate layer
+    best = 0 if len(layers) == 1 else int(divergence(final_logits, premature).argmax())
+    return contrast(final_logits, premature[best])
+
+
+def decode(ctx: Context):
+    layers = layers_for(ctx.model, ctx.settings.dola_layers)
+    lm_head = ctx.model.get_output_embeddings()
+    if lm_head is None:
+        raise GenkitError("DoLa needs a model with an output embedding (lm_head)")
+    pad = ctx.settings.pad_id
+    input_ids = ctx.input_ids
+    out = ctx.runner.prefill(hidden=True)
+    while True:
+        final = out.logits[:, -1, :]
+        scores = dola_logits(lm_head, out.hidden_states, layers, final)
+        tokens = choose(ctx, input_ids, scores)
+        # Finished rows are fed padding and still count in the batch's layer choice, as in 4.55.
+        tokens = torch.where(ctx.unfinished(), tokens, torch.full_like(tokens, pad))
+        lps = token_logprobs(final, tokens) if ctx.want_logprobs else None
+        yield Proposal([[t] for t in tokens.tolist()], [[x] for x in lps] if lps is not None else None)
+        if ctx.tracker.all_done:
+            return
+        input_ids = torch.cat([input_ids, tokens[:, None]], dim=-1)
+        out = ctx.runner.step(tokens[:, None], hidden=True)
