@@ -18,9 +18,10 @@ W = "Watermark settings (as at generation)"
 HELP = "\n\n".join([
     "Score texts for the watermark that `genkit run --watermark` (or a preset's `watermark:`) puts in, "
     "with transformers' WatermarkDetector.",
-    "SOURCE is a text, a .jsonl file (records with \"text\" and an optional \"id\", copied to the output), "
-    "a .txt file (one text per line), or '-' for stdin (read when piped; JSONL when its first line starts "
-    "with '{', else one text per line; --format decides otherwise).",
+    "SOURCE is a text, a file, or '-' for stdin (read when piped). --format auto reads JSONL (records with "
+    "\"text\" and an optional \"id\", copied to the output) when the first line starts with '{', and the "
+    "whole input as one text otherwise, so `genkit run --watermark ... | genkit detect` works; "
+    "--format txt reads one text per line, --format single always one text.",
     "Output: one JSON line per text on stdout with index, id, num_tokens_scored, num_green_tokens, "
     "green_fraction, z_score, p_value and prediction (true: watermarked, the z-score is above --z-threshold); "
     "a text too short to score gets an error field and prediction false.",
@@ -39,7 +40,7 @@ def register(app: typer.Typer) -> None:
 
 def detect(
     source: Annotated[Optional[str], typer.Argument(
-        help="A text, a .jsonl or .txt file, or '-' for stdin.", show_default=False)] = None,
+        help="A text, a file (JSONL or plain text), or '-' for stdin.", show_default=False)] = None,
     preset: Annotated[Optional[str], typer.Option(
         "--preset", "-p", rich_help_panel=W, help="Take the watermark settings of this preset (name or YAML file).")] = None,
     bias: Annotated[Optional[float], typer.Option(
@@ -56,7 +57,8 @@ def detect(
         "--z-threshold", help="z-score above which a text counts as watermarked.")] = 3.0,
     ignore_repeated_ngrams: Annotated[bool, typer.Option(
         "--ignore-repeated-ngrams", help="Score each distinct n-gram once (robust to repetitive text).")] = False,
-    fmt: Annotated[str, typer.Option("--format", help="Input format: auto, jsonl or txt.")] = "auto",
+    fmt: Annotated[str, typer.Option(
+        "--format", help="auto, jsonl, txt (one text per line) or single (the whole input).")] = "auto",
     exit_code: Annotated[bool, typer.Option(
         "--exit-code", help="Exit 0 if every text is watermarked, 1 if not, 2 on bad input.")] = False,
 ) -> None:
@@ -114,16 +116,16 @@ def _summary(verdicts: list[bool]) -> None:
 
 def read_records(source: Optional[str], fmt: str) -> list[tuple[object, str]]:
     """(id or None, text) for every text of the input."""
-    if fmt not in ("auto", "jsonl", "txt"):
-        raise GenkitError(f"--format {fmt}: expected auto, jsonl or txt")
+    if fmt not in ("auto", "jsonl", "txt", "single"):
+        raise GenkitError(f"--format {fmt}: expected auto, jsonl, txt or single")
     if source == "-" or (source is None and not sys.stdin.isatty()):
         return _parse(sys.stdin.read(), fmt, "stdin")
     if source is None:
         raise GenkitError("nothing to check: pass a text, a .jsonl/.txt file, or pipe JSONL on stdin")
     path = Path(source).expanduser()
     if path.is_file():
-        if fmt == "auto" and path.suffix in (".txt", ".jsonl", ".json"):
-            fmt = "txt" if path.suffix == ".txt" else "jsonl"
+        if fmt == "auto" and path.suffix in (".jsonl", ".json"):
+            fmt = "jsonl"
         try:
             data = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
@@ -145,7 +147,10 @@ def _parse(data: str, fmt: str, where: str) -> list[tuple[object, str]]:
     if not lines:
         raise GenkitError(f"{where}: no texts in the input")
     if fmt == "auto":
-        fmt = "jsonl" if lines[0][1].lstrip().startswith("{") else "txt"
+        fmt = "jsonl" if lines[0][1].lstrip().startswith("{") else "single"
+    if fmt == "single":
+        # Output of `genkit run` ends with a newline the model did not write.
+        return [(None, data[:-1] if data.endswith("\n") else data)]
     if fmt == "txt":
         return [(None, line) for _, line in lines]
     return [_record(line, n, where) for n, line in lines]
