@@ -62,8 +62,9 @@ def sample_rows(probs: torch.Tensor, generators: list[torch.Generator] | None) -
     a seeded row gives the same tokens whatever else shares the batch."""
     if generators is None:
         return torch.multinomial(probs, num_samples=1).squeeze(1)
-    out = [torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)]
-    return torch.cat(out)
+    # The generators live on the CPU (a seed gives the same draws on any device): draw there.
+    out = [torch.multinomial(probs[i].to(g.device), 1, generator=g) for i, g in enumerate(generators)]
+    return torch.cat(out).to(probs.device)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> list[float]:
