@@ -17,6 +17,7 @@ search) and architectures other than Llama; genkit says so instead of guessing.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,7 +139,6 @@ class Q4Llama:
     """A Llama decoder over native 4-bit GGUF weights; used through `NativeRunner`."""
 
     def __init__(self, gguf_path: Path, config_dir: Path, threads: int | None = None):
-        from gguf import GGUFReader
         from transformers import GenerationConfig
 
         cfg = json.loads((config_dir / "config.json").read_text())
@@ -148,39 +148,26 @@ class Q4Llama:
         self.generation_config = GenerationConfig.from_pretrained(config_dir)
         self.device = torch.device("cpu")
         self.dtype = torch.bfloat16
-        reader = GGUFReader(str(gguf_path))
-        t = {x.name: x for x in reader.tensors}
         self.n_layers = cfg["num_hidden_layers"]
         self.n_heads = cfg["num_attention_heads"]
         self.n_kv = cfg["num_key_value_heads"]
         self.head_dim = cfg.get("head_dim") or cfg["hidden_size"] // self.n_heads
         self.eps = cfg["rms_norm_eps"]
         theta = (cfg.get("rope_parameters") or {}).get("rope_theta") or cfg.get("rope_theta", 10000.0)
-        kinds = {x.tensor_type.name for n, x in t.items() if n.startswith("blk.") and n.endswith(".weight") and x.data.ndim == 2}
-        if not kinds <= {Q4_0, Q4_1}:
-            raise GenkitError(
-                f"{gguf_path.name}: native 4-bit mode runs Q4_0 / Q4_1 weights; this file has {', '.join(sorted(kinds))}"
-            )
-        self.embed = dequantize(t["token_embd.weight"]).to(torch.bfloat16)
-        # The output head: its own tensor, or the embeddings when they are tied. fp16 F.linear
-        # streams fastest on these CPUs for a full-precision head.
-        head = t.get("output.weight")
-        self.head = (dequantize(head) if head is not None else self.embed.float()).to(torch.float16)
-        self.norm = dequantize(t["output_norm.weight"]).to(torch.bfloat16)
-        q_rows = _unpermute_rows(self.n_heads * self.head_dim, self.n_heads)
-        k_rows = _unpermute_rows(self.n_kv * self.head_dim, self.n_kv)
-        self.layers = []
-        for i in range(self.n_layers):
-            p = f"blk.{i}."
-            self.layers.append({
-                "attn_norm": dequantize(t[p + "attn_norm.weight"]).to(torch.bfloat16),
-                "ffn_norm": dequantize(t[p + "ffn_norm.weight"]).to(torch.bfloat16),
-                "qkv": Int4Linear.from_gguf([t[p + "attn_q.weight"], t[p + "attn_k.weight"], t[p + "attn_v.weight"]],
-                                            [q_rows, k_rows, None]),
-                "o": Int4Linear.from_gguf([t[p + "attn_output.weight"]]),
-                "gate_up": Int4Linear.from_gguf([t[p + "ffn_gate.weight"], t[p + "ffn_up.weight"]]),
-                "down": Int4Linear.from_gguf([t[p + "ffn_down.weight"]]),
-            })
+        w = _packed_weights(self, gguf_path, config_dir)
+        self.embed, self.head, self.norm = w["embed"], w["head"], w["norm"]
+        lin = lambda name: Int4Linear(w[name + ".packed"], w[name + ".scale_zero"], w[name + ".scale_zero"].shape[1])
+        self.layers = [
+            {
+                "attn_norm": w[f"{i}.attn_norm"],
+                "ffn_norm": w[f"{i}.ffn_norm"],
+                "qkv": lin(f"{i}.qkv"),
+                "o": lin(f"{i}.o"),
+                "gate_up": lin(f"{i}.gate_up"),
+                "down": lin(f"{i}.down"),
+            }
+            for i in range(self.n_layers)
+        ]
         inv = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
         pos = torch.arange(cfg["max_position_embeddings"], dtype=torch.float32)
         freqs = torch.outer(pos, inv)
@@ -236,6 +223,65 @@ class Q4Llama:
             x = x[:, -logits_for:]
         x = self._rms(x, self.norm)
         return F.linear(x.to(torch.float16), self.head).float()
+
+
+def _packed_weights(model: "Q4Llama", gguf_path: Path, cache_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor the forward pass needs, packed for the int4 kernel.
+
+    Packing takes seconds (parsing the GGUF, unpacking nibbles, torch's packing), so the result
+    is kept beside the converted model in genkit's cache. torch's packed layout may differ
+    between releases and CPU instruction sets, so both are part of the file name."""
+    from safetensors.torch import load_file, save_file
+
+    key = f"{torch.__version__.split('+')[0]}-{torch.backends.cpu.get_cpu_capability()}".lower()
+    path = cache_dir / f"native-q4-{key}.safetensors"
+    if path.is_file():
+        try:
+            return load_file(str(path))
+        except Exception:
+            path.unlink(missing_ok=True)  # corrupt: rebuild below
+    w = _pack_from_gguf(model, gguf_path)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    try:
+        save_file(w, str(tmp))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a read-only cache still works, only slower to start
+    return w
+
+
+def _pack_from_gguf(model: "Q4Llama", gguf_path: Path) -> dict[str, torch.Tensor]:
+    from gguf import GGUFReader
+
+    t = {x.name: x for x in GGUFReader(str(gguf_path)).tensors}
+    kinds = {x.tensor_type.name for n, x in t.items() if n.startswith("blk.") and x.data.ndim == 2}
+    if not kinds <= {Q4_0, Q4_1}:
+        raise GenkitError(
+            f"{gguf_path.name}: native 4-bit mode runs Q4_0 / Q4_1 weights; this file has {', '.join(sorted(kinds))}"
+        )
+    w = {"embed": dequantize(t["token_embd.weight"]).to(torch.bfloat16)}
+    # The output head: its own tensor, or the embeddings when they are tied. fp16 F.linear
+    # streams fastest on these CPUs for a full-precision head.
+    head = t.get("output.weight")
+    w["head"] = (dequantize(head) if head is not None else w["embed"].float()).to(torch.float16)
+    w["norm"] = dequantize(t["output_norm.weight"]).to(torch.bfloat16)
+    q_rows = _unpermute_rows(model.n_heads * model.head_dim, model.n_heads)
+    k_rows = _unpermute_rows(model.n_kv * model.head_dim, model.n_kv)
+    for i in range(model.n_layers):
+        p = f"blk.{i}."
+        w[f"{i}.attn_norm"] = dequantize(t[p + "attn_norm.weight"]).to(torch.bfloat16)
+        w[f"{i}.ffn_norm"] = dequantize(t[p + "ffn_norm.weight"]).to(torch.bfloat16)
+        parts = {
+            "qkv": ([t[p + "attn_q.weight"], t[p + "attn_k.weight"], t[p + "attn_v.weight"]], [q_rows, k_rows, None]),
+            "o": ([t[p + "attn_output.weight"]], None),
+            "gate_up": ([t[p + "ffn_gate.weight"], t[p + "ffn_up.weight"]], None),
+            "down": ([t[p + "ffn_down.weight"]], None),
+        }
+        for name, (tensors, orders) in parts.items():
+            layer = Int4Linear.from_gguf(tensors, orders)
+            w[f"{i}.{name}.packed"] = layer.packed
+            w[f"{i}.{name}.scale_zero"] = layer.scale_zero
+    return w
 
 
 class StaticKV:
