@@ -209,7 +209,9 @@ def _sample_candidates(total, k, generators):
     picks = []
     for p, gen in enumerate(generators):
         alive = int((probs[p] > 0).sum())
-        idx = torch.multinomial(probs[p], min(k, alive), replacement=False, generator=gen)
+        # The generators live on the CPU (a seed gives the same draws on any device): draw there.
+        idx = torch.multinomial(probs[p].to(gen.device), min(k, alive), replacement=False, generator=gen)
+        idx = idx.to(total.device)
         if alive < k:
             # The warpers left too few tokens: fill up with candidates that cannot win.
             rest = total[p].clone()
