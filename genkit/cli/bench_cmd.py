@@ -88,4 +88,4 @@ def bench(
     console.print(table)
     if native_4bit:
         console.print("llama.cpp greedy-b1: " + (f"{llama:.1f} tok/s" if llama is not None
-                      else "llama-cpp-python not installed (pip install 'genkit\[bench]')"))
+                      else "llama-cpp-python not installed (pip install 'genkit[bench]')"), markup=False)
