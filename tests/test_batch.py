@@ -19,6 +19,18 @@ from genkit.errors import GenkitError
 NO_EOS = ["--set", "suppress_tokens=[2]"]  # random tiny models may stop anywhere otherwise
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: these models are small, and on a CPU shared with other jobs a second
+    thread that is rarely scheduled makes every parallel region wait (measured here: 28x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def cli(*args, input: str | None = None):
     """`genkit ARGS` in-process: (exit code, stdout, stderr)."""
     from typer.testing import CliRunner
@@ -374,3 +386,83 @@ def test_usage_errors_are_one_line(tiny_dir, tmp_path, prompts_txt):
         code, _, err = cli(*args)
         assert code == 1, args
         assert err.startswith("genkit: error: ") and expected in err and len(err.strip().splitlines()) == 1
+
+
+def test_progress_plain_lines_when_piped_and_nothing_when_quiet(tiny_dir, prompts_txt, monkeypatch):
+    monkeypatch.setenv("GENKIT_PROGRESS_INTERVAL", "0")  # a status line at every record
+    code, _, err = cli("batch", prompts_txt, "--model", tiny_dir, "-n", "2", "--batch-size", "1", *NO_EOS)
+    assert code == 0
+    lines = [ln for ln in err.splitlines() if "records (" in ln]
+    assert lines and lines[-1].startswith("genkit batch: 4/4 records (0 failed, 0 skipped)")
+    assert "tokens/s" in lines[-1] and "ETA" in lines[-1] and "\x1b[" not in err
+    code, _, err = cli("batch", prompts_txt, "--model", tiny_dir, "-n", "2", "--quiet", *NO_EOS)
+    assert code == 0 and [ln for ln in err.splitlines() if ln.strip()] == [err.strip()]  # the summary alone
+    assert err.startswith("genkit batch: 4 done")
+
+
+def test_progress_bar_in_a_terminal(tiny_dir, prompts_txt, monkeypatch):
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # Rich treats stderr as a terminal
+    code, _, err = cli("batch", prompts_txt, "--model", tiny_dir, "-n", "2", *NO_EOS)
+    assert code == 0
+    assert "4/4" in err and "tokens/s" in err and "ETA" in err and "genkit batch: 4 done" in err
+
+
+def _plain_ids(lm, text, **params):
+    from genkit import api
+
+    return [r.token_ids for r in api.generate(lm, text, raw=True, **params).results]
+
+
+@pytest.mark.parametrize("params", [
+    {},
+    {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2, "min_new_tokens": 4, "sequence_bias": [[[28], 3.0]]},
+    {"do_sample": True, "top_p": 0.9, "temperature": 0.7, "num_return_sequences": 2},
+])
+def test_continuous_batching_equals_the_plain_path_tiny(tiny, params):
+    from genkit import api
+    from genkit.engine.continuous import ContinuousBatcher, Job
+
+    texts = ["Hello", "The cat sat on the mat", "A", "Once upon a time in a land far away there",
+             "Numbers: 1 2 3 4", "Why?", "The quick brown fox jumps over the lazy dog and the"]
+    _, s = api.settings_for(tiny, max_new_tokens=10, **params)
+    jobs = [Job(i, tiny.tokenizer(t)["input_ids"], 100 + i, 4 + 2 * (i % 4)) for i, t in enumerate(texts)]
+    jobs.sort(key=lambda j: len(j.input_ids))
+    # Three rows at a time and a small token budget: rows leave and join at different widths.
+    got = {r.handle: [q.token_ids for q in r.sequences]
+           for r in ContinuousBatcher(tiny, s, batch_size=3, max_batch_tokens=60).run(jobs)}
+    for job in jobs:
+        want = _plain_ids(tiny, texts[job.handle], max_new_tokens=job.max_new_tokens, seed=job.seed, **params)
+        assert got[job.handle] == want, texts[job.handle]
+
+
+@pytest.mark.slow
+def test_continuous_batching_equals_the_plain_path_embedded(embedded):
+    from genkit import api, prompts
+    from genkit.engine.continuous import ContinuousBatcher, Job
+
+    questions = ["What is the capital of France?", "Name three colours.",
+                 "Write a haiku about the sea and the wind over the harbour at night.", "Hi!",
+                 "Explain in one sentence why the sky is blue.", "2+2="]
+    _, s = api.settings_for(embedded, max_new_tokens=12)
+    jobs = []
+    for i, q in enumerate(questions):
+        ids = embedded.tokenizer(prompts.to_text(embedded, q), add_special_tokens=False)["input_ids"]
+        jobs.append(Job(i, ids, 0, 12))
+    got = {r.handle: r.sequences[0].token_ids for r in ContinuousBatcher(embedded, s, batch_size=2).run(jobs)}
+    for i, q in enumerate(questions):
+        assert got[i] == api.generate(embedded, q, max_new_tokens=12).results[0].token_ids, q
+
+
+def test_beam_search_and_encoder_decoder_run_in_padded_batches(tiny, tiny_dir, tiny_t5_dir, prompts_txt):
+    from genkit import api
+
+    code, out, _ = cli("batch", prompts_txt, "--model", tiny_dir, "-n", "5", "--set", "num_beams=3",
+                       "--set", "num_return_sequences=2", *NO_EOS)
+    assert code == 0
+    recs = records(out)
+    assert all(r["strategy"] == "beam" and len(r["text"]) == 2 for r in recs)
+    alone = api.generate(tiny, "Once upon a time", max_new_tokens=5, num_beams=3, num_return_sequences=2,
+                         suppress_tokens=[2])
+    assert recs[2]["text"] == alone.texts
+    code, out, _ = cli("batch", prompts_txt, "--model", tiny_t5_dir, "-n", "3")
+    assert code == 0 and [r["id"] for r in records(out)] == [1, 3, 4, 5]

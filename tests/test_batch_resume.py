@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from test_batch import NO_EOS, cli, records, stable, write_jsonl
+from test_batch import NO_EOS, cli, one_thread, records, stable, write_jsonl  # noqa: F401 (autouse fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,7 +27,7 @@ def complete_lines(path: Path) -> int:
 def kill_after(args: list, out: Path, lines: int) -> int:
     """Start `genkit ARGS`, SIGKILL it once OUTPUT holds at least `lines` records."""
     proc = subprocess.Popen([sys.executable, "-m", "genkit", *map(str, args)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env=os.environ.copy())
+                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         while complete_lines(out) < lines:
             if proc.poll() is not None:

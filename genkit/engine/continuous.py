@@ -35,6 +35,10 @@ from genkit.engine.tracker import SequenceState
 
 STRATEGIES = ("greedy", "sampling")
 
+# Padded prompt tokens per prefill pass: large enough for efficient matrix products, small
+# enough that a chunk of length-sorted prompts carries little padding.
+PREFILL_TOKENS = 1024
+
 
 @dataclass
 class Job:
@@ -87,6 +91,50 @@ class _Row:
     state: SequenceState
     generator: torch.Generator | None
     history: list[int] = field(default_factory=list)  # prompt + generated, for the processors
+
+
+class _Layer(DynamicLayer):
+    """A cache layer whose keys and values are views into a buffer with room to grow.
+
+    DynamicLayer appends a token with torch.cat, which copies the layer's whole cache on every
+    step; at batch 64 that costs as much as the attention itself. Here a step writes one column
+    in place, and the buffer is only rebuilt when rows join or leave (or, rarely, when it is
+    full). Attention reads the same numbers either way (a strided view, bitwise the same result).
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
+        super().__init__()
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+        self._k, self._v, self.length = keys, values, length
+        self.keys, self.values = keys[:, :, :length], values[:, :, :length]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        if end > self._k.shape[2]:  # full: move to a larger buffer (rare, see ContinuousBatcher._spare)
+            room = max(64, end - self.length)
+            self._k, self._v = _pack([self.keys], self.length, room), _pack([self.values], self.length, room)
+        self._k[:, :, self.length:end] = key_states
+        self._v[:, :, self.length:end] = value_states
+        self.length = end
+        self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+        return self.keys, self.values
+
+
+def _pack(parts: list[torch.Tensor], width: int, spare: int) -> torch.Tensor:
+    """Rows of `parts` (each (rows, heads, w <= width, dim)) stacked and right-aligned at
+    `width`, zeros on their left (masked padding must hold finite numbers: 0 x NaN is NaN),
+    with `spare` free columns on the right to grow into."""
+    rows = sum(p.shape[0] for p in parts)
+    first = parts[0]
+    buf = first.new_empty((rows, first.shape[1], width + spare, first.shape[3]))
+    at = 0
+    for p in parts:
+        n, w = p.shape[0], p.shape[2]
+        buf[at:at + n, :, :width - w].zero_()
+        buf[at:at + n, :, width - w:width] = p
+        at += n
+    return buf
 
 
 def supported(lm, settings: DecodeSettings) -> bool:
@@ -174,7 +222,20 @@ class ContinuousBatcher:
     # ------------------------------------------------------------------ admission
 
     def _admit(self, group: list[Job]) -> Iterator[JobResult]:
-        """Prefill a group of jobs, choose their first tokens and merge them into the batch."""
+        """Prefill the group in chunks of similar length (jobs come sorted), so that a short
+        prompt is not padded to the longest of the group: prefill is most of the work."""
+        chunk: list[Job] = []
+        for job in group:
+            width = max([len(j.input_ids) for j in chunk] + [len(job.input_ids)])
+            if chunk and (len(chunk) + 1) * width > PREFILL_TOKENS:
+                yield from self._prefill(chunk)
+                chunk = []
+            chunk.append(job)
+        if chunk:
+            yield from self._prefill(chunk)
+
+    def _prefill(self, group: list[Job]) -> Iterator[JobResult]:
+        """Prefill jobs together, choose their first tokens and merge them into the batch."""
         pad = self.s.pad_id
         width = max(len(j.input_ids) for j in group)
         ids = torch.full((len(group), width), pad, dtype=torch.long)
@@ -224,17 +285,28 @@ class ContinuousBatcher:
 
     def _merge(self, cache, mask, next_pos, last, rows) -> None:
         """Add prefilled rows to the running batch, right-aligned to a common width."""
-        if not self.rows:
-            self.cache, self.mask, self.next_pos, self.last, self.rows = cache, mask, next_pos, last, rows
-            return
-        width = max(self.mask.shape[1], mask.shape[1])
-        self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(mask, width)])
-        for old, new in zip(self.cache.layers, cache.layers):
-            old.keys = torch.cat([_left_pad(old.keys, width, dim=2), _left_pad(new.keys, width, dim=2)])
-            old.values = torch.cat([_left_pad(old.values, width, dim=2), _left_pad(new.values, width, dim=2)])
-        self.next_pos = torch.cat([self.next_pos, next_pos])
-        self.last = torch.cat([self.last, last])
+        width = mask.shape[1] if not self.rows else max(self.mask.shape[1], mask.shape[1])
+        old_layers = self.cache.layers if self.rows else [None] * len(cache.layers)
         self.rows = self.rows + rows
+        spare = self._spare()
+        layers = []
+        for old, new in zip(old_layers, cache.layers):
+            keys = [new.keys] if old is None else [old.keys, new.keys]
+            values = [new.values] if old is None else [old.values, new.values]
+            layers.append(_Layer(_pack(keys, width, spare), _pack(values, width, spare), width))
+        if self.cache is None:
+            self.cache = cache
+        self.cache.layers = layers
+        if len(self.rows) == len(rows):
+            self.mask, self.next_pos, self.last = mask, next_pos, last
+        else:
+            self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(mask, width)])
+            self.next_pos = torch.cat([self.next_pos, next_pos])
+            self.last = torch.cat([self.last, last])
+
+    def _spare(self) -> int:
+        """Columns the running rows may still add: enough that the buffers never regrow."""
+        return max(r.state.max_new - len(r.state.ids) for r in self.rows) + 1
 
     # ------------------------------------------------------------------ decoding
 
@@ -315,17 +387,18 @@ class ContinuousBatcher:
             self.cache = self.mask = self.next_pos = self.last = None
             return
         index = torch.tensor(keep, device=self.device)
-        self.cache.reorder_cache(index)
         self.mask = self.mask.index_select(0, index)
         self.next_pos = self.next_pos.index_select(0, index)
         self.last = self.last.index_select(0, index)
-        # Columns that are padding for every remaining row only cost attention time.
+        # Columns that are padding for every remaining row would only cost attention time.
         first = int(self.mask.any(dim=0).to(torch.int8).argmax())
-        if first > 0:
-            self.mask = self.mask[:, first:]
-            for layer in self.cache.layers:
-                layer.keys = layer.keys[:, :, first:]
-                layer.values = layer.values[:, :, first:]
+        self.mask = self.mask[:, first:]
+        width, spare = self.mask.shape[1], self._spare()
+        self.cache.layers = [
+            _Layer(_pack([layer.keys[:, :, first:].index_select(0, index)], width, spare),
+                   _pack([layer.values[:, :, first:].index_select(0, index)], width, spare), width)
+            for layer in self.cache.layers
+        ]
 
     def _results(self, finished: list[_Row]) -> Iterator[JobResult]:
         now = time.perf_counter()
