@@ -277,7 +277,7 @@ class JobOptions:
     vars: dict = field(default_factory=dict)
     system: str | None = None
     raw: bool = False
-    batch_size: int = 32
+    batch_size: int = 64
     max_batch_tokens: int | None = None
     unordered: bool = False
     strict: bool = False
@@ -650,24 +650,10 @@ def prepare(opts: JobOptions, *, stdin: TextIO | None = None, stdout: TextIO | N
         raise GenkitError("accelerate launch needs -o OUTPUT: the processes write parts that are merged into it")
     mine = requests[rank::world]
     summary = Summary(total=len(mine), rank=rank, world=world)
-    store = sink = None
-    done: dict[str, bool] = {}
-    order = None if opts.unordered else [r.key for r in requests]
+    store, done = None, {}
     if opts.output:
-        store = OutputStore(Path(opts.output), opts.output_format, rank, world)
-        if opts.overwrite and rank == 0:
-            store.remove_all()
-        if state is not None:
-            state.wait_for_everyone()  # nobody reads OUTPUT while process 0 removes it
-        done = store.load()
-        known = {r.key for r in requests}
-        foreign = [k for k in done if k not in known]
-        if foreign:
-            raise GenkitError(f"{opts.output} has a record with id {foreign[0]} that is not in the input; "
-                              "is it the output of another job? Pass --overwrite to start over")
-        sink = store
-    else:
-        sink = StdoutSink(stdout or sys.stdout, order)
+        store, done = _open_output(opts, requests, rank, world, state)
+    sink = store or StdoutSink(stdout or sys.stdout, None if opts.unordered else [r.key for r in requests])
     pending = [r for r in mine if not done.get(r.key)]
     summary.skipped = len(mine) - len(pending)
     if opts.strict:
@@ -675,6 +661,22 @@ def prepare(opts: JobOptions, *, stdin: TextIO | None = None, stdout: TextIO | N
         if bad is not None:
             raise _strict_error(opts, bad, bad.error)
     return Job(opts, requests, pending, store, sink, summary, state)
+
+
+def _open_output(opts: JobOptions, requests: list[Request], rank: int, world: int, state):
+    """The OutputStore and what it already holds (key -> ok), checked against the input."""
+    store = OutputStore(Path(opts.output), opts.output_format, rank, world)
+    if opts.overwrite and rank == 0:
+        store.remove_all()
+    if state is not None:
+        state.wait_for_everyone()  # nobody reads OUTPUT while process 0 removes it
+    done = store.load()
+    known = {r.key for r in requests}
+    foreign = next((k for k in done if k not in known), None)
+    if foreign is not None:
+        raise GenkitError(f"{opts.output} has a record with id {foreign} that is not in the input; "
+                          "is it the output of another job? Pass --overwrite to start over")
+    return store, done
 
 
 def _strict_error(opts: JobOptions, req: Request, message: str) -> GenkitError:
@@ -732,6 +734,7 @@ class _Runner:
         self.on_update = on_update or (lambda s: None)
         self._settings: dict[str, Any] = {}
         self._assistants: dict[str, Any] = {}
+        self._continuous: dict[str, bool] = {}  # strategy -> continuous batching possible
 
     # -------------------------------------------------------------- bookkeeping
 
@@ -822,7 +825,9 @@ class _Runner:
     def continuous(self, settings) -> bool:
         from genkit.engine import continuous
 
-        return self.opts.continuous and continuous.supported(self.lm, settings)
+        if settings.strategy not in self._continuous:
+            self._continuous[settings.strategy] = continuous.supported(self.lm, settings)
+        return self.opts.continuous and self._continuous[settings.strategy]
 
     def group_key(self, it: _Item) -> str:
         values = dict(it.settings.values)

@@ -37,7 +37,7 @@ def batch(
     unordered: Annotated[bool, typer.Option(
         "--unordered", rich_help_panel=J, help="Write records as they finish instead of in input order.")] = False,
     batch_size: Annotated[int, typer.Option(
-        "--batch-size", rich_help_panel=J, help="Most sequences decoded together.")] = 32,
+        "--batch-size", rich_help_panel=J, help="Most sequences decoded together.")] = 64,
     max_batch_tokens: Annotated[Optional[int], typer.Option(
         "--max-batch-tokens", rich_help_panel=J,
         help="Token budget of a batch: rows x (prompt + new tokens) of its longest row.")] = None,

@@ -195,12 +195,9 @@ class ContinuousBatcher:
         free = self.batch_size - len(self.rows)
         return not self.rows or free >= min(self.refill_at * self.n, self.batch_size)
 
-    def _future_width(self, extra: Job | None = None) -> int:
-        """The widest the cache can grow for the running rows (plus `extra`)."""
-        widths = [r.active.job.max_new_tokens + len(r.active.job.input_ids) for r in self.rows]
-        if extra is not None:
-            widths.append(extra.max_new_tokens + len(extra.input_ids))
-        return max(widths, default=0)
+    def _future_width(self) -> int:
+        """The widest the cache can grow for the running rows (prompt + every new token)."""
+        return max((r.active.job.max_new_tokens + len(r.active.job.input_ids) for r in self.rows), default=0)
 
     def _take(self, waiting: deque) -> list[Job]:
         """The next jobs that fit in the free rows and the token budget (at least one when idle)."""
