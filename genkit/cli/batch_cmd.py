@@ -54,7 +54,8 @@ def batch(
     system: Annotated[Optional[str], typer.Option(
         "--system", rich_help_panel=G, help="System prompt for chat models (a record's own wins).")] = None,
     raw: Annotated[bool, typer.Option("--raw", rich_help_panel=G, help="Send the text as it is, without the chat template.")] = False,
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", "-n", rich_help_panel=G)] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(
+        "--max-new-tokens", "-n", rich_help_panel=G, help="Most new tokens per record (a record's params win).")] = None,
     sample: Annotated[Optional[bool], typer.Option(
         "--sample/--greedy", rich_help_panel=G, help="Sample, or always take the most likely token.")] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature", "-t", rich_help_panel=G)] = None,
@@ -70,6 +71,7 @@ def batch(
     quant_type: o.QuantType = "nf4",
     compute_dtype: o.ComputeDtype = None,
     trust_remote_code: o.TrustRemote = False,
+    native_4bit: o.Native4 = False,
 ) -> None:
     """Run every prompt of a file and write one JSON record per prompt (resumable)."""
     from genkit import batch as B
@@ -96,7 +98,7 @@ def batch(
     lm = None
     if job.needs_model:
         load = o.load_options(dtype, _device_map(device_map, job.state), load_in_4bit, load_in_8bit,
-                              quant_type, compute_dtype, trust_remote_code)
+                              quant_type, compute_dtype, trust_remote_code, native_4bit)
         lm = o.load_model(model, load, quiet=quiet or not lead)
     view = Progress(summary, enabled=not quiet and lead)
     try:

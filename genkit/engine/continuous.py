@@ -141,6 +141,8 @@ def supported(lm, settings: DecodeSettings) -> bool:
     """Whether continuous batching can run these settings on this model."""
     if settings.strategy not in STRATEGIES or lm.is_encoder_decoder:
         return False
+    if getattr(lm.model, "native_runner", None) is not None:
+        return False  # genkit's native 4-bit model has its own runner and cache, not transformers'
     # Sliding-window and other special layers keep state that left-padding would corrupt.
     layers = DynamicCache(config=lm.model.config).layers
     return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
