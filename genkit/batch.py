@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
+from genkit import __version__
 from genkit import params as P
 from genkit import presets as presets_mod
 from genkit.errors import GenkitError, did_you_mean
@@ -321,7 +322,7 @@ def format_result(req: Request, fmt: str, *, texts: list[str], finish: list[str]
                   completion_tokens: int, model: str, strategy: str, params: dict, seed: int,
                   timings: dict) -> dict:
     if fmt == "openai":
-        return _openai_result(req, texts, finish, prompt_tokens, completion_tokens, model, seed)
+        return _openai_result(req, texts, finish, prompt_tokens, completion_tokens, model)
     many = len(texts) > 1
     record = {
         "id": req.id,
@@ -358,7 +359,7 @@ def _openai_id(prefix: str, key: str) -> str:
     return f"{prefix}_{hashlib.sha256(key.encode()).hexdigest()[:24]}"
 
 
-def _openai_result(req, texts, finish, prompt_tokens, completion_tokens, model, seed) -> dict:
+def _openai_result(req, texts, finish, prompt_tokens, completion_tokens, model) -> dict:
     chat = isinstance(req.prompt, list)
     choices = [
         {"index": i, **({"message": {"role": "assistant", "content": t}} if chat else {"text": t}),
@@ -373,7 +374,7 @@ def _openai_result(req, texts, finish, prompt_tokens, completion_tokens, model, 
         "choices": choices,
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "total_tokens": prompt_tokens + completion_tokens},
-        "system_fingerprint": f"genkit-seed-{seed}",
+        "system_fingerprint": f"genkit-{__version__}",
     }
     return {
         "id": _openai_id("batch_req", req.key), "custom_id": req.id,
@@ -643,6 +644,8 @@ def prepare(opts: JobOptions, *, stdin: TextIO | None = None, stdout: TextIO | N
         raise GenkitError("--batch-size must be at least 1")
     if opts.max_batch_tokens is not None and opts.max_batch_tokens < 1:
         raise GenkitError("--max-batch-tokens must be at least 1")
+    if opts.output and opts.input != "-" and Path(opts.output).resolve() == Path(opts.input).resolve():
+        raise GenkitError(f"-o {opts.output} is the input file: write the records to another file")
     requests = read_requests(opts.input, opts.input_format, stdin)
     resolve_requests(requests, opts)
     rank, world, state = distributed()

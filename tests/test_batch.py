@@ -382,6 +382,7 @@ def test_usage_errors_are_one_line(tiny_dir, tmp_path, prompts_txt):
         (["batch", prompts_txt, "--output-format", "xml"], "expected genkit or openai"),
         (["batch", prompts_txt, "--batch-size", "0"], "--batch-size must be at least 1"),
         (["batch", prompts_txt, "--set", "temprature=1"], "did you mean 'temperature'"),
+        (["batch", prompts_txt, "-o", prompts_txt], "is the input file"),
     ]:
         code, _, err = cli(*args)
         assert code == 1, args
