@@ -189,7 +189,8 @@ def convert_gguf(gguf: Path, entry: Path, progress: Callable[[str], None] | None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         say("writing safetensors")
-        model.save_pretrained(tmp)
+        with _quiet():
+            model.save_pretrained(tmp)
         files = {
             str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()
         }
