@@ -78,8 +78,7 @@ def _show(console, rows) -> None:
         settings = ", ".join(f"{k}={v}" for k, v in r.settings.items() if k != "seed")
         body = Text(r.text or "(empty)")
         body.append(f"\n\n{settings}", style="dim")
-        panels.append(Panel(
-            body, width=width, title=f"[bold]{r.label}[/bold] · {r.strategy}", title_align="left",
-            subtitle=f"{r.tokens} tokens · {r.tokens_per_s:.1f} tok/s · {r.finish_reason}", subtitle_align="right",
-        ))
+        # Speed and finish reason inside the panel: a subtitle gets cut in narrow columns.
+        body.append(f"\n{r.tokens} tokens · {r.tokens_per_s:.1f} tok/s · {r.finish_reason}", style="dim cyan")
+        panels.append(Panel(body, width=width, title=f"[bold]{r.label}[/bold] · {r.strategy}", title_align="left"))
     console.print(Columns(panels, equal=True))
