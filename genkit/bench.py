@@ -73,6 +73,20 @@ def scenarios(new_tokens: int, with_assistant: bool, only: list[str] | None = No
     return items
 
 
+SCENARIOS = ("greedy-b1", "sampling-b1", "greedy-b8", "beam4", "prompt-lookup", "assisted", "dola", "contrastive")
+
+
+def check_names(names: list[str], with_assistant: bool) -> None:
+    """Reject an unknown --only scenario before any model loads."""
+    from genkit.errors import GenkitError, did_you_mean
+
+    for n in names:
+        if n not in SCENARIOS:
+            raise GenkitError(f"--only {n}: unknown scenario{did_you_mean(n, SCENARIOS)}; choose from {', '.join(SCENARIOS)}")
+        if n == "assisted" and not with_assistant:
+            raise GenkitError("--only assisted needs --assistant-model (a draft model with the same tokenizer)")
+
+
 def _memory_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e6

@@ -16,3 +16,11 @@ def test_bench_json_reports_both_engines(tiny_dir):
         assert rows[name]["genkit_tokens_per_s"] > 0 and rows[name]["transformers_tokens_per_s"] > 0
     assert rows["contrastive"]["transformers_tokens_per_s"] is None
     assert rows["contrastive"]["step_cost_vs_greedy"] > 0
+
+
+def test_bench_rejects_unknown_scenario_before_loading(genkit_home):
+    r = run_cli("bench", "--only", "gredy-b1")
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.strip() == (
+        "genkit: error: --only gredy-b1: unknown scenario (did you mean 'greedy-b1'?); choose from "
+        "greedy-b1, sampling-b1, greedy-b8, beam4, prompt-lookup, assisted, dola, contrastive")

@@ -41,6 +41,8 @@ def bench(
     from genkit import bench as B
     from genkit import models
 
+    names = [s.strip() for s in only.split(",") if s.strip()] if only else None
+    B.check_names(names or [], assistant_model is not None)
     if threads:
         torch.set_num_threads(threads)
     opts = o.load_options(dtype, device_map, load_in_4bit, load_in_8bit, quant_type, compute_dtype,
@@ -53,7 +55,6 @@ def bench(
     assistant = o.load_model(assistant_model, o.load_options(dtype, device_map, False, False, "nf4", None, False)) \
         if assistant_model else None
     err = Console(stderr=True)
-    names = [s.strip() for s in only.split(",")] if only else None
     with err.status("benchmarking…") as status:
         rows = B.bench(lm, new_tokens=new_tokens, rounds=rounds, assistant=assistant, only=names,
                        reference=reference, progress=lambda n: status.update(f"benchmarking {n}…"))

@@ -110,7 +110,7 @@ def _dola_flag(value: Optional[str]):
 def _generate(lm, resolved, text, system, raw, json_out, want_stats, logprobs) -> None:
     from rich.console import Console
 
-    from genkit import api, presets, render
+    from genkit import presets, render
     from genkit.engine.settings import build
     from genkit.engine import Generation
 
