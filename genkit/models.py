@@ -371,7 +371,7 @@ def _load_native(model, name, source, location, opts, progress) -> LoadedModel:
     if quant_flags := [f for f, on in (("--load-in-4bit", opts.load_in_4bit), ("--load-in-8bit", opts.load_in_8bit)) if on]:
         raise GenkitError(f"--native-4bit already runs 4-bit weights: drop {quant_flags[0]}")
     if opts.device_map not in (None, "cpu") or opts.dtype not in ("auto", "bfloat16", "bf16"):
-        raise GenkitError("--native-4bit runs on the CPU with bfloat16 activations: drop --device-map / --dtype")
+        raise GenkitError("--native-4bit runs on the CPU and picks its own dtypes: drop --device-map / --dtype")
     gguf = default_gguf_path() if not model else Path(model).expanduser()
     if gguf.suffix != ".gguf":
         raise GenkitError("--native-4bit needs a .gguf model (or the embedded default model)")

@@ -1,17 +1,22 @@
 """Native 4-bit mode: run a Llama-architecture GGUF's Q4_0 / Q4_1 weights as they are.
 
 Instead of dequantising the GGUF into fp32 (538 MB for the embedded model, read once per token),
-every linear layer keeps its 4-bit blocks and multiplies through torch's int4 CPU kernel
-(`_weight_int4pack_mm_for_cpu`, group size 32, bf16 activations). Its dequantisation is
-`(q - 8) * scale + zero` per group, so GGUF blocks map onto it exactly:
+every linear layer keeps its 4-bit blocks, about 84 MB in all. Two ways to multiply them:
+
+- genkit's own AVX2 kernels (genkit/native/kernels.cpp), the default where they build: the raw
+  GGUF blocks, read once per product on all threads, against activations quantised per block of
+  32 to signed bytes as llama.cpp does (plus the exact block sums for Q4_1's offsets).
+- torch's int4 CPU kernel (`_weight_int4pack_mm_for_cpu`, group size 32, bf16 activations), the
+  fallback. Its dequantisation is `(q - 8) * scale + zero` per group, so GGUF blocks map onto it
+  exactly:
 
     Q4_1 block (32 weights):  w = q * d + m   ->  scale = d, zero = m + 8 d
     Q4_0 block (32 weights):  w = (q - 8) * d ->  scale = d, zero = 0
 
 The forward pass is a small Llama written for decoding (in the spirit of gpt-fast): fused
 q/k/v and gate/up products, a preallocated KV cache, rotary embeddings from a precomputed
-table, bf16 inputs to the int4 products and fp32 everywhere else. What it does not do: hidden-state outputs (DoLa, contrastive
-search) and architectures other than Llama; genkit says so instead of guessing.
+table, fp32 everywhere outside the products. What it does not do: hidden-state outputs (DoLa,
+contrastive search) and architectures other than Llama; genkit says so instead of guessing.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from genkit.errors import GenkitError
+from genkit.native import kernels
 
 GROUP = 32
 Q4_0, Q4_1, Q8_0, F16, F32 = "Q4_0", "Q4_1", "Q8_0", "F16", "F32"
@@ -109,10 +115,57 @@ class Int4Linear:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(c.contiguous(), 2)
         return cls(packed, sz.transpose(0, 1).contiguous().to(torch.bfloat16), c.shape[0])
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+        """fp32 in and out; the kernel itself wants bf16 (30x slower with fp32 activations)."""
         shape = x.shape
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]), self.packed, GROUP, self.scale_zero)
+        x = _rms(x, norm, eps).reshape(-1, shape[-1]).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scale_zero)
+        return y.reshape(*shape[:-1], self.out_features).float()
+
+
+@dataclass
+class GGUFLinear:
+    """A layer kept as raw GGUF blocks, multiplied by genkit's kernels (fp32 in and out)."""
+
+    blocks: torch.Tensor  # uint8, the rows' blocks one after another
+    kind: str  # Q4_0, Q4_1 or Q8_0
+    in_features: int
+    out_features: int
+
+    @classmethod
+    def from_gguf(cls, tensors: list, row_orders: list | None = None) -> "GGUFLinear":
+        kinds = {t.tensor_type.name for t in tensors}
+        if len(kinds) != 1:
+            raise GenkitError(f"native 4-bit mode cannot fuse tensors of types {sorted(kinds)}")
+        kind = kinds.pop()
+        rows = []
+        for i, t in enumerate(tensors):
+            b = _blocks(t, kernels.BLOCK_BYTES[kind])
+            order = row_orders[i] if row_orders else None
+            rows.append(b[order] if order is not None else b)
+        b = np.concatenate(rows)
+        return cls(torch.from_numpy(b.reshape(-1)), kind, b.shape[1] * GROUP, b.shape[0])
+
+    def __call__(self, x: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+        """rms_norm(x) (when `norm` is given) times the weight; the kernel does the norm too."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1]).contiguous()
+        y = kernels.gguf_matmul(x, self.blocks, self.kind, self.in_features, norm, eps)
         return y.reshape(*shape[:-1], self.out_features)
+
+
+def _rms(x: torch.Tensor, norm: torch.Tensor | None, eps: float) -> torch.Tensor:
+    return x if norm is None else F.rms_norm(x, (x.shape[-1],), norm, eps)
+
+
+@dataclass
+class DenseHead:
+    """A full-precision output head (for GGUF files whose head is F16 / F32)."""
+
+    weight: torch.Tensor
+
+    def __call__(self, x: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+        return F.linear(_rms(x, norm, eps).to(self.weight.dtype), self.weight).float()
 
 
 def _unpermute_rows(n_rows: int, n_head: int) -> np.ndarray:
@@ -147,27 +200,17 @@ class Q4Llama:
         self.config = _Config(cfg)
         self.generation_config = GenerationConfig.from_pretrained(config_dir)
         self.device = torch.device("cpu")
-        self.dtype = torch.bfloat16
+        self.dtype = torch.float32
         self.n_layers = cfg["num_hidden_layers"]
         self.n_heads = cfg["num_attention_heads"]
         self.n_kv = cfg["num_key_value_heads"]
         self.head_dim = cfg.get("head_dim") or cfg["hidden_size"] // self.n_heads
         self.eps = cfg["rms_norm_eps"]
         theta = (cfg.get("rope_parameters") or {}).get("rope_theta") or cfg.get("rope_theta", 10000.0)
-        w = _packed_weights(self, gguf_path, config_dir)
-        self.embed, self.head, self.norm = w["embed"], w["head"], w["norm"].float()
-        lin = lambda name: Int4Linear(w[name + ".packed"], w[name + ".scale_zero"], w[name + ".scale_zero"].shape[1])
-        self.layers = [
-            {
-                "attn_norm": w[f"{i}.attn_norm"].float(),
-                "ffn_norm": w[f"{i}.ffn_norm"].float(),
-                "qkv": lin(f"{i}.qkv"),
-                "o": lin(f"{i}.o"),
-                "gate_up": lin(f"{i}.gate_up"),
-                "down": lin(f"{i}.down"),
-            }
-            for i in range(self.n_layers)
-        ]
+        # genkit's kernels where they build; torch's int4 kernel otherwise.
+        build = _gguf_model if kernels.available() else _int4_model
+        self.embed, self.head, self.norm, self.layers = build(self, gguf_path, config_dir)
+        self.mode = "genkit-kernels" if build is _gguf_model else "torch-int4"
         inv = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
         pos = torch.arange(cfg["max_position_embeddings"], dtype=torch.float32)
         freqs = torch.outer(pos, inv)
@@ -183,17 +226,13 @@ class Q4Llama:
 
         return NativeRunner(self, input_ids, attention_mask)
 
-    def _rms(self, x, w):
-        """RMS norm of the fp32 residual stream, cast to bf16 for the int4 kernel."""
-        return F.rms_norm(x, (x.shape[-1],), w, self.eps).to(torch.bfloat16)
-
     def forward(self, tokens, positions, cache: "StaticKV", start: int, mask, logits_for: int) -> torch.Tensor:
         """Logits (float32) of the last `logits_for` positions (0: all) after feeding `tokens`
         (batch, n) at cache slots start..start+n; `mask` is the boolean attention mask
         (batch, 1, n, start+n)."""
         b, n = tokens.shape
-        # The residual stream, norms, rotary embedding and attention stay in fp32: on these CPUs
-        # small fp32 ops run 2-3x faster than bf16 ones, and only the int4 products need bf16.
+        # Everything outside the products stays in fp32: on these CPUs small fp32 ops run 2-3x
+        # faster than bf16 ones.
         x = self.embed[tokens].float()
         # Rotary embedding as x * cos + roll(x, half) * sin', with the sign of the rotation's
         # first half folded into sin': four ops for q and k together.
@@ -202,7 +241,7 @@ class Q4Llama:
         hq, hk, d = self.n_heads, self.n_kv, self.head_dim
         half, end = d // 2, start + n
         for i, L in enumerate(self.layers):
-            qkv = L["qkv"](self._rms(x, L["attn_norm"])).float()
+            qkv = L["qkv"](x, L["attn_norm"], self.eps)  # the norm happens inside
             qk = qkv[..., : (hq + hk) * d].view(b, n, hq + hk, d)
             qk = qk * cos + qk.roll(half, dims=-1) * sin
             q = qk[:, :, :hq].transpose(1, 2)
@@ -211,13 +250,71 @@ class Q4Llama:
             attn = F.scaled_dot_product_attention(
                 q, cache.k[i][:, :, :end], cache.v[i][:, :, :end], attn_mask=mask, enable_gqa=True
             )
-            x = x + L["o"](attn.transpose(1, 2).reshape(b, n, hq * d).to(torch.bfloat16)).float()
-            gu = L["gate_up"](self._rms(x, L["ffn_norm"]))
+            x = x + L["o"](attn.transpose(1, 2).reshape(b, n, hq * d))
+            gu = L["gate_up"](x, L["ffn_norm"], self.eps)
             ff = gu.shape[-1] // 2
-            x = x + L["down"](F.silu(gu[..., :ff]) * gu[..., ff:]).float()
+            x = x + L["down"](F.silu(gu[..., :ff]) * gu[..., ff:])
         if logits_for:
             x = x[:, -logits_for:]
-        return F.linear(self._rms(x, self.norm).to(torch.float16), self.head).float()
+        return self.head(x, self.norm, self.eps)
+
+
+def _gguf_model(model: "Q4Llama", gguf_path: Path, config_dir: Path):
+    """Embeddings, head, final norm and layers over the raw GGUF blocks (genkit's kernels)."""
+    from gguf import GGUFReader
+
+    t = _tensors(GGUFReader(str(gguf_path)), gguf_path)
+    embed = dequantize(t["token_embd.weight"])
+    head_t = t.get("output.weight") or t["token_embd.weight"]  # tied embeddings have no output tensor
+    if head_t.tensor_type.name in kernels.GGUF_KINDS:
+        head = GGUFLinear.from_gguf([head_t])
+    else:
+        head = DenseHead(dequantize(head_t))
+    q_rows = _unpermute_rows(model.n_heads * model.head_dim, model.n_heads)
+    k_rows = _unpermute_rows(model.n_kv * model.head_dim, model.n_kv)
+    layers = []
+    for i in range(model.n_layers):
+        p = f"blk.{i}."
+        layers.append({
+            "attn_norm": dequantize(t[p + "attn_norm.weight"]),
+            "ffn_norm": dequantize(t[p + "ffn_norm.weight"]),
+            "qkv": GGUFLinear.from_gguf(
+                [t[p + "attn_q.weight"], t[p + "attn_k.weight"], t[p + "attn_v.weight"]], [q_rows, k_rows, None]
+            ),
+            "o": GGUFLinear.from_gguf([t[p + "attn_output.weight"]]),
+            "gate_up": GGUFLinear.from_gguf([t[p + "ffn_gate.weight"], t[p + "ffn_up.weight"]]),
+            "down": GGUFLinear.from_gguf([t[p + "ffn_down.weight"]]),
+        })
+    return embed, head, dequantize(t["output_norm.weight"]), layers
+
+
+def _int4_model(model: "Q4Llama", gguf_path: Path, config_dir: Path):
+    """The same pieces over torch's int4 kernel (packed once, cached beside the model)."""
+    w = _packed_weights(model, gguf_path, config_dir)
+    head = DenseHead(w["head"])  # fp16: F.linear streams fastest on these CPUs for a full-precision head
+    lin = lambda name: Int4Linear(w[name + ".packed"], w[name + ".scale_zero"], w[name + ".scale_zero"].shape[1])
+    layers = [
+        {
+            "attn_norm": w[f"{i}.attn_norm"].float(),
+            "ffn_norm": w[f"{i}.ffn_norm"].float(),
+            "qkv": lin(f"{i}.qkv"),
+            "o": lin(f"{i}.o"),
+            "gate_up": lin(f"{i}.gate_up"),
+            "down": lin(f"{i}.down"),
+        }
+        for i in range(model.n_layers)
+    ]
+    return w["embed"].float(), head, w["norm"].float(), layers
+
+
+def _tensors(reader, gguf_path: Path) -> dict:
+    t = {x.name: x for x in reader.tensors}
+    kinds = {x.tensor_type.name for n, x in t.items() if n.startswith("blk.") and x.data.ndim == 2}
+    if not kinds <= {Q4_0, Q4_1}:
+        raise GenkitError(
+            f"{gguf_path.name}: native 4-bit mode runs Q4_0 / Q4_1 weights; this file has {', '.join(sorted(kinds))}"
+        )
+    return t
 
 
 def _packed_weights(model: "Q4Llama", gguf_path: Path, cache_dir: Path) -> dict[str, torch.Tensor]:
@@ -248,12 +345,7 @@ def _packed_weights(model: "Q4Llama", gguf_path: Path, cache_dir: Path) -> dict[
 def _pack_from_gguf(model: "Q4Llama", gguf_path: Path) -> dict[str, torch.Tensor]:
     from gguf import GGUFReader
 
-    t = {x.name: x for x in GGUFReader(str(gguf_path)).tensors}
-    kinds = {x.tensor_type.name for n, x in t.items() if n.startswith("blk.") and x.data.ndim == 2}
-    if not kinds <= {Q4_0, Q4_1}:
-        raise GenkitError(
-            f"{gguf_path.name}: native 4-bit mode runs Q4_0 / Q4_1 weights; this file has {', '.join(sorted(kinds))}"
-        )
+    t = _tensors(GGUFReader(str(gguf_path)), gguf_path)
     w = {"embed": dequantize(t["token_embd.weight"]).to(torch.bfloat16)}
     # The output head: its own tensor, or the embeddings when they are tied. fp16 F.linear
     # streams fastest on these CPUs for a full-precision head.

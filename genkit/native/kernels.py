@@ -1,0 +1,71 @@
+"""genkit's own CPU matrix-vector products (kernels.cpp), built on first use.
+
+torch has no product that streams fp32 or GGUF 4-bit weights at memory speed for the one or two
+activation rows of a decode step (DESIGN.md has the measurements), so genkit compiles a small
+AVX2 extension with torch's own toolchain the first time it is needed and keeps the build in its
+cache. Where that cannot work (no AVX2, no compiler) `available()` is False and callers use
+torch's products instead: slower, never wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from genkit import paths
+
+SOURCE = Path(__file__).with_name("kernels.cpp")
+GGUF_KINDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+
+
+def _cpu_ok() -> bool:
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and os.environ.get("GENKIT_NO_KERNELS") != "1"
+
+
+@cache
+def _module():
+    if not _cpu_ok():
+        return None
+    from torch.utils import cpp_extension
+
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    name = f"genkit_kernels_{digest}"
+    build = paths.cache_dir() / "kernels" / f"torch-{torch.__version__.split('+')[0]}-{digest}"
+    build.mkdir(parents=True, exist_ok=True)
+    if not list(build.glob(f"{name}*.so")):
+        print("genkit: building its CPU kernels (once, about a minute)...", file=sys.stderr, flush=True)
+    try:
+        return cpp_extension.load(
+            name,
+            sources=[str(SOURCE)],
+            build_directory=str(build),
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as exc:  # no compiler, no ninja, a broken toolchain: fall back, say why once
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"genkit: CPU kernels unavailable ({first}); using torch's slower products", file=sys.stderr)
+        return None
+
+
+def available() -> bool:
+    return _module() is not None
+
+
+def gguf_matmul(x: torch.Tensor, blocks: torch.Tensor, kind: str, in_features: int,
+                norm: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+    """x (M, in) float32, RMS-normed with weight `norm` when given, times a weight kept as raw
+    GGUF blocks (rows in output order)."""
+    return _module().gguf_matmul(x, blocks, GGUF_KINDS[kind], in_features, norm, eps)
+
+
+def dense_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (M, in) float32 times a contiguous float32 (out, in) weight; for small M."""
+    return _module().dense_matmul(x, w)

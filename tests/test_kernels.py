@@ -1,0 +1,76 @@
+"""genkit's CPU kernels (genkit/native/kernels.cpp) against plain float products."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from genkit import models
+from genkit.native import kernels
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="genkit's CPU kernels need AVX2 and a compiler")
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def gguf():
+    from gguf import GGUFReader
+
+    return {t.name: t for t in GGUFReader(str(models.default_gguf_path())).tensors}
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 7])
+@pytest.mark.parametrize("name", ["blk.2.ffn_gate.weight", "blk.2.ffn_down.weight", "token_embd.weight"])
+def test_gguf_product_equals_dequantised_product(gguf, name, rows):
+    """Q4_1 layers and the Q8_0 head of the embedded model: the product of the raw blocks is the
+    product of the dequantised weights to about 1e-5 (the int16 activations' rounding)."""
+    from genkit.native.q4 import GGUFLinear, dequantize
+
+    t = gguf[name]
+    layer, w = GGUFLinear.from_gguf([t]), dequantize(t)
+    torch.manual_seed(rows)
+    x = torch.randn(rows, w.shape[1])
+    assert layer.kind == t.tensor_type.name
+    assert _rel(layer(x), x @ w.T) < 1e-4
+
+
+def test_q4_0_blocks():
+    """Q4_0 (w = (q - 8) d): blocks built here, checked against their float weights."""
+    rng = np.random.default_rng(0)
+    out, inp = 40, 96
+    codes = rng.integers(0, 16, size=(out, inp // 32, 32), dtype=np.uint8)
+    d = (rng.random((out, inp // 32)) * 0.02).astype(np.float16)
+    blocks = np.zeros((out, inp // 32, 18), dtype=np.uint8)
+    blocks[:, :, :2] = d.view(np.uint8).reshape(out, inp // 32, 2)
+    blocks[:, :, 2:] = codes[:, :, :16] | (codes[:, :, 16:] << 4)
+    w = torch.from_numpy(((codes.astype(np.float32) - 8) * d.astype(np.float32)[..., None]).reshape(out, inp))
+    x = torch.randn(5, inp)
+    y = kernels.gguf_matmul(x, torch.from_numpy(blocks.reshape(-1)), "Q4_0", inp)
+    assert _rel(y, x @ w.T) < 1e-4
+
+
+def test_fused_rms_norm(gguf):
+    from genkit.native.q4 import GGUFLinear, dequantize
+
+    t = gguf["blk.0.attn_q.weight"]
+    layer, w = GGUFLinear.from_gguf([t]), dequantize(t)
+    norm = dequantize(gguf["blk.0.attn_norm.weight"])
+    x = torch.randn(2, 576) * 3
+    ref = F.rms_norm(x, (576,), norm, 1e-5) @ w.T
+    assert _rel(layer(x, norm, 1e-5), ref) < 1e-4
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5])
+@pytest.mark.parametrize("shape", [(64, 576), (37, 45)])  # odd sizes take the scalar tails
+def test_dense_product(rows, shape):
+    w = torch.randn(*shape)
+    x = torch.randn(rows, shape[1])
+    assert torch.allclose(kernels.dense_matmul(x, w), F.linear(x, w), atol=1e-4, rtol=1e-5)
+
+
+def test_bad_shapes_are_refused():
+    with pytest.raises(RuntimeError, match="features"):
+        kernels.dense_matmul(torch.randn(1, 10), torch.randn(4, 12))
