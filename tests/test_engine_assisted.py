@@ -7,6 +7,8 @@ import copy
 import math
 from collections import Counter
 
+import os
+
 import pytest
 import torch
 
@@ -64,7 +66,8 @@ def hf_assisted(lm, draft: LoadedModel, prompts, k: int, **kwargs):
 
 
 class ForwardCounter:
-    """Counts the forward passes of a model (each Runner step is one)."""
+    """Counts the forward passes of a model (each Runner step is one). Counting needs
+    transformers' forward, so genkit's fast decoder is off inside."""
 
     def __init__(self, model):
         self.calls = 0
@@ -74,10 +77,16 @@ class ForwardCounter:
         self.calls += 1
 
     def __enter__(self):
+        self.saved = os.environ.get("GENKIT_FAST")
+        os.environ["GENKIT_FAST"] = "0"
         return self
 
     def __exit__(self, *exc):
         self.handle.remove()
+        if self.saved is None:
+            os.environ.pop("GENKIT_FAST", None)
+        else:
+            os.environ["GENKIT_FAST"] = self.saved
 
 
 # ---------------------------------------------------------------- assisted greedy

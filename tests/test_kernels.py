@@ -74,3 +74,26 @@ def test_dense_product(rows, shape):
 def test_bad_shapes_are_refused():
     with pytest.raises(RuntimeError, match="features"):
         kernels.dense_matmul(torch.randn(1, 10), torch.randn(4, 12))
+
+
+def test_fast_decoder_runs_fp32_llama_and_shares_weights(tiny):
+    """The engine decodes an fp32 Llama with genkit's decoder (so every parity test against
+    transformers covers it) and falls back to transformers' forward for hidden states."""
+    from genkit.engine.runner import Runner, make_runner
+    from genkit.native.runner import NativeRunner
+
+    ids = torch.tensor([[5, 6, 7]])
+    assert isinstance(make_runner(tiny.model, ids, torch.ones_like(ids)), NativeRunner)
+    assert isinstance(make_runner(tiny.model, ids, torch.ones_like(ids), hidden=True), Runner)
+    attn = tiny.model.model.layers[0].self_attn
+    fused = tiny.model.__dict__["_genkit_fast"].layers[0]["qkv"].weight
+    assert attn.k_proj.weight.data_ptr() == fused.data_ptr() + attn.q_proj.weight.numel() * 4
+
+
+def test_fast_decoder_off_for_other_dtypes(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    from genkit.engine.runner import fast_decoder
+
+    bf16 = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16)
+    assert fast_decoder(bf16) is None

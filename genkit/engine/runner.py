@@ -11,6 +11,8 @@ the logits (and therefore greedy tokens) are the same.
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 
 import torch
@@ -128,9 +130,12 @@ class EncoderDecoderRunner(Runner):
         self.positions = self.positions.index_select(0, index)
 
 
-def make_runner(model, input_ids, attention_mask, start_id: int | None = None) -> Runner:
+def make_runner(model, input_ids, attention_mask, start_id: int | None = None, hidden: bool = False) -> Runner:
+    """The runner for `model`; `hidden` says the strategy will ask for hidden states."""
     if getattr(model, "native_runner", None) is not None:
         return model.native_runner(input_ids, attention_mask)
+    if not hidden and (fast := fast_decoder(model)) is not None:
+        return fast.native_runner(input_ids, attention_mask)
     if getattr(model.config, "is_encoder_decoder", False):
         if start_id is None:
             start_id = model.generation_config.decoder_start_token_id
@@ -138,3 +143,18 @@ def make_runner(model, input_ids, attention_mask, start_id: int | None = None) -
                 start_id = model.config.decoder_start_token_id
         return EncoderDecoderRunner(model, input_ids, attention_mask, start_id)
     return Runner(model, input_ids, attention_mask)
+
+
+def fast_decoder(model):
+    """genkit's own decoder over the model's weights (genkit/native/llama.py) where it applies
+    (an fp32 Llama on the CPU with genkit's kernels built), built once per model; else None.
+    GENKIT_FAST=0 turns it off, to compare with transformers' forward."""
+    if os.environ.get("GENKIT_FAST") == "0":
+        return None
+    fast = model.__dict__.get("_genkit_fast", "unset")
+    if fast == "unset":
+        from genkit.native.llama import fast_llama
+
+        fast = fast_llama(model)
+        model.__dict__["_genkit_fast"] = fast  # not setattr: nn.Module would register a submodule
+    return fast

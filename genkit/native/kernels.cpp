@@ -82,6 +82,18 @@ struct QuantizedRows {
     std::vector<float> scale, sum;
 };
 
+// Row m of x, RMS-normed with weight `norm` when it is given, into `out` (I floats).
+void normed_row(const float* xm, int64_t I, const float* norm, float eps, float* out) {
+    if (!norm) {
+        std::copy(xm, xm + I, out);
+        return;
+    }
+    double squares = 0.0;
+    for (int64_t i = 0; i < I; ++i) squares += static_cast<double>(xm[i]) * xm[i];
+    const float inv_rms = 1.0f / std::sqrt(static_cast<float>(squares / I) + eps);
+    for (int64_t i = 0; i < I; ++i) out[i] = xm[i] * inv_rms * norm[i];
+}
+
 // `norm`, when given, is an RMS norm's weight applied first: the norm of the residual stream
 // before a product costs more as a separate torch call than the product's own arithmetic.
 QuantizedRows quantize_rows(const float* x, int64_t M, int64_t I, const float* norm, float eps) {
@@ -89,15 +101,7 @@ QuantizedRows quantize_rows(const float* x, int64_t M, int64_t I, const float* n
     QuantizedRows r{std::vector<int16_t>(M * I), std::vector<float>(M * blocks), std::vector<float>(M * blocks)};
     std::vector<float> row(I);
     for (int64_t m = 0; m < M; ++m) {
-        const float* xm = x + m * I;
-        if (norm) {
-            double squares = 0.0;
-            for (int64_t i = 0; i < I; ++i) squares += static_cast<double>(xm[i]) * xm[i];
-            const float inv_rms = 1.0f / std::sqrt(static_cast<float>(squares / I) + eps);
-            for (int64_t i = 0; i < I; ++i) row[i] = xm[i] * inv_rms * norm[i];
-        } else {
-            std::copy(xm, xm + I, row.begin());
-        }
+        normed_row(x + m * I, I, norm, eps, row.data());
         for (int64_t b = 0; b < blocks; ++b) {
             const float* v = row.data() + b * kGroup;
             float amax = 0.0f;
@@ -201,6 +205,13 @@ void check_x(const torch::Tensor& x, int64_t in_features) {
     TORCH_CHECK(x.size(1) == in_features, "x has ", x.size(1), " features, the weight ", in_features);
 }
 
+void check_norm(const std::optional<torch::Tensor>& norm, int64_t in_features) {
+    if (norm) {
+        TORCH_CHECK(norm->scalar_type() == torch::kFloat32 && norm->is_contiguous() && norm->numel() == in_features,
+                    "norm must be a contiguous float32 vector of in_features");
+    }
+}
+
 // A grain of 16 output rows keeps threads busy on the small (192-row) products too.
 constexpr int64_t kGrain = 16;
 
@@ -216,10 +227,7 @@ torch::Tensor gguf_matmul(torch::Tensor x, torch::Tensor blocks, int64_t kind, i
     TORCH_CHECK(O * (in_features / kGroup) * block_bytes(f) == blocks.numel(), "blocks do not match in_features");
     const int64_t M = x.size(0);
     auto y = torch::empty({M, O}, x.options());
-    if (norm) {
-        TORCH_CHECK(norm->scalar_type() == torch::kFloat32 && norm->is_contiguous() && norm->numel() == in_features,
-                    "norm must be a contiguous float32 vector of in_features");
-    }
+    check_norm(norm, in_features);
     const QuantizedRows xq = quantize_rows(x.data_ptr<float>(), M, in_features,
                                            norm ? norm->data_ptr<float>() : nullptr, static_cast<float>(eps));
     const uint8_t* wp = blocks.data_ptr<uint8_t>();
@@ -232,13 +240,20 @@ torch::Tensor gguf_matmul(torch::Tensor x, torch::Tensor blocks, int64_t kind, i
     return y;
 }
 
-torch::Tensor dense_matmul(torch::Tensor x, torch::Tensor w) {
+torch::Tensor dense_matmul(torch::Tensor x, torch::Tensor w, std::optional<torch::Tensor> norm, double eps) {
     TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kFloat32 && w.is_contiguous(),
                 "w must be a contiguous (O, I) float32 tensor");
     check_x(x, w.size(1));
     const int64_t M = x.size(0), I = w.size(1), O = w.size(0);
+    check_norm(norm, I);
+    std::vector<float> normed;
+    if (norm) {
+        normed.resize(M * I);
+        for (int64_t m = 0; m < M; ++m)
+            normed_row(x.data_ptr<float>() + m * I, I, norm->data_ptr<float>(), static_cast<float>(eps), normed.data() + m * I);
+    }
     auto y = torch::empty({M, O}, x.options());
-    const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+    const float *xp = norm ? normed.data() : x.data_ptr<float>(), *wp = w.data_ptr<float>();
     float* yp = y.data_ptr<float>();
     at::parallel_for(0, O, kGrain, [&](int64_t b, int64_t e) { dense_rows(xp, wp, yp, M, I, O, b, e); });
     return y;
@@ -248,5 +263,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("gguf_matmul", &gguf_matmul, "rms_norm(x) @ W.T for W in GGUF Q4_0 (0) / Q4_1 (1) / Q8_0 (2) blocks",
           py::arg("x"), py::arg("blocks"), py::arg("kind"), py::arg("in_features"), py::arg("norm") = py::none(),
           py::arg("eps") = 0.0);
-    m.def("dense_matmul", &dense_matmul, "x @ W.T for a contiguous float32 W, for few rows of x");
+    m.def("dense_matmul", &dense_matmul, "rms_norm(x) @ W.T for a contiguous float32 W, for few rows of x",
+          py::arg("x"), py::arg("w"), py::arg("norm") = py::none(), py::arg("eps") = 0.0);
 }

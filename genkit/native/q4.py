@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from genkit.errors import GenkitError
 from genkit.native import kernels
+from genkit.native.llama import DecodeLlama, _Config
 
 GROUP = 32
 Q4_0, Q4_1, Q8_0, F16, F32 = "Q4_0", "Q4_1", "Q8_0", "F16", "F32"
@@ -177,21 +178,10 @@ def _unpermute_rows(n_rows: int, n_head: int) -> np.ndarray:
 # ---------------------------------------------------------------- the model
 
 
-class _Config:
-    """The few config fields the engine reads, plus what the forward pass needs."""
-
-    def __init__(self, cfg: dict):
-        self.__dict__.update(cfg)
-        self.is_encoder_decoder = False
-
-    def get_text_config(self):
-        return self
-
-
-class Q4Llama:
+class Q4Llama(DecodeLlama):
     """A Llama decoder over native 4-bit GGUF weights; used through `NativeRunner`."""
 
-    def __init__(self, gguf_path: Path, config_dir: Path, threads: int | None = None):
+    def __init__(self, gguf_path: Path, config_dir: Path):
         from transformers import GenerationConfig
 
         cfg = json.loads((config_dir / "config.json").read_text())
@@ -205,58 +195,10 @@ class Q4Llama:
         self.n_heads = cfg["num_attention_heads"]
         self.n_kv = cfg["num_key_value_heads"]
         self.head_dim = cfg.get("head_dim") or cfg["hidden_size"] // self.n_heads
-        self.eps = cfg["rms_norm_eps"]
-        theta = (cfg.get("rope_parameters") or {}).get("rope_theta") or cfg.get("rope_theta", 10000.0)
         # genkit's kernels where they build; torch's int4 kernel otherwise.
         build = _gguf_model if kernels.available() else _int4_model
-        self.embed, self.head, self.norm, self.layers = build(self, gguf_path, config_dir)
+        self.setup(cfg, *build(self, gguf_path, config_dir))
         self.mode = "genkit-kernels" if build is _gguf_model else "torch-int4"
-        inv = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
-        pos = torch.arange(cfg["max_position_embeddings"], dtype=torch.float32)
-        freqs = torch.outer(pos, inv)
-        self.cos = torch.cat([freqs, freqs], -1).cos()
-        self.sin_signed = torch.cat([-freqs, freqs], -1).sin()
-
-    def eval(self):
-        return self
-
-    def native_runner(self, input_ids, attention_mask):
-        """The engine asks the model for its runner (see genkit.engine.runner.make_runner)."""
-        from genkit.native.runner import NativeRunner
-
-        return NativeRunner(self, input_ids, attention_mask)
-
-    def forward(self, tokens, positions, cache: "StaticKV", start: int, mask, logits_for: int) -> torch.Tensor:
-        """Logits (float32) of the last `logits_for` positions (0: all) after feeding `tokens`
-        (batch, n) at cache slots start..start+n; `mask` is the boolean attention mask
-        (batch, 1, n, start+n)."""
-        b, n = tokens.shape
-        # Everything outside the products stays in fp32: on these CPUs small fp32 ops run 2-3x
-        # faster than bf16 ones.
-        x = self.embed[tokens].float()
-        # Rotary embedding as x * cos + roll(x, half) * sin', with the sign of the rotation's
-        # first half folded into sin': four ops for q and k together.
-        cos = self.cos[positions].unsqueeze(2)  # (b, n, 1, d)
-        sin = self.sin_signed[positions].unsqueeze(2)
-        hq, hk, d = self.n_heads, self.n_kv, self.head_dim
-        half, end = d // 2, start + n
-        for i, L in enumerate(self.layers):
-            qkv = L["qkv"](x, L["attn_norm"], self.eps)  # the norm happens inside
-            qk = qkv[..., : (hq + hk) * d].view(b, n, hq + hk, d)
-            qk = qk * cos + qk.roll(half, dims=-1) * sin
-            q = qk[:, :, :hq].transpose(1, 2)
-            cache.k[i][:, :, start:end] = qk[:, :, hq:].transpose(1, 2)
-            cache.v[i][:, :, start:end] = qkv[..., (hq + hk) * d:].view(b, n, hk, d).transpose(1, 2)
-            attn = F.scaled_dot_product_attention(
-                q, cache.k[i][:, :, :end], cache.v[i][:, :, :end], attn_mask=mask, enable_gqa=True
-            )
-            x = x + L["o"](attn.transpose(1, 2).reshape(b, n, hq * d))
-            gu = L["gate_up"](x, L["ffn_norm"], self.eps)
-            ff = gu.shape[-1] // 2
-            x = x + L["down"](F.silu(gu[..., :ff]) * gu[..., ff:])
-        if logits_for:
-            x = x[:, -logits_for:]
-        return self.head(x, self.norm, self.eps)
 
 
 def _gguf_model(model: "Q4Llama", gguf_path: Path, config_dir: Path):
@@ -369,17 +311,3 @@ def _pack_from_gguf(model: "Q4Llama", gguf_path: Path) -> dict[str, torch.Tensor
             w[f"{i}.{name}.packed"] = layer.packed
             w[f"{i}.{name}.scale_zero"] = layer.scale_zero
     return w
-
-
-class StaticKV:
-    """Preallocated keys and values: (batch, kv_heads, capacity, head_dim) per layer."""
-
-    def __init__(self, model: Q4Llama, batch: int, capacity: int):
-        shape = (batch, model.n_kv, capacity, model.head_dim)
-        self.k = [torch.zeros(shape, dtype=torch.float32) for _ in range(model.n_layers)]
-        self.v = [torch.zeros(shape, dtype=torch.float32) for _ in range(model.n_layers)]
-        self.capacity = capacity
-
-    def select(self, index: torch.Tensor) -> None:
-        self.k = [t.index_select(0, index) for t in self.k]
-        self.v = [t.index_select(0, index) for t in self.v]

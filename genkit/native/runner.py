@@ -10,11 +10,11 @@ import torch
 
 from genkit.engine.runner import StepOutput
 from genkit.errors import GenkitError
-from genkit.native.q4 import Q4Llama, StaticKV
+from genkit.native.llama import DecodeLlama, StaticKV
 
 
 class NativeRunner:
-    def __init__(self, model: Q4Llama, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    def __init__(self, model: DecodeLlama, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         self.model = model
         self.device = input_ids.device
         self.prompt = input_ids

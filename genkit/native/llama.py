@@ -1,0 +1,184 @@
+"""A small Llama decoder for genkit's decode loop on the CPU (in the spirit of gpt-fast).
+
+Fused q/k/v and gate/up products, a preallocated KV cache (`StaticKV`), rotary embeddings from a
+precomputed table, and every product through a layer object that may do the RMS norm in the same
+call. Two sets of layers plug in:
+
+- genkit/native/q4.py: the GGUF file's 4-bit blocks (`--native-4bit`).
+- `fast_llama()` below: a transformers Llama in fp32, sharing its weights, with genkit's kernels
+  for the one-row products of decoding (about twice torch's speed there, DESIGN.md) and torch's
+  products for prompts. The engine uses it for every strategy that needs no hidden states.
+
+It gives no hidden states (DoLa and contrastive search run on transformers' forward instead).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from genkit.native import kernels
+
+
+class _Config:
+    """The few config fields the engine reads, plus what the forward pass needs."""
+
+    def __init__(self, cfg: dict):
+        self.__dict__.update(cfg)
+        self.is_encoder_decoder = False
+
+    def get_text_config(self):
+        return self
+
+
+class DecodeLlama:
+    """The forward pass over pluggable layers; used through genkit.native.runner.NativeRunner.
+
+    `layers` holds per layer: attn_norm, ffn_norm (fp32 vectors) and qkv, o, gate_up, down
+    (callables `f(x, norm=None, eps=0.0)`, fp32 in and out, q/k rows in rotate-half order)."""
+
+    mode = "transformers-weights"
+
+    def setup(self, cfg: dict, embed, head, norm, layers) -> None:
+        self.n_layers = cfg["num_hidden_layers"]
+        self.n_heads = cfg["num_attention_heads"]
+        self.n_kv = cfg["num_key_value_heads"]
+        self.head_dim = cfg.get("head_dim") or cfg["hidden_size"] // self.n_heads
+        self.eps = cfg["rms_norm_eps"]
+        self.embed, self.head, self.norm, self.layers = embed, head, norm, layers
+        theta = (cfg.get("rope_parameters") or {}).get("rope_theta") or cfg.get("rope_theta") or 10000.0
+        inv = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim))
+        pos = torch.arange(cfg["max_position_embeddings"], dtype=torch.float32)
+        freqs = torch.outer(pos, inv)
+        self.cos = torch.cat([freqs, freqs], -1).cos()
+        self.sin_signed = torch.cat([-freqs, freqs], -1).sin()
+
+    def eval(self):
+        return self
+
+    def native_runner(self, input_ids, attention_mask):
+        """The engine asks the model for its runner (see genkit.engine.runner.make_runner)."""
+        from genkit.native.runner import NativeRunner
+
+        return NativeRunner(self, input_ids, attention_mask)
+
+    def forward(self, tokens, positions, cache: "StaticKV", start: int, mask, logits_for: int) -> torch.Tensor:
+        """Logits (float32) of the last `logits_for` positions (0: all) after feeding `tokens`
+        (batch, n) at cache slots start..start+n; `mask` is the boolean attention mask
+        (batch, 1, n, start+n)."""
+        b, n = tokens.shape
+        # Everything outside the products stays in fp32: on these CPUs small fp32 ops run 2-3x
+        # faster than bf16 ones.
+        x = self.embed[tokens].float()
+        # Rotary embedding as x * cos + roll(x, half) * sin', with the sign of the rotation's
+        # first half folded into sin': four ops for q and k together.
+        cos = self.cos[positions].unsqueeze(2)  # (b, n, 1, d)
+        sin = self.sin_signed[positions].unsqueeze(2)
+        hq, hk, d = self.n_heads, self.n_kv, self.head_dim
+        half, end = d // 2, start + n
+        for i, L in enumerate(self.layers):
+            qkv = L["qkv"](x, L["attn_norm"], self.eps)  # the norm happens inside
+            qk = qkv[..., : (hq + hk) * d].view(b, n, hq + hk, d)
+            qk = qk * cos + qk.roll(half, dims=-1) * sin
+            q = qk[:, :, :hq].transpose(1, 2)
+            cache.k[i][:, :, start:end] = qk[:, :, hq:].transpose(1, 2)
+            cache.v[i][:, :, start:end] = qkv[..., (hq + hk) * d:].view(b, n, hk, d).transpose(1, 2)
+            attn = F.scaled_dot_product_attention(
+                q, cache.k[i][:, :, :end], cache.v[i][:, :, :end], attn_mask=mask, enable_gqa=True
+            )
+            x = x + L["o"](attn.transpose(1, 2).reshape(b, n, hq * d))
+            gu = L["gate_up"](x, L["ffn_norm"], self.eps)
+            ff = gu.shape[-1] // 2
+            x = x + L["down"](F.silu(gu[..., :ff]) * gu[..., ff:])
+        if logits_for:
+            x = x[:, -logits_for:]
+        return self.head(x, self.norm, self.eps)
+
+
+
+@dataclass
+class DenseLinear:
+    """An fp32 (out, in) weight: genkit's kernel for the few rows of a decode step, torch's
+    product (MKL) for prompts, where it is compute-bound and faster."""
+
+    weight: torch.Tensor
+    max_kernel_rows: int = 4
+
+    def __call__(self, x: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        if x.shape[0] <= self.max_kernel_rows:
+            y = kernels.dense_matmul(x.contiguous(), self.weight, norm, eps)
+        else:
+            y = F.linear(x if norm is None else F.rms_norm(x, (shape[-1],), norm, eps), self.weight)
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+
+class FastLlama(DecodeLlama):
+    """A transformers LlamaForCausalLM's weights (shared, not copied) under DecodeLlama."""
+
+    def __init__(self, hf):
+        cfg = hf.config.to_dict()
+        self.config, self.device, self.dtype = hf.config, torch.device("cpu"), torch.float32
+        layers = []
+        for block in hf.model.layers:
+            a, m = block.self_attn, block.mlp
+            layers.append({
+                "attn_norm": block.input_layernorm.weight.detach(),
+                "ffn_norm": block.post_attention_layernorm.weight.detach(),
+                "qkv": DenseLinear(_fuse(a.q_proj, a.k_proj, a.v_proj)),
+                "o": DenseLinear(a.o_proj.weight.detach()),
+                "gate_up": DenseLinear(_fuse(m.gate_proj, m.up_proj)),
+                "down": DenseLinear(m.down_proj.weight.detach()),
+            })
+        embed = hf.model.embed_tokens.weight.detach()
+        self.setup(cfg, embed, DenseLinear(hf.lm_head.weight.detach()), hf.model.norm.weight.detach(), layers)
+
+
+def _fuse(*linears) -> torch.Tensor:
+    """One weight for several Linears stacked by rows; each Linear's weight becomes a view into
+    it, so transformers' forward and ours share the memory (no second copy of the model)."""
+    fused = torch.cat([lin.weight.detach() for lin in linears])
+    start = 0
+    for lin in linears:
+        rows = lin.weight.shape[0]
+        lin.weight.data = fused[start:start + rows]
+        start += rows
+    return fused
+
+
+def fast_llama(model) -> FastLlama | None:
+    """The fast decoder for a transformers model where it applies, else None: a plain Llama
+    (default rotary embedding, no biases, SiLU) in fp32 on the CPU, and genkit's kernels built."""
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "model_type", None) != "llama" or type(model).__name__ != "LlamaForCausalLM":
+        return None
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    plain = (
+        rope.get("rope_type", "default") == "default"
+        and not getattr(cfg, "attention_bias", False)
+        and not getattr(cfg, "mlp_bias", False)
+        and getattr(cfg, "hidden_act", "silu") == "silu"
+        and getattr(model, "hf_quantizer", None) is None
+        and getattr(model, "hf_device_map", None) is None
+        and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters())
+    )
+    if not plain or not kernels.available():
+        return None
+    return FastLlama(model)
+
+
+class StaticKV:
+    """Preallocated keys and values: (batch, kv_heads, capacity, head_dim) per layer."""
+
+    def __init__(self, model: DecodeLlama, batch: int, capacity: int):
+        shape = (batch, model.n_kv, capacity, model.head_dim)
+        self.k = [torch.zeros(shape, dtype=torch.float32) for _ in range(model.n_layers)]
+        self.v = [torch.zeros(shape, dtype=torch.float32) for _ in range(model.n_layers)]
+        self.capacity = capacity
+
+    def select(self, index: torch.Tensor) -> None:
+        self.k = [t.index_select(0, index) for t in self.k]
+        self.v = [t.index_select(0, index) for t in self.v]
