@@ -78,13 +78,18 @@ def test_bad_shapes_are_refused():
 
 def test_fast_decoder_runs_fp32_llama_and_shares_weights(tiny):
     """The engine decodes an fp32 Llama with genkit's decoder (so every parity test against
-    transformers covers it) and falls back to transformers' forward for hidden states."""
-    from genkit.engine.runner import Runner, make_runner
+    transformers covers it), hidden states included."""
+    from genkit.engine.runner import make_runner
     from genkit.native.runner import NativeRunner
 
-    ids = torch.tensor([[5, 6, 7]])
-    assert isinstance(make_runner(tiny.model, ids, torch.ones_like(ids)), NativeRunner)
-    assert isinstance(make_runner(tiny.model, ids, torch.ones_like(ids), hidden=True), Runner)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    runner = make_runner(tiny.model, ids, torch.ones_like(ids))
+    assert isinstance(runner, NativeRunner)
+    ours = runner.prefill(hidden=True).hidden_states
+    theirs = tiny.model(ids, output_hidden_states=True).hidden_states
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, atol=1e-5)
     attn = tiny.model.model.layers[0].self_attn
     fused = tiny.model.__dict__["_genkit_fast"].layers[0]["qkv"].weight
     assert attn.k_proj.weight.data_ptr() == fused.data_ptr() + attn.q_proj.weight.numel() * 4

@@ -130,11 +130,10 @@ class EncoderDecoderRunner(Runner):
         self.positions = self.positions.index_select(0, index)
 
 
-def make_runner(model, input_ids, attention_mask, start_id: int | None = None, hidden: bool = False) -> Runner:
-    """The runner for `model`; `hidden` says the strategy will ask for hidden states."""
+def make_runner(model, input_ids, attention_mask, start_id: int | None = None) -> Runner:
     if getattr(model, "native_runner", None) is not None:
         return model.native_runner(input_ids, attention_mask)
-    if not hidden and (fast := fast_decoder(model)) is not None:
+    if (fast := fast_decoder(model)) is not None:
         return fast.native_runner(input_ids, attention_mask)
     if getattr(model.config, "is_encoder_decoder", False):
         if start_id is None:

@@ -168,33 +168,42 @@ void gguf_rows(const QuantizedRows& xq, const uint8_t* w, float* y, int64_t M, i
     }
 }
 
+// Two weight rows against R activation rows (R a compile-time constant: 2R accumulators in
+// registers); o1 == o0 when only one row is left.
+template <int R>
+inline void dense_pair(const float* x, int64_t m0, const float* w0, const float* w1, int64_t I, float* y0, float* y1,
+                       int64_t O) {
+    __m256 a0[R], a1[R];
+    for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= I; i += 8) {
+        const __m256 v0 = _mm256_loadu_ps(w0 + i), v1 = _mm256_loadu_ps(w1 + i);
+        for (int r = 0; r < R; ++r) {
+            const __m256 xv = _mm256_loadu_ps(x + (m0 + r) * I + i);
+            a0[r] = _mm256_fmadd_ps(v0, xv, a0[r]);
+            a1[r] = _mm256_fmadd_ps(v1, xv, a1[r]);
+        }
+    }
+    for (int r = 0; r < R; ++r) {
+        const float* xr = x + (m0 + r) * I;
+        float s0 = hsum(a0[r]), s1 = hsum(a1[r]);
+        for (int64_t j = i; j < I; ++j) s0 += w0[j] * xr[j], s1 += w1[j] * xr[j];
+        y1[(m0 + r) * O] = s1;  // before y0: when both point at one row, y0 wins
+        y0[(m0 + r) * O] = s0;
+    }
+}
+
 void dense_rows(const float* x, const float* w, float* y, int64_t M, int64_t I, int64_t O, int64_t o_begin,
                 int64_t o_end) {
-    // Two weight rows at a time against up to four activation rows: eight accumulators.
     for (int64_t o = o_begin; o < o_end; o += 2) {
-        const bool pair = o + 1 < o_end;
-        const float* w0 = w + o * I;
-        const float* w1 = pair ? w0 + I : w0;
-        for (int64_t m0 = 0; m0 < M; m0 += kRowsAtOnce) {
-            const int rows = static_cast<int>(std::min<int64_t>(kRowsAtOnce, M - m0));
-            __m256 a0[kRowsAtOnce], a1[kRowsAtOnce];
-            for (int r = 0; r < rows; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
-            int64_t i = 0;
-            for (; i + 8 <= I; i += 8) {
-                const __m256 v0 = _mm256_loadu_ps(w0 + i), v1 = _mm256_loadu_ps(w1 + i);
-                for (int r = 0; r < rows; ++r) {
-                    const __m256 xv = _mm256_loadu_ps(x + (m0 + r) * I + i);
-                    a0[r] = _mm256_fmadd_ps(v0, xv, a0[r]);
-                    a1[r] = _mm256_fmadd_ps(v1, xv, a1[r]);
-                }
-            }
-            for (int r = 0; r < rows; ++r) {
-                const float* xr = x + (m0 + r) * I;
-                float s0 = hsum(a0[r]), s1 = hsum(a1[r]);
-                for (int64_t j = i; j < I; ++j) s0 += w0[j] * xr[j], s1 += w1[j] * xr[j];
-                y[(m0 + r) * O + o] = s0;
-                if (pair) y[(m0 + r) * O + o + 1] = s1;
-            }
+        const int64_t o1 = o + 1 < o_end ? o + 1 : o;
+        const float *w0 = w + o * I, *w1 = w + o1 * I;
+        int64_t m0 = 0;
+        for (; m0 + 4 <= M; m0 += 4) dense_pair<4>(x, m0, w0, w1, I, y + o, y + o1, O);
+        switch (M - m0) {
+            case 3: dense_pair<3>(x, m0, w0, w1, I, y + o, y + o1, O); break;
+            case 2: dense_pair<2>(x, m0, w0, w1, I, y + o, y + o1, O); break;
+            case 1: dense_pair<1>(x, m0, w0, w1, I, y + o, y + o1, O); break;
         }
     }
 }

@@ -13,10 +13,8 @@ every linear layer keeps its 4-bit blocks, about 84 MB in all. Two ways to multi
     Q4_1 block (32 weights):  w = q * d + m   ->  scale = d, zero = m + 8 d
     Q4_0 block (32 weights):  w = (q - 8) * d ->  scale = d, zero = 0
 
-The forward pass is a small Llama written for decoding (in the spirit of gpt-fast): fused
-q/k/v and gate/up products, a preallocated KV cache, rotary embeddings from a precomputed
-table, fp32 everywhere outside the products. What it does not do: hidden-state outputs (DoLa,
-contrastive search) and architectures other than Llama; genkit says so instead of guessing.
+The forward pass is genkit/native/llama.py's DecodeLlama, fp32 everywhere outside the
+products. Architectures other than Llama are refused with a clear message, not guessed at.
 """
 
 from __future__ import annotations

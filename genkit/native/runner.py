@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 
 from genkit.engine.runner import StepOutput
-from genkit.errors import GenkitError
 from genkit.native.llama import DecodeLlama, StaticKV
 
 
@@ -52,13 +51,11 @@ class NativeRunner:
         return (causal[None] & self.attention_mask[:, None, :end].bool()).unsqueeze(1)
 
     def _run(self, tokens, positions, n, keep, hidden):
-        if hidden:
-            raise GenkitError("native 4-bit mode has no hidden-state outputs (DoLa, contrastive search): drop --native-4bit")
         start = self.filled
         self._ensure(start + n)
-        logits = self.model.forward(tokens, positions, self.cache, start, self._mask(start, n), keep)
+        out = self.model.forward(tokens, positions, self.cache, start, self._mask(start, n), keep, hidden)
         self.filled = start + n
-        return StepOutput(logits)
+        return StepOutput(*out) if hidden else StepOutput(out)
 
     def prefill(self, hidden: bool = False, all_logits: bool = False) -> StepOutput:
         n = self.prompt.shape[1]
