@@ -29,6 +29,7 @@ from transformers.cache_utils import DynamicLayer
 
 from genkit.engine import processors as procs
 from genkit.engine.core import row_generator
+from genkit.engine.runner import fast_decoder
 from genkit.engine.settings import DecodeSettings
 from genkit.engine.strategies.base import sample_rows, token_logprobs
 from genkit.engine.tracker import SequenceState
@@ -246,9 +247,7 @@ class ContinuousBatcher:
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
         cache = DynamicCache(config=self.model.config)
         started = time.perf_counter()
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1, :].to(torch.float32)
+        logits = self._forward(ids, mask, positions, cache)
         rows = self._new_rows(group, started)
         if self.n > 1:
             # Sequences of one prompt share its prefill: repeat the rows after it.
@@ -313,11 +312,8 @@ class ContinuousBatcher:
         """One decode step for every running row; finished rows leave the batch."""
         ones = self.mask.new_ones((len(self.rows), 1))
         self.mask = torch.cat([self.mask, ones], dim=1)
-        out = self.model(input_ids=self.last[:, None], attention_mask=self.mask,
-                         position_ids=self.next_pos[:, None], past_key_values=self.cache,
-                         use_cache=True, logits_to_keep=1)
+        logits = self._forward(self.last[:, None], self.mask, self.next_pos[:, None], self.cache)
         self.next_pos = self.next_pos + 1
-        logits = out.logits[:, -1, :].to(torch.float32)
         tokens = self._choose(self.rows, logits)
         done = self._accept(self.rows, tokens, logits)
         self.last = tokens
@@ -326,6 +322,15 @@ class ContinuousBatcher:
             finished = [self.rows[i] for i in sorted(done)]
             self._drop(done)
             yield from self._results(finished)
+
+    def _forward(self, ids, mask, positions, cache) -> torch.Tensor:
+        """Next-token logits (float32) of every row; genkit's decoder where it applies."""
+        fast = fast_decoder(self.model)
+        if fast is not None:
+            return fast.forward_transformers(ids, mask, positions, cache)[:, -1, :]
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :].to(torch.float32)
 
     def _processors(self, prompt_length: int):
         # Only min_new_tokens depends on the prompt length; the rest are shared by every row.

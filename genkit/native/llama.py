@@ -68,6 +68,13 @@ class DecodeLlama:
         """The head without the final norm, as DoLa applies it to earlier layers' states."""
         return self.head
 
+    def forward_transformers(self, input_ids, attention_mask, position_ids, cache, logits_to_keep: int = 1):
+        """The forward pass with transformers' calling convention, for callers that manage a
+        transformers Cache themselves (continuous batching): logits of the last positions."""
+        n, end = input_ids.shape[1], attention_mask.shape[1]
+        return self.forward(input_ids, position_ids, TransformersKV(cache), end - n,
+                            attention_mask_4d(attention_mask, n), logits_to_keep)
+
     def forward(self, tokens, positions, cache: "StaticKV", start: int, mask, logits_for: int, hidden: bool = False):
         """Logits (float32) of the last `logits_for` positions (0: all) after feeding `tokens`
         (batch, n) at cache slots start..start+n; `mask` is the boolean attention mask
@@ -91,11 +98,10 @@ class DecodeLlama:
             qk = qkv[..., : (hq + hk) * d].view(b, n, hq + hk, d)
             qk = qk * cos + qk.roll(half, dims=-1) * sin
             q = qk[:, :, :hq].transpose(1, 2)
-            cache.k[i][:, :, start:end] = qk[:, :, hq:].transpose(1, 2)
-            cache.v[i][:, :, start:end] = qkv[..., (hq + hk) * d:].view(b, n, hk, d).transpose(1, 2)
-            attn = F.scaled_dot_product_attention(
-                q, cache.k[i][:, :, :end], cache.v[i][:, :, :end], attn_mask=mask, enable_gqa=True
-            )
+            k = qk[:, :, hq:].transpose(1, 2)
+            v = qkv[..., (hq + hk) * d:].view(b, n, hk, d).transpose(1, 2)
+            keys, values = cache.update(i, k, v, start, end)
+            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
             x = x + L["o"](attn.transpose(1, 2).reshape(b, n, hq * d))
             gu = L["gate_up"](x, L["ffn_norm"], self.eps)
             ff = gu.shape[-1] // 2
@@ -178,7 +184,32 @@ def fast_llama(model) -> FastLlama | None:
     )
     if not plain or not kernels.available():
         return None
-    return FastLlama(model)
+    # Built on first use, often inside inference_mode; the fused weights must still be normal
+    # tensors, since transformers' Linears now view them (and may run with autograd later).
+    with torch.inference_mode(False), torch.no_grad():
+        return FastLlama(model)
+
+
+def attention_mask_4d(attention_mask: torch.Tensor, n: int):
+    """Boolean (batch, 1, n, length) mask for n new tokens at the end: causal among them and
+    blind to padding. None when nothing is masked (one token, no padding): SDPA runs faster."""
+    length = attention_mask.shape[1]
+    if n == 1 and bool(attention_mask.all()):
+        return None
+    keys = torch.arange(length, device=attention_mask.device)
+    queries = torch.arange(length - n, length, device=attention_mask.device)
+    causal = keys[None, :] <= queries[:, None]  # (n, length)
+    return (causal[None] & attention_mask[:, None, :].bool()).unsqueeze(1)
+
+
+class TransformersKV:
+    """A transformers Cache seen through StaticKV's `update`."""
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def update(self, layer: int, k, v, start: int, end: int):
+        return self.cache.update(k, v, layer)
 
 
 class StaticKV:
@@ -189,6 +220,12 @@ class StaticKV:
         self.k = [torch.zeros(shape, dtype=torch.float32) for _ in range(model.n_layers)]
         self.v = [torch.zeros(shape, dtype=torch.float32) for _ in range(model.n_layers)]
         self.capacity = capacity
+
+    def update(self, layer: int, k, v, start: int, end: int):
+        """Write the new keys and values at slots start..end; all keys and values so far."""
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def select(self, index: torch.Tensor) -> None:
         self.k = [t.index_select(0, index) for t in self.k]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from genkit.engine.runner import StepOutput
-from genkit.native.llama import DecodeLlama, StaticKV
+from genkit.native.llama import DecodeLlama, StaticKV, attention_mask_4d
 
 
 class NativeRunner:
@@ -44,11 +44,7 @@ class NativeRunner:
     def _mask(self, start: int, n: int):
         if n == 1 and not self.padded:
             return None  # one new token that may see everything before it
-        end = start + n
-        keys = torch.arange(end, device=self.device)
-        queries = torch.arange(start, end, device=self.device)
-        causal = keys[None, :] <= queries[:, None]  # (n, end)
-        return (causal[None] & self.attention_mask[:, None, :end].bool()).unsqueeze(1)
+        return attention_mask_4d(self.attention_mask[:, :start + n], n)
 
     def _run(self, tokens, positions, n, keep, hidden):
         start = self.filled
