@@ -55,12 +55,14 @@ class Runner:
         logits = out.logits.to(dtype=torch.float32)
         return StepOutput(logits, out.hidden_states if hidden else None)
 
-    def prefill(self, hidden: bool = False, all_logits: bool = False) -> StepOutput:
-        """Run the prompts; logits of the last position (of every position if `all_logits`)."""
+    def prefill(self, hidden: bool = False, all_logits: bool = False, logits: bool = True) -> StepOutput:
+        """Run the prompts; logits of the last position (of every position if `all_logits`).
+        `logits=False` lets a runner skip the head when the caller only wants hidden states
+        (genkit's decoder does; transformers' forward always computes them)."""
         keep = 0 if all_logits else 1
         return self._forward(self.prompt, self.positions, self.attention_mask, hidden, keep)
 
-    def step(self, tokens: torch.Tensor, hidden: bool = False) -> StepOutput:
+    def step(self, tokens: torch.Tensor, hidden: bool = False, logits: bool = True) -> StepOutput:
         """Feed new tokens (batch, n) after what the cache holds; logits for each of them."""
         n = tokens.shape[1]
         last = self.positions[:, -1:]

@@ -82,28 +82,39 @@ struct QuantizedRows {
     std::vector<float> scale, sum;
 };
 
-// Row m of x, RMS-normed with weight `norm` when it is given, into `out` (I floats).
-void normed_row(const float* xm, int64_t I, const float* norm, float eps, float* out) {
-    if (!norm) {
-        std::copy(xm, xm + I, out);
-        return;
+// The rows a product actually multiplies, computed from x in one pass: with `glu`, x holds
+// 2I columns and the input is silu(x[:, :I]) * x[:, I:] (the MLP's gate and up halves); with
+// `norm`, an RMS norm with that weight. Each would otherwise be a few separate torch calls per
+// layer, costing more than their arithmetic. Returns x itself when there is nothing to do.
+const float* prepare_rows(const float* x, int64_t M, int64_t I, const float* norm, float eps, bool glu,
+                          std::vector<float>& buffer) {
+    if (!norm && !glu) return x;
+    buffer.resize(M * I);
+    for (int64_t m = 0; m < M; ++m) {
+        float* out = buffer.data() + m * I;
+        if (glu) {
+            const float *gate = x + m * 2 * I, *up = gate + I;
+            for (int64_t i = 0; i < I; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+        } else {
+            std::copy(x + m * I, x + (m + 1) * I, out);
+        }
+        if (norm) {
+            double squares = 0.0;
+            for (int64_t i = 0; i < I; ++i) squares += static_cast<double>(out[i]) * out[i];
+            const float inv_rms = 1.0f / std::sqrt(static_cast<float>(squares / I) + eps);
+            for (int64_t i = 0; i < I; ++i) out[i] = out[i] * inv_rms * norm[i];
+        }
     }
-    double squares = 0.0;
-    for (int64_t i = 0; i < I; ++i) squares += static_cast<double>(xm[i]) * xm[i];
-    const float inv_rms = 1.0f / std::sqrt(static_cast<float>(squares / I) + eps);
-    for (int64_t i = 0; i < I; ++i) out[i] = xm[i] * inv_rms * norm[i];
+    return buffer.data();
 }
 
-// `norm`, when given, is an RMS norm's weight applied first: the norm of the residual stream
-// before a product costs more as a separate torch call than the product's own arithmetic.
-QuantizedRows quantize_rows(const float* x, int64_t M, int64_t I, const float* norm, float eps) {
+QuantizedRows quantize_rows(const float* x, int64_t M, int64_t I) {
     const int64_t blocks = I / kGroup;
     QuantizedRows r{std::vector<int16_t>(M * I), std::vector<float>(M * blocks), std::vector<float>(M * blocks)};
-    std::vector<float> row(I);
     for (int64_t m = 0; m < M; ++m) {
-        normed_row(x + m * I, I, norm, eps, row.data());
+        const float* row = x + m * I;
         for (int64_t b = 0; b < blocks; ++b) {
-            const float* v = row.data() + b * kGroup;
+            const float* v = row + b * kGroup;
             float amax = 0.0f;
             for (int j = 0; j < kGroup; ++j) amax = std::max(amax, std::fabs(v[j]));
             const float scale = amax / 32767.0f, inv = scale > 0.0f ? 1.0f / scale : 0.0f;
@@ -208,10 +219,11 @@ void dense_rows(const float* x, const float* w, float* y, int64_t M, int64_t I, 
     }
 }
 
-void check_x(const torch::Tensor& x, int64_t in_features) {
+void check_x(const torch::Tensor& x, int64_t in_features, bool glu) {
     TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
                 "x must be a contiguous (M, I) float32 tensor");
-    TORCH_CHECK(x.size(1) == in_features, "x has ", x.size(1), " features, the weight ", in_features);
+    const int64_t want = glu ? 2 * in_features : in_features;
+    TORCH_CHECK(x.size(1) == want, "x has ", x.size(1), " features, the weight wants ", want);
 }
 
 void check_norm(const std::optional<torch::Tensor>& norm, int64_t in_features) {
@@ -227,9 +239,9 @@ constexpr int64_t kGrain = 16;
 }  // namespace
 
 torch::Tensor gguf_matmul(torch::Tensor x, torch::Tensor blocks, int64_t kind, int64_t in_features,
-                          std::optional<torch::Tensor> norm, double eps) {
+                          std::optional<torch::Tensor> norm, double eps, bool glu) {
     const Format f = static_cast<Format>(kind);
-    check_x(x, in_features);
+    check_x(x, in_features, glu);
     TORCH_CHECK(in_features % kGroup == 0, "in_features must be a multiple of 32");
     TORCH_CHECK(blocks.scalar_type() == torch::kUInt8 && blocks.is_contiguous(), "blocks must be contiguous uint8");
     const int64_t O = blocks.numel() / (in_features / kGroup * block_bytes(f));
@@ -237,8 +249,10 @@ torch::Tensor gguf_matmul(torch::Tensor x, torch::Tensor blocks, int64_t kind, i
     const int64_t M = x.size(0);
     auto y = torch::empty({M, O}, x.options());
     check_norm(norm, in_features);
-    const QuantizedRows xq = quantize_rows(x.data_ptr<float>(), M, in_features,
-                                           norm ? norm->data_ptr<float>() : nullptr, static_cast<float>(eps));
+    std::vector<float> buffer;
+    const float* rows = prepare_rows(x.data_ptr<float>(), M, in_features, norm ? norm->data_ptr<float>() : nullptr,
+                                     static_cast<float>(eps), glu, buffer);
+    const QuantizedRows xq = quantize_rows(rows, M, in_features);
     const uint8_t* wp = blocks.data_ptr<uint8_t>();
     float* yp = y.data_ptr<float>();
     at::parallel_for(0, O, kGrain, [&](int64_t b, int64_t e) {
@@ -249,29 +263,88 @@ torch::Tensor gguf_matmul(torch::Tensor x, torch::Tensor blocks, int64_t kind, i
     return y;
 }
 
-torch::Tensor dense_matmul(torch::Tensor x, torch::Tensor w, std::optional<torch::Tensor> norm, double eps) {
+torch::Tensor dense_matmul(torch::Tensor x, torch::Tensor w, std::optional<torch::Tensor> norm, double eps, bool glu) {
     TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kFloat32 && w.is_contiguous(),
                 "w must be a contiguous (O, I) float32 tensor");
-    check_x(x, w.size(1));
+    check_x(x, w.size(1), glu);
     const int64_t M = x.size(0), I = w.size(1), O = w.size(0);
     check_norm(norm, I);
-    std::vector<float> normed;
-    if (norm) {
-        normed.resize(M * I);
-        for (int64_t m = 0; m < M; ++m)
-            normed_row(x.data_ptr<float>() + m * I, I, norm->data_ptr<float>(), static_cast<float>(eps), normed.data() + m * I);
-    }
+    std::vector<float> buffer;
+    const float* rows = prepare_rows(x.data_ptr<float>(), M, I, norm ? norm->data_ptr<float>() : nullptr,
+                                     static_cast<float>(eps), glu, buffer);
     auto y = torch::empty({M, O}, x.options());
-    const float *xp = norm ? normed.data() : x.data_ptr<float>(), *wp = w.data_ptr<float>();
+    const float *xp = rows, *wp = w.data_ptr<float>();
     float* yp = y.data_ptr<float>();
     at::parallel_for(0, O, kGrain, [&](int64_t b, int64_t e) { dense_rows(xp, wp, yp, M, I, O, b, e); });
     return y;
 }
 
+
+// One decode step of attention for every row and head, with the rotary embedding and the write
+// of the new key and value into the cache (genkit's StaticKV layout, (B, kv_heads, capacity, d)):
+// a dozen torch calls per layer otherwise, which cost more than the arithmetic at one token.
+//   qkv (B, (hq + 2 hk) d): this token's projections; cos, sin (B, d): its rotation, with the
+//   sign of the first half folded into sin (y = x cos + roll(x, d/2) sin); slot: where the token
+//   goes; first (B): each row's first real slot (left padding before it is never looked at).
+torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
+                               torch::Tensor v_cache, int64_t slot, torch::Tensor first, int64_t hq, int64_t hk) {
+    const int64_t B = qkv.size(0), d = k_cache.size(3), cap = k_cache.size(2), half = d / 2;
+    for (const auto* t : {&qkv, &cos, &sin, &k_cache, &v_cache})
+        TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous(), "decode_attention wants contiguous float32");
+    TORCH_CHECK(qkv.size(1) == (hq + 2 * hk) * d && hq % hk == 0 && slot < cap && k_cache.size(0) == B &&
+                    k_cache.size(1) == hk && v_cache.sizes() == k_cache.sizes() && first.numel() == B &&
+                    first.scalar_type() == torch::kLong && cos.size(0) == B && cos.size(1) == d,
+                "decode_attention: shapes do not fit");
+    const float *x = qkv.data_ptr<float>(), *cs = cos.data_ptr<float>(), *sn = sin.data_ptr<float>();
+    float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
+    const int64_t* start = first.data_ptr<int64_t>();
+    std::vector<float> q(B * hq * d);
+    auto rotate = [&](const float* in, const float* c, const float* s_, float* out) {
+        for (int64_t i = 0; i < d; ++i) out[i] = in[i] * c[i] + in[(i + half) % d] * s_[i];
+    };
+    for (int64_t b = 0; b < B; ++b) {
+        const float* row = x + b * (hq + 2 * hk) * d;
+        for (int64_t h = 0; h < hq; ++h) rotate(row + h * d, cs + b * d, sn + b * d, q.data() + (b * hq + h) * d);
+        for (int64_t g = 0; g < hk; ++g) {
+            const int64_t at = ((b * hk + g) * cap + slot) * d;
+            rotate(row + (hq + g) * d, cs + b * d, sn + b * d, kc + at);
+            std::copy(row + (hq + hk + g) * d, row + (hq + hk + g + 1) * d, vc + at);
+        }
+    }
+    auto out = torch::empty({B, hq * d}, qkv.options());
+    float* o = out.data_ptr<float>();
+    const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+    at::parallel_for(0, B * hq, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> p(slot + 1);
+        for (int64_t idx = begin; idx < end; ++idx) {
+            const int64_t b = idx / hq, h = idx % hq, g = h / (hq / hk), t0 = start[b];
+            const float* qh = q.data() + idx * d;
+            const float *keys = kc + (b * hk + g) * cap * d, *values = vc + (b * hk + g) * cap * d;
+            float top = -INFINITY;
+            for (int64_t t = t0; t <= slot; ++t) {
+                float dot = 0.0f;
+                for (int64_t i = 0; i < d; ++i) dot += qh[i] * keys[t * d + i];
+                p[t] = dot * scale;
+                top = std::max(top, p[t]);
+            }
+            float total = 0.0f;
+            for (int64_t t = t0; t <= slot; ++t) total += (p[t] = std::exp(p[t] - top));
+            float* oh = o + idx * d;
+            std::fill(oh, oh + d, 0.0f);
+            for (int64_t t = t0; t <= slot; ++t) {
+                const float w = p[t] / total;
+                for (int64_t i = 0; i < d; ++i) oh[i] += w * values[t * d + i];
+            }
+        }
+    });
+    return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("decode_attention", &decode_attention, "rotary embedding, KV write and attention for one new token");
     m.def("gguf_matmul", &gguf_matmul, "rms_norm(x) @ W.T for W in GGUF Q4_0 (0) / Q4_1 (1) / Q8_0 (2) blocks",
           py::arg("x"), py::arg("blocks"), py::arg("kind"), py::arg("in_features"), py::arg("norm") = py::none(),
-          py::arg("eps") = 0.0);
+          py::arg("eps") = 0.0, py::arg("glu") = false);
     m.def("dense_matmul", &dense_matmul, "rms_norm(x) @ W.T for a contiguous float32 W, for few rows of x",
-          py::arg("x"), py::arg("w"), py::arg("norm") = py::none(), py::arg("eps") = 0.0);
+          py::arg("x"), py::arg("w"), py::arg("norm") = py::none(), py::arg("eps") = 0.0, py::arg("glu") = false);
 }

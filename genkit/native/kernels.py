@@ -69,13 +69,20 @@ def available() -> bool:
 
 
 def gguf_matmul(x: torch.Tensor, blocks: torch.Tensor, kind: str, in_features: int,
-                norm: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
-    """x (M, in) float32, RMS-normed with weight `norm` when given, times a weight kept as raw
-    GGUF blocks (rows in output order)."""
-    return _module().gguf_matmul(x, blocks, GGUF_KINDS[kind], in_features, norm, eps)
+                norm: torch.Tensor | None = None, eps: float = 0.0, glu: bool = False) -> torch.Tensor:
+    """x (M, in) float32 times a weight kept as raw GGUF blocks (rows in output order). With
+    `norm`, x is RMS-normed with that weight first; with `glu`, x is (M, 2 in) and the input is
+    silu(first half) * second half."""
+    return _module().gguf_matmul(x, blocks, GGUF_KINDS[kind], in_features, norm, eps, glu)
 
 
-def dense_matmul(x: torch.Tensor, w: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
-    """x (M, in) float32, RMS-normed with weight `norm` when given, times a contiguous float32
-    (out, in) weight; for small M."""
-    return _module().dense_matmul(x, w, norm, eps)
+def dense_matmul(x: torch.Tensor, w: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0,
+                 glu: bool = False) -> torch.Tensor:
+    """x (M, in) float32 times a contiguous float32 (out, in) weight, for small M; `norm` and
+    `glu` as for gguf_matmul."""
+    return _module().dense_matmul(x, w, norm, eps, glu)
+
+
+def decode_attention(qkv, cos, sin, k_cache, v_cache, slot: int, first, n_heads: int, n_kv: int) -> torch.Tensor:
+    """Rotary embedding, KV-cache write and attention of one new token per row (kernels.cpp)."""
+    return _module().decode_attention(qkv, cos, sin, k_cache, v_cache, slot, first, n_heads, n_kv)

@@ -75,8 +75,9 @@ class DecodeLlama:
         return self.forward(input_ids, position_ids, TransformersKV(cache), end - n,
                             attention_mask_4d(attention_mask, n), logits_to_keep)
 
-    def forward(self, tokens, positions, cache: "StaticKV", start: int, mask, logits_for: int, hidden: bool = False):
-        """Logits (float32) of the last `logits_for` positions (0: all) after feeding `tokens`
+    def forward(self, tokens, positions, cache: "StaticKV", start: int, mask, logits_for: int, hidden: bool = False,
+                first: torch.Tensor | None = None):
+        """Logits (float32) of the last `logits_for` positions (0: all, None: none) after feeding `tokens`
         (batch, n) at cache slots start..start+n; `mask` is the boolean attention mask
         (batch, 1, n, start+n). With `hidden`, also the hidden states as transformers gives
         them: the embeddings, each layer's output, and the last one after the final norm."""
@@ -90,27 +91,37 @@ class DecodeLlama:
         sin = self.sin_signed[positions].unsqueeze(2)
         hq, hk, d = self.n_heads, self.n_kv, self.head_dim
         half, end = d // 2, start + n
+        # One new token per row over genkit's cache: rotary embedding, cache write and attention
+        # in one kernel call (`first`: each row's first real slot, after its left padding).
+        fused = n == 1 and isinstance(cache, StaticKV) and (mask is None or first is not None) and kernels.available()
+        if fused:
+            first = first if first is not None else torch.zeros(b, dtype=torch.long)
+            cos_rows, sin_rows = self.cos[positions[:, 0]], self.sin_signed[positions[:, 0]]
         states = []
         for i, L in enumerate(self.layers):
             if hidden:
                 states.append(x)
             qkv = L["qkv"](x, L["attn_norm"], self.eps)  # the norm happens inside
-            qk = qkv[..., : (hq + hk) * d].view(b, n, hq + hk, d)
-            qk = qk * cos + qk.roll(half, dims=-1) * sin
-            q = qk[:, :, :hq].transpose(1, 2)
-            k = qk[:, :, hq:].transpose(1, 2)
-            v = qkv[..., (hq + hk) * d:].view(b, n, hk, d).transpose(1, 2)
-            keys, values = cache.update(i, k, v, start, end)
-            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-            x = x + L["o"](attn.transpose(1, 2).reshape(b, n, hq * d))
-            gu = L["gate_up"](x, L["ffn_norm"], self.eps)
-            ff = gu.shape[-1] // 2
-            x = x + L["down"](F.silu(gu[..., :ff]) * gu[..., ff:])
+            if fused:
+                attn = kernels.decode_attention(qkv.view(b, -1), cos_rows, sin_rows, cache.k[i], cache.v[i],
+                                                start, first, hq, hk).view(b, 1, hq * d)
+            else:
+                qk = qkv[..., : (hq + hk) * d].view(b, n, hq + hk, d)
+                qk = qk * cos + qk.roll(half, dims=-1) * sin
+                q = qk[:, :, :hq].transpose(1, 2)
+                k = qk[:, :, hq:].transpose(1, 2)
+                v = qkv[..., (hq + hk) * d:].view(b, n, hk, d).transpose(1, 2)
+                keys, values = cache.update(i, k, v, start, end)
+                attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+                attn = attn.transpose(1, 2).reshape(b, n, hq * d)
+            x = x + L["o"](attn)
+            x = x + L["down"](L["gate_up"](x, L["ffn_norm"], self.eps), glu=True)
         if hidden:
             states.append(F.rms_norm(x, (x.shape[-1],), self.norm, self.eps))
-        if logits_for:
-            x = x[:, -logits_for:]
-        logits = self.head(x, self.norm, self.eps)
+        if logits_for is None:
+            logits = None  # asked for hidden states only
+        else:
+            logits = self.head(x[:, -logits_for:] if logits_for else x, self.norm, self.eps)
         return (logits, tuple(states)) if hidden else logits
 
 
@@ -123,14 +134,22 @@ class DenseLinear:
     weight: torch.Tensor
     max_kernel_rows: int = 24  # measured: beyond about 24 rows MKL is faster
 
-    def __call__(self, x: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0,
+                 glu: bool = False) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         if x.shape[0] <= self.max_kernel_rows:
-            y = kernels.dense_matmul(x.contiguous(), self.weight, norm, eps)
+            y = kernels.dense_matmul(x.contiguous(), self.weight, norm, eps, glu)
         else:
-            y = F.linear(x if norm is None else F.rms_norm(x, (shape[-1],), norm, eps), self.weight)
+            x = glu_input(x) if glu else x
+            y = F.linear(x if norm is None else F.rms_norm(x, (x.shape[-1],), norm, eps), self.weight)
         return y.reshape(*shape[:-1], y.shape[-1])
+
+
+def glu_input(x: torch.Tensor) -> torch.Tensor:
+    """The MLP's down-projection input from its fused gate/up output: silu(gate) * up."""
+    half = x.shape[-1] // 2
+    return F.silu(x[..., :half]) * x[..., half:]
 
 
 class FastLlama(DecodeLlama):
@@ -227,6 +246,10 @@ class StaticKV:
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
-    def select(self, index: torch.Tensor) -> None:
-        self.k = [t.index_select(0, index) for t in self.k]
-        self.v = [t.index_select(0, index) for t in self.v]
+    def select(self, index: torch.Tensor, capacity: int | None = None) -> None:
+        """Keep rows `index` (repeats allowed); with `capacity`, only that many slots."""
+        cut = lambda t: t if capacity is None else t[:, :, :capacity]
+        self.k = [cut(t).index_select(0, index) for t in self.k]
+        self.v = [cut(t).index_select(0, index) for t in self.v]
+        if capacity is not None:
+            self.capacity = capacity

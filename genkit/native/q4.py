@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from genkit.errors import GenkitError
 from genkit.native import kernels
-from genkit.native.llama import DecodeLlama, _Config
+from genkit.native.llama import DecodeLlama, _Config, glu_input
 
 GROUP = 32
 Q4_0, Q4_1, Q8_0, F16, F32 = "Q4_0", "Q4_1", "Q8_0", "F16", "F32"
@@ -114,10 +114,12 @@ class Int4Linear:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(c.contiguous(), 2)
         return cls(packed, sz.transpose(0, 1).contiguous().to(torch.bfloat16), c.shape[0])
 
-    def __call__(self, x: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0,
+                 glu: bool = False) -> torch.Tensor:
         """fp32 in and out; the kernel itself wants bf16 (30x slower with fp32 activations)."""
+        x = _rms(glu_input(x) if glu else x, norm, eps)
         shape = x.shape
-        x = _rms(x, norm, eps).reshape(-1, shape[-1]).to(torch.bfloat16)
+        x = x.reshape(-1, shape[-1]).to(torch.bfloat16)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scale_zero)
         return y.reshape(*shape[:-1], self.out_features).float()
 
@@ -145,11 +147,13 @@ class GGUFLinear:
         b = np.concatenate(rows)
         return cls(torch.from_numpy(b.reshape(-1)), kind, b.shape[1] * GROUP, b.shape[0])
 
-    def __call__(self, x: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
-        """rms_norm(x) (when `norm` is given) times the weight; the kernel does the norm too."""
+    def __call__(self, x: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0,
+                 glu: bool = False) -> torch.Tensor:
+        """x times the weight, after an RMS norm (`norm`) or the MLP's silu(gate) * up (`glu`),
+        both done inside the kernel."""
         shape = x.shape
         x = x.reshape(-1, shape[-1]).contiguous()
-        y = kernels.gguf_matmul(x, self.blocks, self.kind, self.in_features, norm, eps)
+        y = kernels.gguf_matmul(x, self.blocks, self.kind, self.in_features, norm, eps, glu)
         return y.reshape(*shape[:-1], self.out_features)
 
 

@@ -6,6 +6,8 @@ handled with a boolean attention mask; the KV cache is preallocated and grows by
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from genkit.engine.runner import StepOutput
@@ -46,33 +48,63 @@ class NativeRunner:
             return None  # one new token that may see everything before it
         return attention_mask_4d(self.attention_mask[:, :start + n], n)
 
-    def _run(self, tokens, positions, n, keep, hidden):
+    def _run(self, tokens, positions, n, keep, hidden, logits=True):
         start = self.filled
         self._ensure(start + n)
-        out = self.model.forward(tokens, positions, self.cache, start, self._mask(start, n), keep, hidden)
+        # Padding only ever sits at the left of a row: its first real slot is its count of zeros.
+        first = (self.attention_mask == 0).sum(-1) if self.padded else None
+        keep = keep if logits else None  # None: no head product (the caller uses hidden states)
+        out = self.model.forward(tokens, positions, self.cache, start, self._mask(start, n), keep, hidden, first)
         self.filled = start + n
         return StepOutput(*out) if hidden else StepOutput(out)
 
-    def prefill(self, hidden: bool = False, all_logits: bool = False) -> StepOutput:
+    def prefill(self, hidden: bool = False, all_logits: bool = False, logits: bool = True) -> StepOutput:
         n = self.prompt.shape[1]
-        return self._run(self.prompt, self.positions, n, 0 if all_logits else 1, hidden)
+        return self._run(self.prompt, self.positions, n, 0 if all_logits else 1, hidden, logits)
 
-    def step(self, tokens: torch.Tensor, hidden: bool = False) -> StepOutput:
+    def step(self, tokens: torch.Tensor, hidden: bool = False, logits: bool = True) -> StepOutput:
         n = tokens.shape[1]
         new_pos = self.positions[:, -1:] + torch.arange(1, n + 1, device=self.device)
         self.positions = torch.cat([self.positions, new_pos], dim=-1)
         ones = self.attention_mask.new_ones((self.batch_size, n))
         self.attention_mask = torch.cat([self.attention_mask, ones], dim=-1)
-        return self._run(tokens, new_pos, n, n, hidden)
+        return self._run(tokens, new_pos, n, n, hidden, logits)
 
     def select(self, index: torch.Tensor) -> None:
-        self.cache.select(index)
+        expanded = self.__dict__.pop("_expanded_from", None)
+        if expanded is not None and self._one_per_group(index, expanded):
+            # Contrastive search keeps one of each row's k candidates: its cache is the row's
+            # cache before the expansion plus the slots written since, so write just those.
+            cache, filled, _ = expanded
+            for old, new in ((cache.k, self.cache.k), (cache.v, self.cache.v)):
+                for layer in range(len(old)):
+                    old[layer][:, :, filled:self.filled] = new[layer][index, :, filled:self.filled]
+            self.cache = cache
+        else:
+            self.cache.select(index)
         self.attention_mask = self.attention_mask.index_select(0, index)
         self.positions = self.positions.index_select(0, index)
         self.padded = bool((self.attention_mask == 0).any())
 
     def repeat_interleave(self, n: int) -> None:
-        self.select(torch.arange(self.batch_size, device=self.device).repeat_interleave(n))
+        """Each row n times, for one step over candidates (contrastive search). The expanded
+        cache holds only the filled slots plus one; the original is kept for `select`."""
+        self._ensure(self.filled + 1)
+        original, rows = self.cache, self.batch_size
+        index = torch.arange(rows, device=self.device).repeat_interleave(n)
+        self.cache = copy.copy(original)
+        self.cache.select(index, capacity=self.filled + 1)
+        self._expanded_from = (original, self.filled, n)
+        self.attention_mask = self.attention_mask.index_select(0, index)
+        self.positions = self.positions.index_select(0, index)
+
+    def _one_per_group(self, index: torch.Tensor, expanded) -> bool:
+        original, _, n = expanded
+        rows = original.k[0].shape[0]
+        if self.filled > original.capacity:
+            return False
+        groups = torch.arange(rows, device=index.device)
+        return index.numel() == rows and bool((index.div(n, rounding_mode="floor") == groups).all())
 
     def crop(self, length: int) -> None:
         self.filled = min(self.filled, length)

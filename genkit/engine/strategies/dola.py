@@ -109,12 +109,19 @@ def contrast(final_logits: torch.Tensor, base_logits: torch.Tensor) -> torch.Ten
     return final - base
 
 
-def dola_logits(lm_head, hidden_states, layers: list[int], final_logits: torch.Tensor) -> torch.Tensor:
-    """The next-token scores of DoLa for the last position of every row."""
-    stacked = torch.stack([hidden_states[i][:, -1, :] for i in layers])  # (layers, rows, hidden)
-    premature = lm_head(stacked).to(torch.float32)  # one product for every candidate layer
-    best = 0 if len(layers) == 1 else int(divergence(final_logits, premature).argmax())
-    return contrast(final_logits, premature[best])
+def dola_logits(lm_head, hidden_states, layers: list[int], final_logits: torch.Tensor | None):
+    """The next-token scores of DoLa for the last position of every row, and the final logits.
+
+    Without `final_logits` (a runner that skipped its head) they come from the last hidden
+    state, which is already normed: one head product then serves every layer."""
+    rows = [hidden_states[i][:, -1, :] for i in layers]
+    if final_logits is None:
+        rows.append(hidden_states[-1][:, -1, :])
+    out = lm_head(torch.stack(rows)).to(torch.float32)  # (layers [+ 1], rows, vocab)
+    if final_logits is None:
+        out, final_logits = out[:-1], out[-1]
+    best = 0 if len(layers) == 1 else int(divergence(final_logits, out).argmax())
+    return contrast(final_logits, out[best]), final_logits
 
 
 def decode(ctx: Context):
@@ -128,8 +135,8 @@ def decode(ctx: Context):
     input_ids = ctx.input_ids
     out = ctx.runner.prefill(hidden=True)
     while True:
-        final = out.logits[:, -1, :]
-        scores = dola_logits(lm_head, out.hidden_states, layers, final)
+        final = out.logits[:, -1, :] if out.logits is not None else None
+        scores, final = dola_logits(lm_head, out.hidden_states, layers, final)
         tokens = choose(ctx, input_ids, scores)
         # Finished rows are fed padding and still count in the batch's layer choice, as in 4.55.
         tokens = torch.where(ctx.unfinished(), tokens, torch.full_like(tokens, pad))
@@ -138,4 +145,4 @@ def decode(ctx: Context):
         if ctx.tracker.all_done:
             return
         input_ids = torch.cat([input_ids, tokens[:, None]], dim=-1)
-        out = ctx.runner.step(tokens[:, None], hidden=True)
+        out = ctx.runner.step(tokens[:, None], hidden=True, logits=False)
