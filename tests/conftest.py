@@ -24,6 +24,15 @@ def genkit_home(tmp_path_factory) -> Path:
     return home
 
 
+@pytest.fixture(scope="session", autouse=True)
+def kernels_built(genkit_home) -> bool:
+    """Build genkit's CPU kernels once, up front: the first build takes about a minute and
+    prints a line on stderr, which must not land inside a CLI test's timeout or its output."""
+    from genkit.native import kernels
+
+    return kernels.available()
+
+
 @pytest.fixture(scope="session")
 def embedded_dir(genkit_home) -> Path:
     """The embedded SmolLM2 converted into the cache (a transformers directory)."""
