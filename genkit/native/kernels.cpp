@@ -320,10 +320,18 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tens
             const int64_t b = idx / hq, h = idx % hq, g = h / (hq / hk), t0 = start[b];
             const float* qh = q.data() + idx * d;
             const float *keys = kc + (b * hk + g) * cap * d, *values = vc + (b * hk + g) * cap * d;
+            const bool wide = d % 8 == 0;  // head sizes are multiples of 8 in practice: AVX2 then
             float top = -INFINITY;
             for (int64_t t = t0; t <= slot; ++t) {
+                const float* kt = keys + t * d;
                 float dot = 0.0f;
-                for (int64_t i = 0; i < d; ++i) dot += qh[i] * keys[t * d + i];
+                if (wide) {
+                    __m256 acc = _mm256_setzero_ps();
+                    for (int64_t i = 0; i < d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i), _mm256_loadu_ps(kt + i), acc);
+                    dot = hsum(acc);
+                } else {
+                    for (int64_t i = 0; i < d; ++i) dot += qh[i] * kt[i];
+                }
                 p[t] = dot * scale;
                 top = std::max(top, p[t]);
             }
@@ -333,7 +341,14 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tens
             std::fill(oh, oh + d, 0.0f);
             for (int64_t t = t0; t <= slot; ++t) {
                 const float w = p[t] / total;
-                for (int64_t i = 0; i < d; ++i) oh[i] += w * values[t * d + i];
+                const float* vt = values + t * d;
+                if (wide) {
+                    const __m256 wv = _mm256_set1_ps(w);
+                    for (int64_t i = 0; i < d; i += 8)
+                        _mm256_storeu_ps(oh + i, _mm256_fmadd_ps(wv, _mm256_loadu_ps(vt + i), _mm256_loadu_ps(oh + i)));
+                } else {
+                    for (int64_t i = 0; i < d; ++i) oh[i] += w * vt[i];
+                }
             }
         }
     });

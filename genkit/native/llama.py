@@ -72,8 +72,9 @@ class DecodeLlama:
         """The forward pass with transformers' calling convention, for callers that manage a
         transformers Cache themselves (continuous batching): logits of the last positions."""
         n, end = input_ids.shape[1], attention_mask.shape[1]
+        first = (attention_mask == 0).sum(-1)  # padding sits at the left of each row
         return self.forward(input_ids, position_ids, TransformersKV(cache), end - n,
-                            attention_mask_4d(attention_mask, n), logits_to_keep)
+                            attention_mask_4d(attention_mask, n), logits_to_keep, first=first)
 
     def forward(self, tokens, positions, cache: "StaticKV", start: int, mask, logits_for: int, hidden: bool = False,
                 first: torch.Tensor | None = None):
@@ -93,7 +94,7 @@ class DecodeLlama:
         half, end = d // 2, start + n
         # One new token per row over genkit's cache: rotary embedding, cache write and attention
         # in one kernel call (`first`: each row's first real slot, after its left padding).
-        fused = n == 1 and isinstance(cache, StaticKV) and (mask is None or first is not None) and kernels.available()
+        fused = n == 1 and cache.fusable() and (mask is None or first is not None) and kernels.available()
         if fused:
             first = first if first is not None else torch.zeros(b, dtype=torch.long)
             cos_rows, sin_rows = self.cos[positions[:, 0]], self.sin_signed[positions[:, 0]]
@@ -103,8 +104,10 @@ class DecodeLlama:
                 states.append(x)
             qkv = L["qkv"](x, L["attn_norm"], self.eps)  # the norm happens inside
             if fused:
-                attn = kernels.decode_attention(qkv.view(b, -1), cos_rows, sin_rows, cache.k[i], cache.v[i],
-                                                start, first, hq, hk).view(b, 1, hq * d)
+                keys, values, slot = cache.buffers(i, start)
+                attn = kernels.decode_attention(qkv.view(b, -1), cos_rows, sin_rows, keys, values,
+                                                slot, first, hq, hk).view(b, 1, hq * d)
+                cache.advance(i)
             else:
                 qk = qkv[..., : (hq + hk) * d].view(b, n, hq + hk, d)
                 qk = qk * cos + qk.roll(half, dims=-1) * sin
@@ -230,6 +233,23 @@ class TransformersKV:
     def update(self, layer: int, k, v, start: int, end: int):
         return self.cache.update(k, v, layer)
 
+    def fusable(self) -> bool:
+        """Whether every layer keeps a contiguous buffer with room for one more token (the
+        continuous batcher's layers do), so decode_attention can write into it."""
+        return all(
+            getattr(layer, "_k", None) is not None and layer.length < layer._k.shape[2] and layer._k.is_contiguous()
+            for layer in self.cache.layers
+        )
+
+    def buffers(self, layer: int, start: int):
+        entry = self.cache.layers[layer]
+        return entry._k, entry._v, entry.length
+
+    def advance(self, layer: int) -> None:
+        entry = self.cache.layers[layer]
+        entry.length += 1
+        entry.keys, entry.values = entry._k[:, :, :entry.length], entry._v[:, :, :entry.length]
+
 
 class StaticKV:
     """Preallocated keys and values: (batch, kv_heads, capacity, head_dim) per layer."""
@@ -239,6 +259,16 @@ class StaticKV:
         self.k = [torch.zeros(shape, dtype=torch.float32) for _ in range(model.n_layers)]
         self.v = [torch.zeros(shape, dtype=torch.float32) for _ in range(model.n_layers)]
         self.capacity = capacity
+
+    def fusable(self) -> bool:
+        return True
+
+    def buffers(self, layer: int, start: int):
+        """Where decode_attention writes the new token: the layer's buffers and slot."""
+        return self.k[layer], self.v[layer], start
+
+    def advance(self, layer: int) -> None:
+        pass  # the runner counts filled slots
 
     def update(self, layer: int, k, v, start: int, end: int):
         """Write the new keys and values at slots start..end; all keys and values so far."""
