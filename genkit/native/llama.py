@@ -41,12 +41,16 @@ class DecodeLlama:
 
     mode = "transformers-weights"
 
-    def setup(self, cfg: dict, embed, head, norm, layers) -> None:
+    def read_shape(self, cfg: dict) -> None:
+        """Layer and head counts from a config (builders of the layers need them first)."""
         self.n_layers = cfg["num_hidden_layers"]
         self.n_heads = cfg["num_attention_heads"]
         self.n_kv = cfg["num_key_value_heads"]
         self.head_dim = cfg.get("head_dim") or cfg["hidden_size"] // self.n_heads
         self.eps = cfg["rms_norm_eps"]
+
+    def setup(self, cfg: dict, embed, head, norm, layers) -> None:
+        self.read_shape(cfg)
         self.embed, self.head, self.norm, self.layers = embed, head, norm, layers
         theta = (cfg.get("rope_parameters") or {}).get("rope_theta") or cfg.get("rope_theta") or 10000.0
         inv = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim))
@@ -86,10 +90,6 @@ class DecodeLlama:
         # Everything outside the products stays in fp32: on these CPUs small fp32 ops run 2-3x
         # faster than bf16 ones.
         x = self.embed[tokens].float()
-        # Rotary embedding as x * cos + roll(x, half) * sin', with the sign of the rotation's
-        # first half folded into sin': four ops for q and k together.
-        cos = self.cos[positions].unsqueeze(2)  # (b, n, 1, d)
-        sin = self.sin_signed[positions].unsqueeze(2)
         hq, hk, d = self.n_heads, self.n_kv, self.head_dim
         half, end = d // 2, start + n
         # One new token per row over genkit's cache: rotary embedding, cache write and attention
@@ -98,6 +98,11 @@ class DecodeLlama:
         if fused:
             first = first if first is not None else torch.zeros(b, dtype=torch.long)
             cos_rows, sin_rows = self.cos[positions[:, 0]], self.sin_signed[positions[:, 0]]
+        else:
+            # Rotary embedding as x * cos + roll(x, half) * sin', with the sign of the rotation's
+            # first half folded into sin': four ops for q and k together.
+            cos = self.cos[positions].unsqueeze(2)  # (b, n, 1, d)
+            sin = self.sin_signed[positions].unsqueeze(2)
         states = []
         for i, L in enumerate(self.layers):
             if hidden:
@@ -126,7 +131,6 @@ class DecodeLlama:
         else:
             logits = self.head(x[:, -logits_for:] if logits_for else x, self.norm, self.eps)
         return (logits, tuple(states)) if hidden else logits
-
 
 
 @dataclass
