@@ -47,6 +47,7 @@ class LoadOptions:
     compute_dtype: str | None = None  # 4-bit compute dtype
     trust_remote_code: bool = False
     native_4bit: bool = False  # run GGUF Q4_0/Q4_1 weights as they are (genkit/native/q4.py)
+    native_8bit: bool = False  # quantise to Q8_0 blocks for genkit's kernels (genkit/native/int8.py)
 
 
 @dataclass
@@ -338,8 +339,12 @@ def load(model: str | None = None, options: LoadOptions | None = None, progress=
     device_map = _device_map(opts.device_map)
     quant = _quantization(opts)
     name, source, location = resolve_source(model, progress)
+    if opts.native_4bit and opts.native_8bit:
+        raise GenkitError("--native-4bit and --native-8bit exclude each other: choose one")
     if opts.native_4bit:
         return _load_native(model, name, source, location, opts, progress)
+    if opts.native_8bit:
+        _check_native_8bit(opts)
     if progress:
         progress("loading weights")
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": opts.trust_remote_code}
@@ -363,7 +368,20 @@ def load(model: str | None = None, options: LoadOptions | None = None, progress=
         else:
             raise _load_error(model or name, e) from None
     lm.name, lm.source = name, source
+    if opts.native_8bit:
+        from genkit.native.int8 import Int8Llama
+
+        if progress:
+            progress("quantising to 8 bits")
+        lm.model, lm.info = Int8Llama(lm.model), {**lm.info, "mode": "native-8bit"}
     return lm
+
+
+def _check_native_8bit(opts: LoadOptions) -> None:
+    if quant_flags := [f for f, on in (("--load-in-4bit", opts.load_in_4bit), ("--load-in-8bit", opts.load_in_8bit)) if on]:
+        raise GenkitError(f"--native-8bit quantises the weights itself: drop {quant_flags[0]}")
+    if opts.device_map not in (None, "cpu") or opts.dtype not in ("auto", "float32", "fp32"):
+        raise GenkitError("--native-8bit runs on the CPU from float32 weights: drop --device-map / --dtype")
 
 
 def _load_native(model, name, source, location, opts, progress) -> LoadedModel:

@@ -96,3 +96,53 @@ def test_native_close_to_fp32_with_torch_int4(embedded, monkeypatch):
     out = genkit.generate(native, PROMPTS, max_new_tokens=24)
     alone = genkit.generate(native, PROMPTS[1], max_new_tokens=24)
     assert alone.results[0].token_ids == out.results[1].token_ids
+
+
+def test_q8_0_blocks():
+    """Weight-only int8: each weight within half a step of its block's scale, and the kernel's
+    product over the blocks is the product of the weights they decode to."""
+    from genkit.native import kernels
+    from genkit.native.int8 import q8_0_blocks
+
+    torch.manual_seed(0)
+    w = torch.randn(48, 96)
+    w[3, :32] = 0.0  # an all-zero block
+    blocks = q8_0_blocks(w).reshape(48, 3, 34)
+    scale = blocks[:, :, :2].contiguous().view(torch.float16).float()  # (48, 3, 1)
+    codes = blocks[:, :, 2:].contiguous().view(torch.int8).float()
+    decoded = (codes * scale).reshape(48, 96)
+    assert ((w - decoded).abs().reshape(48, 3, 32) <= scale / 2 + 1e-6).all()
+    assert torch.equal(decoded[3, :32], torch.zeros(32))
+    if kernels.available():
+        x = torch.randn(3, 96)
+        y = kernels.gguf_matmul(x, q8_0_blocks(w), "Q8_0", 96)
+        assert ((y - x @ decoded.T).norm() / (x @ decoded.T).norm()).item() < 1e-4
+
+
+@pytest.mark.slow
+def test_native_8bit_close_to_fp32(embedded):
+    import genkit
+    from genkit.native import kernels
+
+    if not kernels.available():
+        pytest.skip("genkit's CPU kernels need AVX2 and a compiler")
+    q8 = genkit.load(native_8bit=True)
+    assert q8.model.mode == "genkit-kernels-q8_0" and q8.info["mode"] == "native-8bit"
+    ids = q8.tokenizer(PROMPTS[0], return_tensors="pt").input_ids
+    ours = q8.model.native_runner(ids, torch.ones_like(ids)).prefill().logits[0, -1]
+    theirs = embedded.model(ids).logits[0, -1].detach()
+    assert ((ours - theirs).norm() / theirs.norm()).item() < 0.02
+    assert ours.argmax() == theirs.argmax()
+    out = genkit.generate(q8, PROMPTS, max_new_tokens=24)
+    alone = genkit.generate(q8, PROMPTS[1], max_new_tokens=24)
+    assert alone.results[0].token_ids == out.results[1].token_ids
+    assert "Paris" in out.results[0].text
+
+
+def test_native_modes_exclude_each_other():
+    from genkit.errors import GenkitError
+
+    with pytest.raises(GenkitError, match="exclude each other"):
+        models.load(None, models.LoadOptions(native_4bit=True, native_8bit=True))
+    with pytest.raises(GenkitError, match="--native-8bit runs on the CPU from float32"):
+        models.load(None, models.LoadOptions(native_8bit=True, dtype="bfloat16"))

@@ -32,6 +32,7 @@ def bench(
     compute_dtype: o.ComputeDtype = None,
     trust_remote_code: o.TrustRemote = False,
     native_4bit: o.Native4 = False,
+    native_8bit: o.Native8 = False,
 ) -> None:
     """Tokens/s, time to first token and memory of genkit and plain transformers generate()."""
     import torch
@@ -46,11 +47,11 @@ def bench(
     if threads:
         torch.set_num_threads(threads)
     opts = o.load_options(dtype, device_map, load_in_4bit, load_in_8bit, quant_type, compute_dtype,
-                          trust_remote_code, native_4bit)
+                          trust_remote_code, native_4bit, native_8bit)
     lm = o.load_model(model, opts)
     reference = None
-    if native_4bit:
-        # transformers cannot run the 4-bit blocks: its baseline is the same GGUF dequantised.
+    if native_4bit or native_8bit:
+        # transformers cannot run genkit's 4-bit / 8-bit blocks: its baseline is the same model in fp32.
         reference = o.load_model(model, o.load_options("auto", None, False, False, "nf4", None, False))
     assistant = o.load_model(assistant_model, o.load_options(dtype, device_map, False, False, "nf4", None, False)) \
         if assistant_model else None
@@ -64,7 +65,7 @@ def bench(
         llama = B.llama_cpp_greedy(gguf, B.STORY, new_tokens, torch.get_num_threads(), rounds)
     device = str(lm.device) if lm.device.type != "cuda" else torch.cuda.get_device_name(lm.device)
     header = {"model": lm.name, "device": device, "threads": torch.get_num_threads(), "dtype": str(getattr(lm.model, "dtype", "")),
-              "native_4bit": native_4bit, "new_tokens": new_tokens, "rounds": rounds}
+              "native_4bit": native_4bit, "native_8bit": native_8bit, "new_tokens": new_tokens, "rounds": rounds}
     if json_out:
         for r in rows:
             print(json.dumps({**header, "scenario": r.scenario, "genkit_tokens_per_s": round(r.genkit_tps, 2),

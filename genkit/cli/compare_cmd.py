@@ -37,6 +37,7 @@ def compare(
     compute_dtype: o.ComputeDtype = None,
     trust_remote_code: o.TrustRemote = False,
     native_4bit: o.Native4 = False,
+    native_8bit: o.Native8 = False,
 ) -> None:
     """Run one prompt through several presets on one loaded model and show the answers side by side."""
     from rich.console import Console
@@ -48,7 +49,7 @@ def compare(
     todo = cmp.variants(names, variant or [], preset, common)
     text = o.prompt_from(prompt)
     opts = o.load_options(dtype, device_map, load_in_4bit, load_in_8bit, quant_type, compute_dtype, trust_remote_code,
-                          native_4bit)
+                          native_4bit, native_8bit)
     out = Console(highlight=False)
     as_json = json_out or not out.is_terminal
     lm = o.load_model(model, opts)

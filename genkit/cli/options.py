@@ -32,6 +32,9 @@ TrustRemote = Annotated[bool, typer.Option(
 Native4 = Annotated[bool, typer.Option(
     "--native-4bit", rich_help_panel=MODEL_PANEL,
     help="Run a GGUF's Q4_0/Q4_1 weights as they are on the CPU (fast; Llama models).")]
+Native8 = Annotated[bool, typer.Option(
+    "--native-8bit", rich_help_panel=MODEL_PANEL,
+    help="Quantise the weights to 8 bits (Q8_0 blocks) and run them with genkit's CPU kernels (Llama models).")]
 
 Preset = Annotated[Optional[str], typer.Option(
     "--preset", "-p", rich_help_panel=GEN_PANEL, help="Preset name or YAML file (`genkit presets list`).")]
@@ -44,13 +47,13 @@ Var = Annotated[Optional[list[str]], typer.Option(
 
 
 def load_options(dtype, device_map, load_in_4bit, load_in_8bit, quant_type, compute_dtype, trust_remote_code,
-                 native_4bit=False):
+                 native_4bit=False, native_8bit=False):
     from genkit.models import LoadOptions
 
     return LoadOptions(
         dtype=dtype, device_map=device_map, load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
         quant_type=quant_type, compute_dtype=compute_dtype, trust_remote_code=trust_remote_code,
-        native_4bit=native_4bit,
+        native_4bit=native_4bit, native_8bit=native_8bit,
     )
 
 

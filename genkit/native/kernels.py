@@ -86,3 +86,15 @@ def dense_matmul(x: torch.Tensor, w: torch.Tensor, norm: torch.Tensor | None = N
 def decode_attention(qkv, cos, sin, k_cache, v_cache, slot: int, first, n_heads: int, n_kv: int) -> torch.Tensor:
     """Rotary embedding, KV-cache write and attention of one new token per row (kernels.cpp)."""
     return _module().decode_attention(qkv, cos, sin, k_cache, v_cache, slot, first, n_heads, n_kv)
+
+
+def dense_kind(w: torch.Tensor) -> int:
+    """The kernels' code for a dense weight: 3 for float32, 4 for bfloat16."""
+    return {torch.float32: 3, torch.bfloat16: 4}[w.dtype]
+
+
+def decode_stack(n_heads: int, n_kv: int, head_dim: int, eps: float):
+    """An empty C++ DecodeStack: add_layer(attn_norm, ffn_norm, qkv, kind, o, kind, gate_up, kind,
+    down, kind) per layer, then forward(x, cos, sin, keys, values, slot, first) runs one decode
+    step through every layer (kernels.cpp)."""
+    return _module().DecodeStack(n_heads, n_kv, head_dim, eps)

@@ -103,6 +103,9 @@ class DecodeLlama:
             # first half folded into sin': four ops for q and k together.
             cos = self.cos[positions].unsqueeze(2)  # (b, n, 1, d)
             sin = self.sin_signed[positions].unsqueeze(2)
+        if fused and not hidden and (stack := self.decode_stack()) is not None:
+            x = self._stack_step(stack, x.view(b, -1), cos_rows, sin_rows, cache, start, first).view(b, 1, -1)
+            return self.head(x, self.norm, self.eps) if logits_for is not None else None
         states = []
         for i, L in enumerate(self.layers):
             if hidden:
@@ -133,6 +136,32 @@ class DecodeLlama:
         return (logits, tuple(states)) if hidden else logits
 
 
+    def decode_stack(self):
+        """genkit's C++ DecodeStack over these layers, built on first use: a decode step's layers
+        in one call instead of five per layer. None where a layer is not one the kernels multiply
+        (torch's int4 fallback) or the kernels are not built."""
+        if "_stack" not in self.__dict__:
+            self._stack = None
+            weights = [[L[name].kernel_weight() if hasattr(L[name], "kernel_weight") else None
+                        for name in ("qkv", "o", "gate_up", "down")] for L in self.layers]
+            if kernels.available() and all(w is not None for ws in weights for w in ws):
+                stack = kernels.decode_stack(self.n_heads, self.n_kv, self.head_dim, self.eps)
+                for L, ws in zip(self.layers, weights):
+                    stack.add_layer(L["attn_norm"].float().contiguous(), L["ffn_norm"].float().contiguous(),
+                                    *[part for w in ws for part in w])
+                self._stack = stack
+        return self._stack
+
+    def _stack_step(self, stack, x, cos_rows, sin_rows, cache, start: int, first) -> torch.Tensor:
+        """Every layer for one new token per row, through the DecodeStack; x is updated in place."""
+        slots = [cache.buffers(i, start) for i in range(self.n_layers)]
+        x = x.contiguous()
+        stack.forward(x, cos_rows, sin_rows, [k for k, _, _ in slots], [v for _, v, _ in slots], slots[0][2], first)
+        for i in range(self.n_layers):
+            cache.advance(i)
+        return x
+
+
 @dataclass
 class DenseLinear:
     """An fp32 (out, in) weight: genkit's kernel for the few rows of a decode step, torch's
@@ -151,6 +180,10 @@ class DenseLinear:
             x = glu_input(x) if glu else x
             y = F.linear(x if norm is None else F.rms_norm(x, (x.shape[-1],), norm, eps), self.weight)
         return y.reshape(*shape[:-1], y.shape[-1])
+
+    def kernel_weight(self):
+        """(weight, kind) as kernels.decode_stack's layers take them."""
+        return self.weight, kernels.dense_kind(self.weight)
 
 
 def glu_input(x: torch.Tensor) -> torch.Tensor:

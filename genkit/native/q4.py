@@ -156,6 +156,10 @@ class GGUFLinear:
         y = kernels.gguf_matmul(x, self.blocks, self.kind, self.in_features, norm, eps, glu)
         return y.reshape(*shape[:-1], self.out_features)
 
+    def kernel_weight(self):
+        """(blocks, kind) as kernels.decode_stack's layers take them."""
+        return self.blocks, kernels.GGUF_KINDS[self.kind]
+
 
 def _rms(x: torch.Tensor, norm: torch.Tensor | None, eps: float) -> torch.Tensor:
     return x if norm is None else F.rms_norm(x, (x.shape[-1],), norm, eps)
