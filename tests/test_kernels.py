@@ -137,12 +137,14 @@ def test_decode_attention_equals_the_torch_path(tiny, monkeypatch):
     assert torch.allclose(logits(True), logits(False), atol=1e-5)
 
 
-def _step_logits(fast, ids, mask, steps):
+def _step_logits(fast, ids, mask, steps, hidden=False):
     runner = fast.native_runner(ids, mask)
     out = [runner.prefill().logits]
     for tok in steps:
-        out.append(runner.step(torch.tensor(tok)).logits)
-    return torch.cat(out, dim=1)
+        step = runner.step(torch.tensor(tok), hidden=hidden)
+        out.append(step.logits)
+        out.extend(step.hidden_states or ())
+    return torch.cat([t.flatten(1) for t in out], dim=1)
 
 
 def test_decode_stack_equals_layer_by_layer(tiny):
@@ -155,10 +157,11 @@ def test_decode_stack_equals_layer_by_layer(tiny):
     mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1] * 6])
     steps = ([[3], [4]], [[21], [22]], [[7], [9]])
     assert fast.decode_stack() is not None
-    stacked = _step_logits(fast, ids, mask, steps)
+    stacked = [_step_logits(fast, ids, mask, steps, hidden) for hidden in (False, True)]
     fast._stack = None  # what decode_stack() gives where a layer is not a kernel's: per-layer calls
     try:
-        assert torch.equal(stacked, _step_logits(fast, ids, mask, steps))
+        for hidden, ours in zip((False, True), stacked):  # hidden states too (DoLa, contrastive)
+            assert torch.equal(ours, _step_logits(fast, ids, mask, steps, hidden))
     finally:
         del fast._stack
 

@@ -469,8 +469,10 @@ class DecodeStack {
     }
 
     // x (B, hidden): the new token's embeddings, updated in place to the last layer's output.
+    // states (n_layers, B, hidden), when given, receives each layer's input (DoLa, contrastive).
     void forward(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, std::vector<torch::Tensor> keys,
-                 std::vector<torch::Tensor> values, int64_t slot, torch::Tensor first) {
+                 std::vector<torch::Tensor> values, int64_t slot, torch::Tensor first,
+                 std::optional<torch::Tensor> states) {
         const int64_t B = x.size(0), hidden = x.size(1), n = static_cast<int64_t>(layers_.size());
         TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2 && n > 0 &&
                         hidden == layers_[0].attn_norm.numel(),
@@ -480,10 +482,15 @@ class DecodeStack {
         check_rotation(cos, sin, first, B, d_);
         const AttentionShape s{B, hq_, hk_, d_, keys[0].size(2)};
         for (int64_t i = 0; i < n; ++i) check_cache(keys[i], values[i], s, slot);
+        TORCH_CHECK(!states || (states->scalar_type() == torch::kFloat32 && states->is_contiguous() &&
+                                states->numel() == n * B * hidden),
+                    "states must be contiguous float32 (n_layers, B, hidden)");
+        float* saved = states ? states->data_ptr<float>() : nullptr;
         std::vector<float> qkv(B * (hq_ + 2 * hk_) * d_), attn(B * hq_ * d_), gate_up(B * layers_[0].gate_up.out);
         float* h = x.data_ptr<float>();
         for (int64_t i = 0; i < n; ++i) {
             const Layer& L = layers_[i];
+            if (saved) std::copy(h, h + B * hidden, saved + i * B * hidden);
             product(h, B, L.qkv, L.attn_norm.data_ptr<float>(), eps_, false, qkv.data(), false);
             attention(s, qkv.data(), cos.data_ptr<float>(), sin.data_ptr<float>(), keys[i].data_ptr<float>(),
                       values[i].data_ptr<float>(), slot, first.data_ptr<int64_t>(), attn.data());
@@ -542,5 +549,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     py::class_<DecodeStack>(m, "DecodeStack")
         .def(py::init<int64_t, int64_t, int64_t, double>())
         .def("add_layer", &DecodeStack::add_layer)
-        .def("forward", &DecodeStack::forward);
+        .def("forward", &DecodeStack::forward, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("keys"),
+             py::arg("values"), py::arg("slot"), py::arg("first"), py::arg("states") = py::none());
 }

@@ -103,9 +103,13 @@ class DecodeLlama:
             # first half folded into sin': four ops for q and k together.
             cos = self.cos[positions].unsqueeze(2)  # (b, n, 1, d)
             sin = self.sin_signed[positions].unsqueeze(2)
-        if fused and not hidden and (stack := self.decode_stack()) is not None:
-            x = self._stack_step(stack, x.view(b, -1), cos_rows, sin_rows, cache, start, first).view(b, 1, -1)
-            return self.head(x, self.norm, self.eps) if logits_for is not None else None
+        if fused and (stack := self.decode_stack()) is not None:
+            states = torch.empty(self.n_layers, b, 1, x.shape[-1]) if hidden else None
+            x = self._stack_step(stack, x.view(b, -1), cos_rows, sin_rows, cache, start, first, states).view(b, 1, -1)
+            logits = self.head(x, self.norm, self.eps) if logits_for is not None else None
+            if not hidden:
+                return logits
+            return logits, (*states.unbind(0), F.rms_norm(x, (x.shape[-1],), self.norm, self.eps))
         states = []
         for i, L in enumerate(self.layers):
             if hidden:
@@ -152,11 +156,13 @@ class DecodeLlama:
                 self._stack = stack
         return self._stack
 
-    def _stack_step(self, stack, x, cos_rows, sin_rows, cache, start: int, first) -> torch.Tensor:
-        """Every layer for one new token per row, through the DecodeStack; x is updated in place."""
+    def _stack_step(self, stack, x, cos_rows, sin_rows, cache, start: int, first, states=None) -> torch.Tensor:
+        """Every layer for one new token per row, through the DecodeStack; x is updated in place
+        (and `states`, when given, receives each layer's input)."""
         slots = [cache.buffers(i, start) for i in range(self.n_layers)]
         x = x.contiguous()
-        stack.forward(x, cos_rows, sin_rows, [k for k, _, _ in slots], [v for _, v, _ in slots], slots[0][2], first)
+        stack.forward(x, cos_rows, sin_rows, [k for k, _, _ in slots], [v for _, v, _ in slots], slots[0][2], first,
+                      states)
         for i in range(self.n_layers):
             cache.advance(i)
         return x
