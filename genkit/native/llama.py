@@ -156,6 +156,13 @@ class DecodeLlama:
                 self._stack = stack
         return self._stack
 
+    def __getstate__(self):
+        """Copies (copy.deepcopy of a model, e.g. to make a draft) rebuild the C++ stack over their
+        own weights on first use: it cannot be pickled, and would point at the original's."""
+        state = dict(self.__dict__)
+        state.pop("_stack", None)
+        return state
+
     def _stack_step(self, stack, x, cos_rows, sin_rows, cache, start: int, first, states=None) -> torch.Tensor:
         """Every layer for one new token per row, through the DecodeStack; x is updated in place
         (and `states`, when given, receives each layer's input)."""
