@@ -377,17 +377,21 @@ def load(model: str | None = None, options: LoadOptions | None = None, progress=
     return lm
 
 
-def _check_native_8bit(opts: LoadOptions) -> None:
+def _refuse_bitsandbytes(opts: LoadOptions, why: str) -> None:
+    """The native modes quantise (or read quantised weights) themselves: no bitsandbytes flag."""
     if quant_flags := [f for f, on in (("--load-in-4bit", opts.load_in_4bit), ("--load-in-8bit", opts.load_in_8bit)) if on]:
-        raise GenkitError(f"--native-8bit quantises the weights itself: drop {quant_flags[0]}")
+        raise GenkitError(f"{why}: drop {quant_flags[0]}")
+
+
+def _check_native_8bit(opts: LoadOptions) -> None:
+    _refuse_bitsandbytes(opts, "--native-8bit quantises the weights itself")
     if opts.device_map not in (None, "cpu") or opts.dtype not in ("auto", "float32", "fp32"):
         raise GenkitError("--native-8bit runs on the CPU from float32 weights: drop --device-map / --dtype")
 
 
 def _load_native(model, name, source, location, opts, progress) -> LoadedModel:
     """The native 4-bit mode: GGUF Q4 blocks multiplied as they are, on the CPU."""
-    if quant_flags := [f for f, on in (("--load-in-4bit", opts.load_in_4bit), ("--load-in-8bit", opts.load_in_8bit)) if on]:
-        raise GenkitError(f"--native-4bit already runs 4-bit weights: drop {quant_flags[0]}")
+    _refuse_bitsandbytes(opts, "--native-4bit already runs 4-bit weights")
     if opts.device_map not in (None, "cpu") or opts.dtype not in ("auto", "bfloat16", "bf16"):
         raise GenkitError("--native-4bit runs on the CPU and picks its own dtypes: drop --device-map / --dtype")
     gguf = default_gguf_path() if not model else Path(model).expanduser()

@@ -75,17 +75,16 @@ class DecodeLlama:
     def forward_transformers(self, input_ids, attention_mask, position_ids, cache, logits_to_keep: int = 1):
         """The forward pass with transformers' calling convention, for callers that manage a
         transformers Cache themselves (continuous batching): logits of the last positions."""
-        n, end = input_ids.shape[1], attention_mask.shape[1]
-        first = (attention_mask == 0).sum(-1)  # padding sits at the left of each row
-        return self.forward(input_ids, position_ids, TransformersKV(cache), end - n,
-                            attention_mask_4d(attention_mask, n), logits_to_keep, first=first)
+        start = attention_mask.shape[1] - input_ids.shape[1]
+        return self.forward(input_ids, position_ids, TransformersKV(cache), start, attention_mask, logits_to_keep)
 
-    def forward(self, tokens, positions, cache: "StaticKV", start: int, mask, logits_for: int, hidden: bool = False,
-                first: torch.Tensor | None = None):
+    def forward(self, tokens, positions, cache: "StaticKV", start: int, attention_mask, logits_for: int,
+                hidden: bool = False):
         """Logits (float32) of the last `logits_for` positions (0: all, None: none) after feeding `tokens`
-        (batch, n) at cache slots start..start+n; `mask` is the boolean attention mask
-        (batch, 1, n, start+n). With `hidden`, also the hidden states as transformers gives
-        them: the embeddings, each layer's output, and the last one after the final norm."""
+        (batch, n) at cache slots start..start+n; `attention_mask` (batch, start+n) holds 1 for real
+        tokens and 0 for each row's left padding. With `hidden`, also the hidden states as
+        transformers gives them: the embeddings, each layer's output, and the last one after the
+        final norm."""
         b, n = tokens.shape
         # Everything outside the products stays in fp32: on these CPUs small fp32 ops run 2-3x
         # faster than bf16 ones.
@@ -94,11 +93,12 @@ class DecodeLlama:
         half, end = d // 2, start + n
         # One new token per row over genkit's cache: rotary embedding, cache write and attention
         # in one kernel call (`first`: each row's first real slot, after its left padding).
-        fused = n == 1 and cache.fusable() and (mask is None or first is not None) and kernels.available()
+        fused = n == 1 and cache.fusable() and kernels.available()
         if fused:
-            first = first if first is not None else torch.zeros(b, dtype=torch.long)
+            first = (attention_mask == 0).sum(-1)
             cos_rows, sin_rows = self.cos[positions[:, 0]], self.sin_signed[positions[:, 0]]
         else:
+            mask = attention_mask_4d(attention_mask, n)
             # Rotary embedding as x * cos + roll(x, half) * sin', with the sign of the rotation's
             # first half folded into sin': four ops for q and k together.
             cos = self.cos[positions].unsqueeze(2)  # (b, n, 1, d)
@@ -177,21 +177,15 @@ class DecodeLlama:
 
 @dataclass
 class DenseLinear:
-    """An fp32 (out, in) weight: genkit's kernel for the few rows of a decode step, torch's
-    product (MKL) for prompts, where it is compute-bound and faster."""
+    """An fp32 (out, in) weight, multiplied by genkit's kernels (which hand prompts' many rows
+    to torch's product, faster there)."""
 
     weight: torch.Tensor
-    max_kernel_rows: int = 24  # measured: beyond about 24 rows MKL is faster
 
     def __call__(self, x: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0,
                  glu: bool = False) -> torch.Tensor:
         shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        if x.shape[0] <= self.max_kernel_rows:
-            y = kernels.dense_matmul(x.contiguous(), self.weight, norm, eps, glu)
-        else:
-            x = glu_input(x) if glu else x
-            y = F.linear(x if norm is None else F.rms_norm(x, (x.shape[-1],), norm, eps), self.weight)
+        y = kernels.dense_matmul(x.reshape(-1, shape[-1]).contiguous(), self.weight, norm, eps, glu)
         return y.reshape(*shape[:-1], y.shape[-1])
 
     def kernel_weight(self):

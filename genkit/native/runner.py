@@ -1,4 +1,5 @@
-"""The engine's Runner interface over the native 4-bit model (genkit/native/q4.py).
+"""The engine's Runner interface over genkit's own decoder (genkit/native/llama.py: the fast
+fp32 path, --native-4bit, --native-8bit).
 
 Same contract as genkit.engine.runner.Runner: prefill, step, select, crop. Left padding is
 handled with a boolean attention mask; the KV cache is preallocated and grows by doubling.
@@ -11,7 +12,7 @@ import copy
 import torch
 
 from genkit.engine.runner import StepOutput
-from genkit.native.llama import DecodeLlama, StaticKV, attention_mask_4d
+from genkit.native.llama import DecodeLlama, StaticKV
 
 
 class NativeRunner:
@@ -22,7 +23,6 @@ class NativeRunner:
         self.attention_mask = attention_mask
         pos = attention_mask.long().cumsum(-1) - 1
         self.positions = pos.masked_fill(attention_mask == 0, 0)
-        self.padded = bool((attention_mask == 0).any())
         self.cache = StaticKV(model, input_ids.shape[0], max(64, 2 * input_ids.shape[1]))
         self.filled = 0  # cache slots in use
 
@@ -43,18 +43,11 @@ class NativeRunner:
         self.cache.v = [pad(t) for t in self.cache.v]
         self.cache.capacity += grow
 
-    def _mask(self, start: int, n: int):
-        if n == 1 and not self.padded:
-            return None  # one new token that may see everything before it
-        return attention_mask_4d(self.attention_mask[:, :start + n], n)
-
     def _run(self, tokens, positions, n, keep, hidden, logits=True):
         start = self.filled
         self._ensure(start + n)
-        # Padding only ever sits at the left of a row: its first real slot is its count of zeros.
-        first = (self.attention_mask == 0).sum(-1) if self.padded else None
         keep = keep if logits else None  # None: no head product (the caller uses hidden states)
-        out = self.model.forward(tokens, positions, self.cache, start, self._mask(start, n), keep, hidden, first)
+        out = self.model.forward(tokens, positions, self.cache, start, self.attention_mask[:, :start + n], keep, hidden)
         self.filled = start + n
         return StepOutput(*out) if hidden else StepOutput(out)
 
@@ -84,7 +77,6 @@ class NativeRunner:
             self.cache.select(index)
         self.attention_mask = self.attention_mask.index_select(0, index)
         self.positions = self.positions.index_select(0, index)
-        self.padded = bool((self.attention_mask == 0).any())
 
     def repeat_interleave(self, n: int) -> None:
         """Each row n times, for one step over candidates (contrastive search). The expanded
