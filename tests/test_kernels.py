@@ -171,3 +171,29 @@ def test_bf16_dense_product(rows):
     w = torch.randn(64, 576).to(torch.bfloat16)
     x = torch.randn(rows, 576)
     assert _rel(kernels.dense_matmul(x, w), F.linear(x, w.float())) < (1e-6 if rows <= 24 else 1e-2)
+
+
+def test_candidate_steps_keep_the_winners_cache(tiny):
+    """Contrastive search's cache bookkeeping: rows expanded k times, one candidate kept per row,
+    again and again (past the cache's first capacity), then a plain step. Every logit equals
+    that of a runner fed only the winners."""
+    from genkit.engine.runner import fast_decoder
+
+    fast = fast_decoder(tiny.model)
+    ids = torch.tensor([[0, 0, 0, 5, 6, 7], [8, 9, 10, 11, 12, 13]])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1] * 6])
+    k, gen = 3, torch.Generator().manual_seed(0)
+    runner, reference = fast.native_runner(ids, mask), fast.native_runner(ids, mask)
+    runner.prefill(), reference.prefill()
+    for _ in range(70):  # capacity starts at 64 slots
+        candidates = torch.randint(20, 400, (2 * k, 1), generator=gen)
+        runner.repeat_interleave(k)
+        out = runner.step(candidates).logits
+        choice = torch.randint(0, k, (2,), generator=gen)
+        winners = torch.arange(2) * k + choice
+        runner.select(winners)
+        expected = reference.step(candidates[winners]).logits
+        assert torch.allclose(out[winners], expected, atol=1e-5)
+    plain = torch.tensor([[30], [31]])
+    assert torch.allclose(runner.step(plain).logits, reference.step(plain).logits, atol=1e-5)
+    assert runner.cache.keys.shape[1] == 2  # back to one cache row per row

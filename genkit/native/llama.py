@@ -296,13 +296,19 @@ class TransformersKV:
 
 
 class StaticKV:
-    """Preallocated keys and values: (batch, kv_heads, capacity, head_dim) per layer."""
+    """Preallocated keys and values. All layers live in one tensor each,
+    (layers, batch, kv_heads, capacity, head_dim), so reordering rows (beam search, contrastive
+    candidates) is one copy for the whole cache, not one per layer; `k` and `v` hold each
+    layer's (batch, kv_heads, capacity, head_dim) view, which the kernels write in place."""
 
     def __init__(self, model: DecodeLlama, batch: int, capacity: int):
-        shape = (batch, model.n_kv, capacity, model.head_dim)
-        self.k = [torch.zeros(shape, dtype=torch.float32) for _ in range(model.n_layers)]
-        self.v = [torch.zeros(shape, dtype=torch.float32) for _ in range(model.n_layers)]
-        self.capacity = capacity
+        shape = (model.n_layers, batch, model.n_kv, capacity, model.head_dim)
+        self._set(torch.zeros(shape, dtype=torch.float32), torch.zeros(shape, dtype=torch.float32))
+
+    def _set(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys, self.values = keys, values
+        self.k, self.v = list(keys.unbind(0)), list(values.unbind(0))
+        self.capacity = keys.shape[3]
 
     def fusable(self) -> bool:
         return True
@@ -320,10 +326,18 @@ class StaticKV:
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
-    def select(self, index: torch.Tensor, capacity: int | None = None) -> None:
-        """Keep rows `index` (repeats allowed); with `capacity`, only that many slots."""
-        cut = lambda t: t if capacity is None else t[:, :, :capacity]
-        self.k = [cut(t).index_select(0, index) for t in self.k]
-        self.v = [cut(t).index_select(0, index) for t in self.v]
-        if capacity is not None:
-            self.capacity = capacity
+    def grow(self, capacity: int) -> None:
+        """Room for `capacity` slots; what is filled stays."""
+        more = capacity - self.capacity
+        if more > 0:
+            pad = lambda t: torch.cat([t, t.new_zeros(*t.shape[:3], more, t.shape[4])], dim=3)
+            self._set(pad(self.keys), pad(self.values))
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (repeats allowed)."""
+        self._set(self.keys.index_select(1, index), self.values.index_select(1, index))
+
+    def copy_slot(self, slot: int, source: torch.Tensor) -> None:
+        """Row r's entries at `slot` become those of row source[r], in every layer."""
+        for t in (self.keys, self.values):
+            t[:, :, :, slot] = t[:, source, :, slot]

@@ -7,8 +7,6 @@ handled with a boolean attention mask; the KV cache is preallocated and grows by
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from genkit.engine.runner import StepOutput
@@ -25,6 +23,10 @@ class NativeRunner:
         self.positions = pos.masked_fill(attention_mask == 0, 0)
         self.cache = StaticKV(model, input_ids.shape[0], max(64, 2 * input_ids.shape[1]))
         self.filled = 0  # cache slots in use
+        # Contrastive search: `candidates` is n while the rows stand expanded n times for one
+        # step; `mirrored` is n while each row still owns n identical cache rows after it.
+        self.candidates: int | None = None
+        self.mirrored: int | None = None
 
     @property
     def batch_size(self) -> int:
@@ -35,13 +37,8 @@ class NativeRunner:
         return self.attention_mask.shape[1]
 
     def _ensure(self, end: int) -> None:
-        if end <= self.cache.capacity:
-            return
-        grow = max(end, 2 * self.cache.capacity) - self.cache.capacity
-        pad = lambda t: torch.cat([t, t.new_zeros(t.shape[0], t.shape[1], grow, t.shape[3])], dim=2)
-        self.cache.k = [pad(t) for t in self.cache.k]
-        self.cache.v = [pad(t) for t in self.cache.v]
-        self.cache.capacity += grow
+        if end > self.cache.capacity:
+            self.cache.grow(max(end, 2 * self.cache.capacity))
 
     def _run(self, tokens, positions, n, keep, hidden, logits=True):
         start = self.filled
@@ -56,6 +53,7 @@ class NativeRunner:
         return self._run(self.prompt, self.positions, n, 0 if all_logits else 1, hidden, logits)
 
     def step(self, tokens: torch.Tensor, hidden: bool = False, logits: bool = True) -> StepOutput:
+        self._collapse()
         n = tokens.shape[1]
         new_pos = self.positions[:, -1:] + torch.arange(1, n + 1, device=self.device)
         self.positions = torch.cat([self.positions, new_pos], dim=-1)
@@ -64,37 +62,37 @@ class NativeRunner:
         return self._run(tokens, new_pos, n, n, hidden, logits)
 
     def select(self, index: torch.Tensor) -> None:
-        expanded = self.__dict__.pop("_expanded_from", None)
-        if expanded is not None and self._one_per_group(index, expanded):
-            # Contrastive search keeps one of each row's k candidates: its cache is the row's
-            # cache before the expansion plus the slots written since, so write just those.
-            cache, filled, _ = expanded
-            for old, new in ((cache.k, self.cache.k), (cache.v, self.cache.v)):
-                for layer in range(len(old)):
-                    old[layer][:, :, filled:self.filled] = new[layer][index, :, filled:self.filled]
-            self.cache = cache
+        n, self.candidates = self.candidates, None
+        if n is not None and self._one_per_group(index, n):
+            # Contrastive search keeps one of each row's n candidates. Every candidate row holds
+            # the same context, so copying the winner's newest slot to its siblings leaves the
+            # expanded cache ready for the next step's candidates: no per-step copy of the cache.
+            self.cache.copy_slot(self.filled - 1, index.repeat_interleave(n))
+            self.mirrored = n
         else:
+            self._collapse()
             self.cache.select(index)
         self.attention_mask = self.attention_mask.index_select(0, index)
         self.positions = self.positions.index_select(0, index)
 
     def repeat_interleave(self, n: int) -> None:
-        """Each row n times, for one step over candidates (contrastive search). The expanded
-        cache holds only the filled slots plus one; the original is kept for `select`."""
-        self._ensure(self.filled + 1)
-        original, rows = self.cache, self.batch_size
-        index = torch.arange(rows, device=self.device).repeat_interleave(n)
-        self.cache = copy.copy(original)
-        self.cache.select(index, capacity=self.filled + 1)
-        self._expanded_from = (original, self.filled, n)
+        """Each row n times, for one step over candidates (contrastive search, beam search)."""
+        index = torch.arange(self.batch_size, device=self.device).repeat_interleave(n)
+        if self.mirrored != n:
+            self._collapse()
+            self.cache.select(index)
+        self.mirrored, self.candidates = None, n
         self.attention_mask = self.attention_mask.index_select(0, index)
         self.positions = self.positions.index_select(0, index)
 
-    def _one_per_group(self, index: torch.Tensor, expanded) -> bool:
-        original, _, n = expanded
-        rows = original.k[0].shape[0]
-        if self.filled > original.capacity:
-            return False
+    def _collapse(self) -> None:
+        """Back to one cache row per row after contrastive steps left each row n times."""
+        n, self.mirrored = self.mirrored, None
+        if n is not None:
+            self.cache.select(torch.arange(self.batch_size, device=self.device) * n)
+
+    def _one_per_group(self, index: torch.Tensor, n: int) -> bool:
+        rows = self.batch_size // n
         groups = torch.arange(rows, device=index.device)
         return index.numel() == rows and bool((index.div(n, rounding_mode="floor") == groups).all())
 
