@@ -171,10 +171,16 @@ def main() -> None:
                           pad_token_id=tok.pad_token_id)
 
     results = {}
-    results["genkit batch"] = run_genkit(lm, prompts, args.new_tokens, args.batch_size, args.max_batch_tokens)
+
+    def measure(name, run, *run_args):
+        results[name] = run(lm, *run_args)
+        seconds, _, tokens = results[name]
+        print(f"  {name}: {seconds:.1f} s, {tokens / seconds:.1f} tokens/s", file=sys.stderr, flush=True)
+
+    measure("genkit batch", run_genkit, prompts, args.new_tokens, args.batch_size, args.max_batch_tokens)
     if not args.skip_loop:
-        results["generate() loop"] = run_loop(lm, encoded[::args.loop_every], args.new_tokens, eos)
-    results[f"generate() padded x{args.hf_batch}"] = run_padded(lm, encoded, args.new_tokens, eos, args.hf_batch)
+        measure("generate() loop", run_loop, encoded[::args.loop_every], args.new_tokens, eos)
+    measure(f"generate() padded x{args.hf_batch}", run_padded, encoded, args.new_tokens, eos, args.hf_batch)
     report(results, args)
 
 

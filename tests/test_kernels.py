@@ -63,8 +63,10 @@ def test_fused_rms_norm(gguf):
     assert _rel(layer(x, norm, 1e-5), ref) < 1e-4
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5])
-@pytest.mark.parametrize("shape", [(64, 576), (37, 45)])  # odd sizes take the scalar tails
+# 1-12 rows: one weight row streamed; 13-128: register tiles of 3 rows x 4 weight rows (the
+# row and column counts here leave every kind of partial tile); 130: torch's product.
+@pytest.mark.parametrize("rows", [1, 2, 5, 13, 31, 64, 130])
+@pytest.mark.parametrize("shape", [(64, 576), (37, 45), (39, 40)])  # odd sizes take the scalar tails
 def test_dense_product(rows, shape):
     w = torch.randn(*shape)
     x = torch.randn(rows, shape[1])
@@ -166,11 +168,11 @@ def test_decode_stack_equals_layer_by_layer(tiny):
         del fast._stack
 
 
-@pytest.mark.parametrize("rows", [1, 5, 30])  # 30: beyond the kernel's rows, torch's product
+@pytest.mark.parametrize("rows", [1, 5, 30, 200])  # 200: beyond the kernels' rows, torch's bf16 product
 def test_bf16_dense_product(rows):
     w = torch.randn(64, 576).to(torch.bfloat16)
     x = torch.randn(rows, 576)
-    assert _rel(kernels.dense_matmul(x, w), F.linear(x, w.float())) < (1e-6 if rows <= 24 else 1e-2)
+    assert _rel(kernels.dense_matmul(x, w), F.linear(x, w.float())) < (1e-6 if rows <= 128 else 1e-2)
 
 
 def test_candidate_steps_keep_the_winners_cache(tiny):
@@ -197,3 +199,29 @@ def test_candidate_steps_keep_the_winners_cache(tiny):
     plain = torch.tensor([[30], [31]])
     assert torch.allclose(runner.step(plain).logits, reference.step(plain).logits, atol=1e-5)
     assert runner.cache.keys.shape[1] == 2  # back to one cache row per row
+
+
+@pytest.mark.parametrize("d", [12, 64, 96, 128])  # 12: the scalar path; 96: 64 + 32 lanes
+@pytest.mark.parametrize("slot", [0, 7, 8, 70])
+def test_decode_attention_kernel(d, slot):
+    """Rotary embedding, cache write and attention of one token per row against torch, for
+    head sizes and context lengths on and off the kernel's blocks of 8, with left padding."""
+    B, hq, hk, cap = 3, 6, 2, 80
+    gen = torch.Generator().manual_seed(d + slot)
+    qkv = torch.randn(B, (hq + 2 * hk) * d, generator=gen)
+    cos, sin = torch.randn(B, d, generator=gen), torch.randn(B, d, generator=gen)
+    k, v = torch.randn(B, hk, cap, d, generator=gen), torch.randn(B, hk, cap, d, generator=gen)
+    first = torch.tensor([0, min(slot, 3), slot])
+    k_ref, v_ref = k.clone(), v.clone()
+    out = kernels.decode_attention(qkv, cos, sin, k, v, slot, first, hq, hk)
+
+    rot = lambda x: x * cos[:, None] + x.roll(d // 2, dims=-1) * sin[:, None]
+    parts = qkv.view(B, hq + 2 * hk, d)
+    q, k_ref[:, :, slot], v_ref[:, :, slot] = rot(parts[:, :hq]), rot(parts[:, hq:hq + hk]), parts[:, hq + hk:]
+    assert torch.allclose(k, k_ref, atol=1e-6) and torch.equal(v, v_ref)  # only slot `slot` written
+    keys = k_ref[:, :, : slot + 1].repeat_interleave(hq // hk, dim=1)
+    values = v_ref[:, :, : slot + 1].repeat_interleave(hq // hk, dim=1)
+    scores = torch.einsum("bhd,bhtd->bht", q, keys) / d**0.5
+    scores = scores.masked_fill(torch.arange(slot + 1)[None, None] < first[:, None, None], float("-inf"))
+    expected = torch.einsum("bht,bhtd->bhd", scores.softmax(-1), values).reshape(B, hq * d)
+    assert torch.allclose(out, expected, atol=1e-5, rtol=1e-4)
