@@ -287,7 +287,7 @@ void dense_rows(const float* x, const W* w, float* y, int64_t M, int64_t I, int6
 // (dense_row's one weight row needs about one load per FMA).
 template <int MR, int OR, typename W>
 inline void dense_tile(const float* x, int64_t m0, const W* w, int64_t o0, int64_t I, float* y, int64_t O,
-                       bool add) {
+                       bool add, const W* prefetch = nullptr) {
     __m256 acc[MR][OR];
     for (int m = 0; m < MR; ++m)
         for (int o = 0; o < OR; ++o) acc[m][o] = _mm256_setzero_ps();
@@ -295,6 +295,8 @@ inline void dense_tile(const float* x, int64_t m0, const W* w, int64_t o0, int64
     for (; i + 8 <= I; i += 8) {
         __m256 wv[OR];
         for (int o = 0; o < OR; ++o) wv[o] = load8(w + (o0 + o) * I + i);
+        if (prefetch && i % 16 == 0)  // one 64-byte line of each next weight row per 16 floats
+            for (int o = 0; o < OR; ++o) _mm_prefetch(reinterpret_cast<const char*>(prefetch + o * I + i), _MM_HINT_T0);
         for (int m = 0; m < MR; ++m) {
             const __m256 xv = _mm256_loadu_ps(x + (m0 + m) * I + i);
             for (int o = 0; o < OR; ++o) acc[m][o] = _mm256_fmadd_ps(xv, wv[o], acc[m][o]);
@@ -327,7 +329,9 @@ inline void dense_tile_rest(int64_t rest, const float* x, int64_t m, const W* w,
 template <int OR, typename W>
 inline void dense_tiles(const float* x, int64_t M, const W* w, int64_t o0, int64_t I, float* y, int64_t O, bool add) {
     int64_t m = 0;
-    for (; m + kTileM <= M; m += kTileM) dense_tile<kTileM, OR>(x, m, w, o0, I, y, O, add);
+    // The first tile asks for the next weight rows, so they arrive while these are multiplied.
+    for (; m + kTileM <= M; m += kTileM)
+        dense_tile<kTileM, OR>(x, m, w, o0, I, y, O, add, m ? nullptr : w + (o0 + OR) * I);
     dense_tile_rest<kTileM - 1, OR>(M - m, x, m, w, o0, I, y, O, add);
 }
 
