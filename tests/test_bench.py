@@ -6,16 +6,18 @@ from conftest import run_cli
 
 
 def test_bench_json_reports_both_engines(tiny_dir):
-    r = run_cli("bench", "--model", str(tiny_dir), "--only", "greedy-b1,greedy-b8,contrastive",
+    r = run_cli("bench", "--model", str(tiny_dir), "--only", "greedy-b1,greedy-b8,prompt-lookup,contrastive",
                 "--rounds", "1", "--new-tokens", "4", "--json")
     assert r.returncode == 0, r.stderr
     rows = {x["scenario"]: x for x in map(json.loads, r.stdout.splitlines())}
-    assert set(rows) == {"greedy-b1", "greedy-b8", "contrastive"}
-    for name in ("greedy-b1", "greedy-b8"):
+    assert set(rows) == {"greedy-b1", "greedy-b8", "prompt-lookup", "contrastive"}
+    for name in ("greedy-b1", "greedy-b8", "prompt-lookup"):
         assert rows[name]["same_tokens"] is True
         assert rows[name]["genkit_tokens_per_s"] > 0 and rows[name]["transformers_tokens_per_s"] > 0
     assert rows["contrastive"]["transformers_tokens_per_s"] is None
     assert rows["contrastive"]["step_cost_vs_greedy"] > 0
+    # compared with genkit's greedy on the same prompt, in the same rounds
+    assert rows["prompt-lookup"]["speedup_vs_greedy"] > 0 and "step_cost_vs_greedy" not in rows["prompt-lookup"]
 
 
 def test_bench_rejects_unknown_scenario_before_loading(genkit_home):
