@@ -22,12 +22,23 @@
 #include <cmath>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
 constexpr int64_t kGroup = 32;
 constexpr int kRowsAtOnce = 4;  // activation rows sharing one read of a weight block
+
+// Calls f(std::integral_constant<int, k>{}) for the k in 1..N equal to n: a run-time count (the
+// rows or lanes left over) turned into the compile-time one that register tiles need. n = 0: nothing.
+template <int N, typename F>
+inline void with_count(int64_t n, F&& f) {
+    if constexpr (N > 0) {
+        if (n == N) f(std::integral_constant<int, N>{});
+        else with_count<N - 1>(n, f);
+    }
+}
 
 inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -214,11 +225,7 @@ void gguf_rows(const QuantizedRows& xq, const uint8_t* w, float* y, int64_t M, i
         const uint8_t* row = w + o * row_bytes;
         int64_t m0 = 0;
         for (; m0 + 4 <= M; m0 += 4) gguf_row<F, 4>(xq, m0, row, blocks, y + o, O, add);
-        switch (M - m0) {
-            case 3: gguf_row<F, 3>(xq, m0, row, blocks, y + o, O, add); break;
-            case 2: gguf_row<F, 2>(xq, m0, row, blocks, y + o, O, add); break;
-            case 1: gguf_row<F, 1>(xq, m0, row, blocks, y + o, O, add); break;
-        }
+        with_count<3>(M - m0, [&](auto r) { gguf_row<F, decltype(r)::value>(xq, m0, row, blocks, y + o, O, add); });
     }
 }
 
@@ -273,11 +280,7 @@ void dense_rows(const float* x, const W* w, float* y, int64_t M, int64_t I, int6
         const W* row = w + o * I;
         int64_t m0 = 0;
         for (; m0 + 4 <= M; m0 += 4) dense_row<4>(x, m0, row, I, y + o, O, add);
-        switch (M - m0) {
-            case 3: dense_row<3>(x, m0, row, I, y + o, O, add); break;
-            case 2: dense_row<2>(x, m0, row, I, y + o, O, add); break;
-            case 1: dense_row<1>(x, m0, row, I, y + o, O, add); break;
-        }
+        with_count<3>(M - m0, [&](auto r) { dense_row<decltype(r)::value>(x, m0, row, I, y + o, O, add); });
     }
 }
 
@@ -315,16 +318,6 @@ inline void dense_tile(const float* x, int64_t m0, const W* w, int64_t o0, int64
 // 12 accumulators, 4 weight vectors and one activation vector fill the 16 registers.
 constexpr int kTileM = 3, kTileO = 4;
 
-// The last rows (fewer than a tile's): a tile of exactly that many.
-template <int MR, int OR, typename W>
-inline void dense_tile_rest(int64_t rest, const float* x, int64_t m, const W* w, int64_t o0, int64_t I, float* y,
-                            int64_t O, bool add) {
-    if constexpr (MR > 0) {
-        if (rest == MR) dense_tile<MR, OR>(x, m, w, o0, I, y, O, add);
-        else dense_tile_rest<MR - 1, OR>(rest, x, m, w, o0, I, y, O, add);
-    }
-}
-
 // Weight rows o0 .. o0 + OR against every activation row, kTileM at a time.
 template <int OR, typename W>
 inline void dense_tiles(const float* x, int64_t M, const W* w, int64_t o0, int64_t I, float* y, int64_t O, bool add) {
@@ -332,16 +325,7 @@ inline void dense_tiles(const float* x, int64_t M, const W* w, int64_t o0, int64
     // The first tile asks for the next weight rows, so they arrive while these are multiplied.
     for (; m + kTileM <= M; m += kTileM)
         dense_tile<kTileM, OR>(x, m, w, o0, I, y, O, add, m ? nullptr : w + (o0 + OR) * I);
-    dense_tile_rest<kTileM - 1, OR>(M - m, x, m, w, o0, I, y, O, add);
-}
-
-template <int OR, typename W>
-inline void dense_cols_rest(int64_t rest, const float* x, int64_t M, const W* w, int64_t o, int64_t I, float* y,
-                            int64_t O, bool add) {
-    if constexpr (OR > 0) {
-        if (rest == OR) dense_tiles<OR>(x, M, w, o, I, y, O, add);
-        else dense_cols_rest<OR - 1>(rest, x, M, w, o, I, y, O, add);
-    }
+    with_count<kTileM - 1>(M - m, [&](auto r) { dense_tile<decltype(r)::value, OR>(x, m, w, o0, I, y, O, add); });
 }
 
 template <typename W>
@@ -349,7 +333,7 @@ void dense_block(const float* x, const W* w, float* y, int64_t M, int64_t I, int
                  int64_t o_end, bool add) {
     int64_t o = o_begin;
     for (; o + kTileO <= o_end; o += kTileO) dense_tiles<kTileO>(x, M, w, o, I, y, O, add);
-    dense_cols_rest<kTileO - 1>(o_end - o, x, M, w, o, I, y, O, add);
+    with_count<kTileO - 1>(o_end - o, [&](auto c) { dense_tiles<decltype(c)::value>(x, M, w, o, I, y, O, add); });
 }
 
 // A grain of 16 output rows keeps threads busy on the small (192-row) products too.
@@ -513,15 +497,7 @@ void attend(const float* q, const float* keys, const float* values, int64_t n, i
     int64_t c = 0;
     if (wide) {
         for (; c + 64 <= d; c += 64) weighted_sum<8>(p, values + c, n, d, out + c);
-        switch ((d - c) / 8) {
-            case 7: weighted_sum<7>(p, values + c, n, d, out + c); break;
-            case 6: weighted_sum<6>(p, values + c, n, d, out + c); break;
-            case 5: weighted_sum<5>(p, values + c, n, d, out + c); break;
-            case 4: weighted_sum<4>(p, values + c, n, d, out + c); break;
-            case 3: weighted_sum<3>(p, values + c, n, d, out + c); break;
-            case 2: weighted_sum<2>(p, values + c, n, d, out + c); break;
-            case 1: weighted_sum<1>(p, values + c, n, d, out + c); break;
-        }
+        with_count<7>((d - c) / 8, [&](auto nv) { weighted_sum<decltype(nv)::value>(p, values + c, n, d, out + c); });
         return;
     }
     std::fill(out, out + d, 0.0f);
