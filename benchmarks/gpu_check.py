@@ -8,13 +8,15 @@ to the GPU machines lent here, and speed and parity do not depend on the weights
 
 It checks, on the GPU: `--device-map cuda` / `auto`, bfloat16 and float16, 4-bit (nf4, fp4) and
 8-bit bitsandbytes loading, token-for-token greedy parity with transformers' generate() on the
-same GPU, and prints batch-1 greedy tokens/s of genkit and of plain generate() side by side.
+same GPU (genkit's static cache with CUDA graphs, the same without graphs, and the dynamic
+cache), and prints batch-1 greedy tokens/s of each beside plain generate(), alternating.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -41,45 +43,80 @@ def cli(*args: str) -> dict:
     return {"tokens": rec["usage"]["completion_tokens"], "tokens_per_s": rec["timings"]["tokens_per_s"]}
 
 
-def speed(lm, n_new: int, runs: int = 3) -> dict:
-    """Batch-1 greedy tokens/s: genkit's engine and plain generate(), alternating."""
+# genkit's runners on a GPU: the environment switches genkit.engine.static_runner reads.
+VARIANTS = {
+    "genkit": {},  # static cache, each decode step one CUDA graph replay
+    "genkit_no_graphs": {"GENKIT_CUDA_GRAPHS": "0"},  # static cache, eager steps
+    "genkit_dynamic": {"GENKIT_STATIC": "0"},  # transformers' DynamicCache, as before
+}
+
+
+def _with_env(env: dict, fn):
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return fn()
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def _timed(fn) -> tuple[float, list]:
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    ids = fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t, ids
+
+
+def speed(lm, n_new: int, runs: int = 3, batch: int = 1) -> dict:
+    """Greedy tokens/s of genkit's runners and plain generate(), alternating in each round."""
     import genkit
     from genkit import prompts
 
-    text = "Write a long story about a lighthouse keeper."
-    ids, mask, _ = prompts.encode(lm, [text], templated=False, max_new_tokens=n_new)
-    out = {"genkit": [], "transformers": []}
+    texts = [f"Write a long story about a lighthouse keeper. Chapter {i}." for i in range(batch)]
+    ids, mask, _ = prompts.encode(lm, texts, templated=False, max_new_tokens=n_new)
+    eos = lm.tokenizer.eos_token_id
+    out = {name: [] for name in [*VARIANTS, "transformers"]}
     for _ in range(runs):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        res = genkit.generate(lm, text, raw=True, max_new_tokens=n_new, suppress_tokens=[lm.tokenizer.eos_token_id])
-        torch.cuda.synchronize()
-        out["genkit"].append(len(res.results[0].token_ids) / (time.perf_counter() - t))
-        t = time.perf_counter()
-        with torch.inference_mode():
-            g = lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new, do_sample=False,
-                                  suppress_tokens=[lm.tokenizer.eos_token_id], pad_token_id=lm.tokenizer.pad_token_id)
-        torch.cuda.synchronize()
-        out["transformers"].append((g.shape[1] - ids.shape[1]) / (time.perf_counter() - t))
+        for name, env in VARIANTS.items():
+            run = lambda: [r.token_ids for r in genkit.generate(
+                lm, texts, raw=True, max_new_tokens=n_new, suppress_tokens=[eos]).results]
+            elapsed, _ = _with_env(env, lambda: _timed(run))
+            out[name].append(batch * n_new / elapsed)
+
+        def plain():
+            with torch.inference_mode():
+                return lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new, do_sample=False,
+                                         suppress_tokens=[eos], pad_token_id=lm.tokenizer.pad_token_id)
+
+        elapsed, _ = _timed(plain)
+        out["transformers"].append(batch * n_new / elapsed)
     best = {k: round(max(v), 1) for k, v in out.items()}
-    best["ratio"] = round(best["genkit"] / best["transformers"], 2)
+    for name in VARIANTS:
+        best[f"{name}_ratio"] = round(best[name] / best["transformers"], 2)
     return best
 
 
-def parity(lm) -> bool:
+def parity(lm, n_new: int = 64) -> dict:
+    """Greedy ids of each genkit runner against generate() on the same GPU (padded batch of 2)."""
     import genkit
     from genkit import prompts
 
     texts = ["The capital of France is", "Once upon a time, in a land far away, there lived"]
-    ours = genkit.generate(lm, texts, raw=True, max_new_tokens=24)
-    ids, mask, _ = prompts.encode(lm, texts, templated=False, max_new_tokens=24)
+    ids, mask, _ = prompts.encode(lm, texts, templated=False, max_new_tokens=n_new)
     with torch.inference_mode():
-        g = lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
+        g = lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new, do_sample=False,
                               pad_token_id=lm.tokenizer.pad_token_id)
-    theirs = g[:, ids.shape[1]:].tolist()
     eos = lm.tokenizer.eos_token_id
-    theirs = [r[: r.index(eos) + 1] if eos in r else r for r in theirs]
-    return [r.token_ids for r in ours.results] == theirs
+    theirs = [r[: r.index(eos) + 1] if eos in r else r for r in g[:, ids.shape[1]:].tolist()]
+    report = {}
+    for name, env in VARIANTS.items():
+        ours = _with_env(env, lambda: [r.token_ids for r in genkit.generate(lm, texts, raw=True, max_new_tokens=n_new).results])
+        same = [a == b for a, b in zip(ours, theirs)]
+        first_diff = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None) for a, b in zip(ours, theirs)]
+        report[name] = {"same": all(same), "first_difference": first_diff}
+    return report
 
 
 def main() -> None:
@@ -111,9 +148,14 @@ def main() -> None:
     for dtype in ("float32", "bfloat16"):
         lm = genkit.load(m, device_map="cuda", dtype=dtype)
         report[f"parity_{dtype}"] = parity(lm)
-        report[f"speed_{dtype}"] = speed(lm, args.new_tokens)
+        report[f"speed_{dtype}_b1"] = speed(lm, args.new_tokens)
+        report[f"speed_{dtype}_b8"] = speed(lm, args.new_tokens, batch=8)
+        print(json.dumps({k: v for k, v in report.items() if dtype in k}), flush=True)
         del lm
         torch.cuda.empty_cache()
+    lm = genkit.load(m, load_in_4bit=True, quant_type="nf4", compute_dtype="bfloat16")
+    report["parity_4bit_nf4"] = parity(lm)
+    report["speed_4bit_nf4_b1"] = speed(lm, args.new_tokens)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

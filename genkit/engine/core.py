@@ -118,7 +118,8 @@ class Generation:
         if s.strategy not in BEAM_STRATEGIES and n > 1:
             input_ids = input_ids.repeat_interleave(n, dim=0)
             mask = mask.repeat_interleave(n, dim=0)
-        runner = make_runner(lm.model, input_ids, mask, s.values.get("decoder_start_token_id"))
+        runner = make_runner(lm.model, input_ids, mask, s.values.get("decoder_start_token_id"),
+                             capacity=input_ids.shape[1] + max_new)
         vocab = lm.model.config.get_text_config().vocab_size
         kw = dict(
             prompt_length=runner.prompt.shape[1], attention_mask=mask if not lm.is_encoder_decoder else None,

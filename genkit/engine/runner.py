@@ -132,11 +132,18 @@ class EncoderDecoderRunner(Runner):
         self.positions = self.positions.index_select(0, index)
 
 
-def make_runner(model, input_ids, attention_mask, start_id: int | None = None) -> Runner:
+def make_runner(model, input_ids, attention_mask, start_id: int | None = None, capacity: int | None = None) -> Runner:
+    """The runner for this model: genkit's own decoder where it applies (CPU), the static cache
+    with CUDA graphs on a GPU, else transformers' forward over a dynamic cache. `capacity` is
+    how many positions the sequence will likely reach (a static cache grows past it if needed)."""
     if getattr(model, "native_runner", None) is not None:
         return model.native_runner(input_ids, attention_mask)
     if (fast := fast_decoder(model)) is not None:
         return fast.native_runner(input_ids, attention_mask)
+    from genkit.engine import static_runner
+
+    if static_runner.wanted(model):
+        return static_runner.StaticRunner(model, input_ids, attention_mask, capacity)
     if getattr(model.config, "is_encoder_decoder", False):
         if start_id is None:
             start_id = model.generation_config.decoder_start_token_id
