@@ -54,13 +54,19 @@ def test_same_size_reorder_keeps_the_buffers_graphs_read(tiny):
     with torch.inference_mode():
         static.prefill()
         static.step(torch.tensor([[5], [6]]))
-        keys, keep = static.cache.keys.data_ptr(), static.keep.data_ptr()
+        keys, live = static.cache.keys.data_ptr(), static.cache.live.data_ptr()
         before = static.cache.keys.clone()
         static.select(torch.tensor([1, 1]))
-        assert static.cache.keys.data_ptr() == keys and static.keep.data_ptr() == keep
+        assert static.cache.keys.data_ptr() == keys and static.cache.live.data_ptr() == live
         assert torch.equal(static.cache.keys[:, 0], before[:, 1])
-        static.repeat_interleave(2)  # a new batch size: new tensors
+        static.repeat_interleave(2)  # a new batch size: a second set of tensors
         assert static.batch_size == 4 and static.cache.keys.shape[1] == 4
+        expanded = static.cache.keys.data_ptr()
+        static.select(torch.tensor([1, 2]))  # back to 2 rows (contrastive search's winners)
+        assert static.cache.keys.data_ptr() == keys and static.cache.live.data_ptr() == live
+        assert torch.equal(static.cache.keys[:, 0], before[:, 1]) and torch.equal(static.cache.keys[:, 1], before[:, 1])
+        static.repeat_interleave(2)  # and out again: the spare set, same addresses
+        assert static.cache.keys.data_ptr() == expanded
 
 
 @pytest.mark.parametrize("params", [
@@ -107,6 +113,23 @@ def test_cuda_graph_replay_matches_eager_and_transformers(tiny_dir, monkeypatch)
 
     lm = models.load(str(tiny_dir), LoadOptions(device_map="cuda"))
     graphs = genkit_generate(lm, PROMPTS, max_new_tokens=40)
+    assert "_genkit_graphs" in lm.model.__dict__  # left for the next generation
+    again = genkit_generate(lm, PROMPTS, max_new_tokens=40)  # replays the graphs it left
+    lookup = genkit_generate(lm, PROMPTS[:1], max_new_tokens=40, prompt_lookup_num_tokens=5)
     monkeypatch.setenv("GENKIT_CUDA_GRAPHS", "0")
     eager = genkit_generate(lm, PROMPTS, max_new_tokens=40)
-    assert graphs == eager == hf_generate(lm, PROMPTS, max_new_tokens=40, do_sample=False)
+    assert graphs == again == eager == hf_generate(lm, PROMPTS, max_new_tokens=40, do_sample=False)
+    assert lookup == graphs[:1]
+
+
+def test_drafts_are_padded_to_a_power_of_two_without_changing_the_logits(tiny):
+    plain, static = _runners(tiny, PROMPTS)
+    with torch.inference_mode():
+        plain.prefill(), static.prefill()
+        for n in (3, 5, 1, 7):
+            draft = torch.randint(100, 1000, (2, n))
+            a, b = plain.step(draft), static.step(draft, hidden=True)
+            assert b.logits.shape == a.logits.shape and len(b.hidden_states[-1][0]) == n
+            torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-5)
+        assert static.filled == plain.length
+        assert not static.cache.live[:, static.filled:].any()  # the padding's slots are dead

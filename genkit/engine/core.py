@@ -157,6 +157,9 @@ class Generation:
                 pass
             self._finish()
             raise
+        finally:
+            if hasattr(runner, "close"):  # a static cache passes its graphs on to the next request
+                runner.close()
         self._finish()
 
     def _encode(self):

@@ -62,27 +62,30 @@ def _rounded(n: int) -> int:
 
 class SlotCache:
     """Keys and values of every layer in two preallocated tensors (layers, batch, heads,
-    capacity, head_dim). `update` writes the new positions at `slots` and returns the first
-    `visible` slots of the layer; the attention mask hides the slots not filled yet."""
+    capacity, head_dim), and `live` (batch, capacity): which slots a row may attend to.
 
-    def __init__(self, layers: int):
+    transformers' layers call `update`, which writes the new positions at `slots` and returns
+    the layer's first `visible` slots. The tensors are changed in place wherever possible,
+    because a captured graph reads them by address: a reorder within the batch copies in place,
+    and a change of batch size (contrastive search expands each row to its candidates and back,
+    every step) copies into a spare set kept for that size."""
+
+    def __init__(self, layers: int, live: torch.Tensor):
         self.layers = layers
+        self.live = live
+        self.capacity = live.shape[1]
         self.keys: torch.Tensor | None = None  # allocated at the first update (prefill)
         self.values: torch.Tensor | None = None
-        self.capacity = 0
+        self.spare: dict[int, tuple] = {}  # batch size -> (keys, values, live) not in use now
         self.slots: torch.Tensor | None = None
         self.visible = 0
 
-    def allocate(self, key_states, value_states, capacity: int) -> None:
-        b, h, _, dk = key_states.shape
-        kw = dict(dtype=key_states.dtype, device=key_states.device)
-        self.keys = torch.zeros(self.layers, b, h, capacity, dk, **kw)
-        self.values = torch.zeros(self.layers, b, h, capacity, value_states.shape[-1], **kw)
-        self.capacity = capacity
-
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if self.keys is None:
-            self.allocate(key_states, value_states, self.capacity)
+            b, h, _, d = key_states.shape
+            kw = dict(dtype=key_states.dtype, device=key_states.device)
+            self.keys = torch.zeros(self.layers, b, h, self.capacity, d, **kw)
+            self.values = torch.zeros(self.layers, b, h, self.capacity, value_states.shape[-1], **kw)
         k, v = self.keys[layer_idx], self.values[layer_idx]
         k.index_copy_(2, self.slots, key_states.to(k.dtype))
         v.index_copy_(2, self.slots, value_states.to(v.dtype))
@@ -93,25 +96,36 @@ class SlotCache:
 
     def resize(self, capacity: int) -> None:
         """More slots, same contents (new tensors: graphs captured on the old ones are stale)."""
+        def grown(t, dim):
+            new = t.new_zeros(*t.shape[:dim], capacity, *t.shape[dim + 1:])
+            new.narrow(dim, 0, self.capacity).copy_(t)
+            return new
+
         if self.keys is not None:
-            grown = []
-            for t in (self.keys, self.values):
-                new = t.new_zeros(*t.shape[:3], capacity, t.shape[-1])
-                new[:, :, :, : self.capacity] = t
-                grown.append(new)
-            self.keys, self.values = grown
+            self.keys, self.values = grown(self.keys, 3), grown(self.values, 3)
+        self.live = grown(self.live, 1)
         self.capacity = capacity
+        self.spare.clear()
 
     def select(self, index: torch.Tensor) -> None:
-        """Reorder / repeat batch rows. Same batch size: in place, so captured graphs stay valid."""
-        if self.keys is None:
+        """Keep (reorder, repeat) batch rows by index."""
+        b, n = self.live.shape[0], index.numel()
+        if n == b:
+            self.live.copy_(self.live.index_select(0, index))
+            if self.keys is not None:
+                self.keys.copy_(self.keys.index_select(1, index))
+                self.values.copy_(self.values.index_select(1, index))
             return
-        if index.numel() == self.keys.shape[1]:
-            self.keys.copy_(self.keys.index_select(1, index))
-            self.values.copy_(self.values.index_select(1, index))
-        else:
-            self.keys = self.keys.index_select(1, index)
-            self.values = self.values.index_select(1, index)
+        old = (self.keys, self.values, self.live)
+        keys, values, live = self.spare.pop(n, (None, None, None))
+        self.live = torch.index_select(self.live, 0, index, out=live) if live is not None else self.live.index_select(0, index)
+        if self.keys is not None:
+            if keys is None:
+                keys = self.keys.new_empty(self.layers, n, *self.keys.shape[2:])
+                values = self.values.new_empty(self.layers, n, *self.values.shape[2:])
+            self.keys = torch.index_select(self.keys, 1, index, out=keys)
+            self.values = torch.index_select(self.values, 1, index, out=values)
+        self.spare[b] = old
 
 
 class StaticRunner:
@@ -126,24 +140,44 @@ class StaticRunner:
         self.prompt_positions = pos.masked_fill(attention_mask == 0, 0)
         # Position of slot j >= p is base + (j - p): every row is real from the prompt on.
         self.base = self.prompt_positions[:, -1:] + 1
-        self.cache = SlotCache(model.config.get_text_config().num_hidden_layers)
-        self.cache.capacity = _rounded(max(capacity or 0, p + 1))
-        self.keep = torch.zeros(b, self.cache.capacity, dtype=torch.bool, device=self.device)
-        self.keep[:, :p] = attention_mask.bool()
         self.filled = 0  # slots holding keys and values
         self.float_mask = getattr(model.config, "_attn_implementation", "sdpa") != "sdpa"
         self.use_graphs = self.device.type == "cuda" and os.environ.get("GENKIT_CUDA_GRAPHS") != "0"
-        self.graphs: dict[int, tuple] = {}  # batch size -> (graph, ids, positions, slot, logits)
+        # (batch, new tokens, hidden states?) -> (graph, its input buffers, its outputs)
+        self.graphs: dict[tuple, tuple] = {}
+        self.pool = None  # one memory pool for all of this runner's graphs
+        want = _rounded(max(capacity or 0, p + 1))
+        if not self._reuse(b, want):
+            live = torch.zeros(b, want, dtype=torch.bool, device=self.device)
+            self.cache = SlotCache(model.config.get_text_config().num_hidden_layers, live)
+        self.cache.live[:, :p] = attention_mask.bool()
+
+    def _reuse(self, batch: int, capacity: int) -> bool:
+        """Take over the cache and graphs the model's previous generation left (`close`) when
+        they fit this one: capturing a graph costs about two eager steps, which a loop of short
+        generations (the Python API, genkit batch, genkit bench) would otherwise pay each time."""
+        kept = self.model.__dict__.pop("_genkit_graphs", None) if self.use_graphs else None
+        if kept is None:
+            return False
+        cache, graphs, pool = kept
+        if cache.live.shape[0] != batch or not capacity <= cache.capacity <= 2 * capacity:
+            return False
+        cache.live.zero_()
+        self.cache, self.graphs, self.pool = cache, graphs, pool
+        return True
+
+    def close(self) -> None:
+        """The generation is over: leave the cache and graphs to the model's next one."""
+        if self.graphs:
+            self.model.__dict__["_genkit_graphs"] = (self.cache, self.graphs, self.pool)  # not an nn.Module attribute
 
     @property
     def batch_size(self) -> int:
-        return self.keep.shape[0]
+        return self.cache.live.shape[0]
 
     @property
     def length(self) -> int:
         return self.filled or self.prompt.shape[1]
-
-    # -- masks and capacity
 
     def _mask(self, m: torch.Tensor) -> torch.Tensor:
         """A boolean 4-D mask in the form the model's attention takes (sdpa: bool, eager: additive)."""
@@ -153,111 +187,98 @@ class StaticRunner:
         return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)
 
     def _ensure(self, end: int) -> None:
-        if end <= self.cache.capacity:
-            return
-        capacity = _rounded(max(end, 2 * self.cache.capacity))
-        self.cache.resize(capacity)
-        keep = self.keep.new_zeros(self.batch_size, capacity)
-        keep[:, : self.keep.shape[1]] = self.keep
-        self.keep = keep
-        self.graphs.clear()
+        if end > self.cache.capacity:
+            self.cache.resize(_rounded(max(end, 2 * self.cache.capacity)))
+            self.graphs.clear()
 
     # -- forward passes
 
-    def _eager(self, tokens, positions, n: int, keep_logits: int, hidden: bool) -> StepOutput:
-        """n new positions at slots filled .. filled+n-1, attending to every live slot."""
-        start, end = self.filled, self.filled + n
-        self._ensure(end)
-        if start:  # (the prompt's slots already hold its padding mask)
-            self.keep[:, start:end] = True
-        q = torch.arange(start, end, device=self.device)
+    def _forward(self, ids, positions, slots, end: int, keep_logits: int, hidden: bool):
+        """New positions at `slots`, attending to every live slot before `end` up to their own."""
         k = torch.arange(end, device=self.device)
-        mask = self.keep[:, None, None, :end] & (k[None, :] <= q[:, None])
+        mask = self.cache.live[:, None, None, :end] & (k[None, :] <= slots[:, None])
         # A padding position attends to itself, so no row of the mask is empty (an empty row
         # gives NaN, which would reach the real rows through the padding's cached values).
-        mask = mask | (k[None, :] == q[:, None])
-        self.cache.slots, self.cache.visible = q, end
-        out = self.model(input_ids=tokens, attention_mask=self._mask(mask), position_ids=positions,
+        mask = mask | (k[None, :] == slots[:, None])
+        self.cache.slots, self.cache.visible = slots, end
+        out = self.model(input_ids=ids, attention_mask=self._mask(mask), position_ids=positions,
                          past_key_values=self.cache, use_cache=True, output_hidden_states=hidden,
                          logits_to_keep=keep_logits)
-        self.filled = end
-        return StepOutput(out.logits.float(), out.hidden_states if hidden else None)
+        return out.logits.float(), tuple(out.hidden_states) if hidden else None
 
-    def _decode(self, ids, positions, slot) -> torch.Tensor:
-        """The one-token step over the whole capacity, from fixed buffers: what a graph captures."""
-        self.cache.slots, self.cache.visible = slot, self.cache.capacity
-        mask = self._mask(self.keep[:, None, None, :])
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        return out.logits.float()
+    def _step_forward(self, ids, positions, first_slot, hidden: bool):
+        """A step over the whole capacity from fixed-size inputs: what a graph captures (and
+        what runs as it is when graphs are off)."""
+        n = ids.shape[1]
+        slots = first_slot + torch.arange(n, device=self.device)
+        return self._forward(ids, positions, slots, self.cache.capacity, n, hidden)
 
-    def _buffers(self):
-        b = self.batch_size
-        return (torch.zeros(b, 1, dtype=torch.long, device=self.device),
-                torch.zeros(b, 1, dtype=torch.long, device=self.device),
-                torch.zeros(1, dtype=torch.long, device=self.device))
-
-    def _capture(self, tokens, positions_now):
-        ids, positions, slot = self._buffers()
-        ids.copy_(tokens)
-        positions.copy_(positions_now)
-        slot.fill_(self.filled)
+    def _capture(self, tokens, positions, hidden: bool):
+        ids, pos, first = tokens.clone(), positions.clone(), torch.tensor([self.filled], device=self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):  # warm-up: writes the same slot the replay writes again
-            self._decode(ids, positions, slot)
+        with torch.cuda.stream(side):  # warm-up: writes the same slots the replay writes again
+            self._step_forward(ids, pos, first, hidden)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits = self._decode(ids, positions, slot)
-        return graph, ids, positions, slot, logits
+        with torch.cuda.graph(graph, pool=self.pool):
+            outputs = self._step_forward(ids, pos, first, hidden)
+        self.pool = graph.pool()
+        return graph, (ids, pos, first), outputs
 
-    def _graph_step(self, tokens: torch.Tensor) -> StepOutput:
-        self._ensure(self.filled + 1)
-        self.keep[:, self.filled] = True
-        positions_now = self.base + (self.filled - self.prompt.shape[1])
-        entry = self.graphs.get(self.batch_size)
+    def _graph(self, tokens, positions, hidden: bool):
+        key = (*tokens.shape, hidden)
+        entry = self.graphs.get(key)
         if entry is None and self.use_graphs:
             try:
-                entry = self.graphs[self.batch_size] = self._capture(tokens, positions_now)
+                entry = self.graphs[key] = self._capture(tokens, positions, hidden)
             except Exception:
                 # Some layers cannot be captured (a quantisation kernel that syncs with the
-                # host, say): run the same step without graphs from now on.
+                # host, say): run the same steps without graphs from now on.
                 self.use_graphs = False
                 torch.cuda.synchronize(self.device)
-        if entry is None:
-            slot = torch.tensor([self.filled], device=self.device)
-            logits = self._decode(tokens, positions_now, slot)
-        else:
-            graph, ids, positions, slot, out = entry
-            ids.copy_(tokens)
-            positions.copy_(positions_now)
-            slot.fill_(self.filled)
-            graph.replay()
-            logits = out.clone()  # the next replay overwrites `out`
-        self.filled += 1
-        return StepOutput(logits)
+        return entry
 
     # -- the Runner contract
 
     def prefill(self, hidden: bool = False, all_logits: bool = False, logits: bool = True) -> StepOutput:
-        return self._eager(self.prompt, self.prompt_positions, self.prompt.shape[1], 0 if all_logits else 1, hidden)
+        p = self.prompt.shape[1]
+        slots = torch.arange(p, device=self.device)
+        out = self._forward(self.prompt, self.prompt_positions, slots, p, 0 if all_logits else 1, hidden)
+        self.filled = p
+        return StepOutput(*out)
 
     def step(self, tokens: torch.Tensor, hidden: bool = False, logits: bool = True) -> StepOutput:
+        """Feed new tokens (batch, n) after what the cache holds; logits for each of them."""
         n = tokens.shape[1]
-        if n == 1 and not hidden:
-            return self._graph_step(tokens)
-        positions = self.base + (self.filled - self.prompt.shape[1]) + torch.arange(n, device=self.device)
-        return self._eager(tokens, positions, n, n, hidden)
+        # Drafts vary in length: pad them to a power of two so a few graphs serve them all.
+        # The padding comes after the real tokens, which causality keeps from seeing it; its
+        # slots stay dead and the next step overwrites them.
+        width = 1 << (n - 1).bit_length()
+        self._ensure(self.filled + width)
+        if width > n:
+            tokens = torch.cat([tokens, tokens[:, -1:].expand(-1, width - n)], dim=1)
+        self.cache.live[:, self.filled:self.filled + n] = True
+        positions = self.base + (self.filled - self.prompt.shape[1]) + torch.arange(width, device=self.device)
+        entry = self._graph(tokens, positions, hidden)
+        if entry is None:
+            first = torch.tensor([self.filled], device=self.device)
+            logits_, states = self._step_forward(tokens, positions, first, hidden)
+        else:
+            graph, (ids, pos, first), (logits_, states) = entry
+            ids.copy_(tokens)
+            pos.copy_(positions)
+            first.fill_(self.filled)
+            graph.replay()
+        self.filled += n
+        # Copies: the next replay overwrites a graph's outputs.
+        logits_ = logits_[:, :n].clone()
+        states = tuple(h[:, :n].clone() for h in states) if hidden else None
+        return StepOutput(logits_, states)
 
     def select(self, index: torch.Tensor) -> None:
         """Keep (reorder, repeat) batch rows: beam reordering, candidate expansion."""
         self.cache.select(index)
-        if index.numel() == self.batch_size:
-            self.keep.copy_(self.keep.index_select(0, index))  # in place: graphs read this tensor
-        else:
-            self.keep = self.keep.index_select(0, index)
-            self.graphs.clear()  # the cache has new tensors too
         self.base = self.base.index_select(0, index)
         self.prompt_positions = self.prompt_positions.index_select(0, index)
 
@@ -267,4 +288,4 @@ class StaticRunner:
     def crop(self, length: int) -> None:
         """Forget everything after the first `length` positions (rejected draft tokens)."""
         self.filled = min(self.filled, length)
-        self.keep[:, length:] = False
+        self.cache.live[:, length:] = False
