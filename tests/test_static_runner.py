@@ -91,8 +91,9 @@ def test_eager_attention_gets_an_additive_mask(tiny_dir, static):
     assert ours == hf_generate(lm, PROMPTS, max_new_tokens=16, do_sample=False)
 
 
-def test_which_models_qualify(tiny, tiny_t5_dir, monkeypatch):
+def test_which_models_qualify(tiny, tiny_dir, tiny_t5_dir, monkeypatch):
     from genkit import models
+    from genkit.models import LoadOptions
     from genkit.engine import static_runner
 
     assert static_runner.eligible(tiny.model)
@@ -100,6 +101,7 @@ def test_which_models_qualify(tiny, tiny_t5_dir, monkeypatch):
     monkeypatch.setenv("GENKIT_STATIC", "1")
     assert static_runner.wanted(tiny.model)
     assert not static_runner.eligible(models.load(str(tiny_t5_dir)).model)  # encoder-decoder
+    assert not static_runner.eligible(models.load(str(tiny_dir), LoadOptions(load_in_4bit=True)).model)
     cfg = tiny.model.config
     monkeypatch.setattr(cfg, "sliding_window", 16, raising=False)
     assert not static_runner.eligible(tiny.model)  # the ready-made mask would drop the window

@@ -34,7 +34,8 @@ ROUND = 64  # capacity grows in multiples of this (keeps the mask's rows aligned
 
 def eligible(model) -> bool:
     """Can this model run on the static cache? Decoder-only, a known full-attention
-    architecture, sdpa or eager attention (they take a 4-D mask), all weights on one device."""
+    architecture, sdpa or eager attention (they take a 4-D mask), not quantised by
+    bitsandbytes, all weights on one device."""
     cfg = model.config
     if getattr(cfg, "is_encoder_decoder", False) or cfg.model_type not in FULL_ATTENTION_TYPES:
         return False
@@ -42,6 +43,8 @@ def eligible(model) -> bool:
         return False
     if getattr(cfg, "_attn_implementation", None) not in ("sdpa", "eager"):
         return False
+    if getattr(model, "hf_quantizer", None) is not None:
+        return False  # bitsandbytes layers under graphs: not yet measured on a GPU
     devices = {p.device for p in model.parameters()}
     return len(devices) == 1
 
