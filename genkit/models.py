@@ -48,6 +48,7 @@ class LoadOptions:
     trust_remote_code: bool = False
     native_4bit: bool = False  # run GGUF Q4_0/Q4_1 weights as they are (genkit/native/q4.py)
     native_8bit: bool = False  # quantise to Q8_0 blocks for genkit's kernels (genkit/native/int8.py)
+    int8_activations: bool = False  # native 4-bit: activations as bytes in the layers' products
 
 
 @dataclass
@@ -341,6 +342,8 @@ def load(model: str | None = None, options: LoadOptions | None = None, progress=
     name, source, location = resolve_source(model, progress)
     if opts.native_4bit and opts.native_8bit:
         raise GenkitError("--native-4bit and --native-8bit exclude each other: choose one")
+    if opts.int8_activations and not opts.native_4bit:
+        raise GenkitError("--int8-activations applies to --native-4bit's products: add --native-4bit or drop it")
     if opts.native_4bit:
         return _load_native(model, name, source, location, opts, progress)
     if opts.native_8bit:
@@ -403,12 +406,12 @@ def _load_native(model, name, source, location, opts, progress) -> LoadedModel:
 
     if progress:
         progress("packing 4-bit weights")
-    q4 = Q4Llama(gguf, Path(location))
+    q4 = Q4Llama(gguf, Path(location), byte_activations=opts.int8_activations)
     with _quiet():
         tokenizer = AutoTokenizer.from_pretrained(location)
     fix_tokenizer(tokenizer, q4)
     return LoadedModel(model=q4, tokenizer=tokenizer, name=name, source=source, path=location,
-                       info={"mode": "native-4bit"})
+                       info={"mode": "native-4bit" + (" int8-activations" if opts.int8_activations else "")})
 
 
 def _cuda() -> bool:

@@ -37,6 +37,25 @@ def test_gguf_product_equals_dequantised_product(gguf, name, rows):
     assert _rel(layer(x), x @ w.T) < 1e-4
 
 
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("name", ["blk.2.ffn_gate.weight", "blk.2.ffn_down.weight", "token_embd.weight"])
+def test_byte_activations_product(gguf, name, rows):
+    """The same blocks times activations quantised to signed bytes (Q4_1 unsigned codes, the
+    Q8_0 head's signed ones): within byte rounding of the exact product (~4e-3), and not the
+    int16 product (which a kernel that ignored the flag would return)."""
+    from genkit.native.q4 import GGUFLinear, dequantize
+
+    t = gguf[name]
+    exact, coarse = GGUFLinear.from_gguf([t]), GGUFLinear.from_gguf([t])
+    coarse.byte_activations = True
+    w = dequantize(t)
+    torch.manual_seed(rows)
+    x = torch.randn(rows, w.shape[1])
+    ref = x @ w.T
+    assert 1e-3 < _rel(coarse(x), ref) < 1.5e-2
+    assert _rel(exact(x), ref) < 1e-4
+
+
 def test_q4_0_blocks():
     """Q4_0 (w = (q - 8) d): blocks built here, checked against their float weights."""
     rng = np.random.default_rng(0)
@@ -50,6 +69,8 @@ def test_q4_0_blocks():
     x = torch.randn(5, inp)
     y = kernels.gguf_matmul(x, torch.from_numpy(blocks.reshape(-1)), "Q4_0", inp)
     assert _rel(y, x @ w.T) < 1e-4
+    y8 = kernels.gguf_matmul(x, torch.from_numpy(blocks.reshape(-1)), "Q4_0", inp, byte_activations=True)
+    assert _rel(y8, x @ w.T) < 1.5e-2
 
 
 def test_fused_rms_norm(gguf):

@@ -146,3 +146,34 @@ def test_native_modes_exclude_each_other():
         models.load(None, models.LoadOptions(native_4bit=True, native_8bit=True))
     with pytest.raises(GenkitError, match="--native-8bit runs on the CPU from float32"):
         models.load(None, models.LoadOptions(native_8bit=True, dtype="bfloat16"))
+    with pytest.raises(GenkitError, match="--int8-activations applies to --native-4bit"):
+        models.load(None, models.LoadOptions(int8_activations=True))
+
+
+@pytest.mark.slow
+def test_int8_activations_in_the_layers_only(embedded):
+    """--int8-activations: the layers' Q4 products take byte activations, the Q8_0 head keeps
+    int16. Logits move (by 8% on this chat prompt: the small model's activations have outliers
+    that a block's byte scale rounds the rest against), which can change the answer; the same
+    input still gives the same output."""
+    import genkit
+    from genkit import prompts
+    from genkit.native import kernels
+    from genkit.native.q4 import GGUFLinear
+
+    if not kernels.available():
+        pytest.skip("genkit's CPU kernels need AVX2 and a compiler")
+    exact = genkit.load(native_4bit=True)
+    coarse = genkit.load(native_4bit=True, int8_activations=True)
+    parts = [p for layer in coarse.model.layers for p in layer.values() if isinstance(p, GGUFLinear)]
+    assert parts and all(p.byte_activations for p in parts)
+    assert not coarse.model.head.byte_activations
+    ids, mask, _ = prompts.encode(exact, [prompts.to_text(exact, PROMPTS[0])], templated=True, max_new_tokens=0)
+    with torch.inference_mode():
+        a = exact.model.native_runner(ids, mask).prefill().logits
+        b = coarse.model.native_runner(ids, mask).prefill().logits
+    rel = ((a - b).norm() / a.norm()).item()
+    assert 1e-3 < rel < 0.15
+    first = genkit.generate(coarse, PROMPTS, max_new_tokens=12).results
+    again = genkit.generate(coarse, PROMPTS, max_new_tokens=12).results
+    assert [r.token_ids for r in first] == [r.token_ids for r in again]

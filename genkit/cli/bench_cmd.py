@@ -33,6 +33,7 @@ def bench(
     trust_remote_code: o.TrustRemote = False,
     native_4bit: o.Native4 = False,
     native_8bit: o.Native8 = False,
+    int8_activations: o.Int8Activations = False,
 ) -> None:
     """Tokens/s, time to first token and memory of genkit and plain transformers generate()."""
     import torch
@@ -47,7 +48,7 @@ def bench(
     if threads:
         torch.set_num_threads(threads)
     opts = o.load_options(dtype, device_map, load_in_4bit, load_in_8bit, quant_type, compute_dtype,
-                          trust_remote_code, native_4bit, native_8bit)
+                          trust_remote_code, native_4bit, native_8bit, int8_activations)
     lm = o.load_model(model, opts)
     reference = None
     if native_4bit or native_8bit:
@@ -65,7 +66,8 @@ def bench(
         llama = B.llama_cpp_greedy(gguf, B.STORY, new_tokens, torch.get_num_threads(), rounds)
     device = str(lm.device) if lm.device.type != "cuda" else torch.cuda.get_device_name(lm.device)
     header = {"model": lm.name, "device": device, "threads": torch.get_num_threads(), "dtype": str(getattr(lm.model, "dtype", "")),
-              "native_4bit": native_4bit, "native_8bit": native_8bit, "new_tokens": new_tokens, "rounds": rounds}
+              "native_4bit": native_4bit, "native_8bit": native_8bit,
+              "int8_activations": int8_activations, "new_tokens": new_tokens, "rounds": rounds}
     if json_out:
         for r in rows:
             print(json.dumps({**header, "scenario": r.scenario, "genkit_tokens_per_s": round(r.genkit_tps, 2),

@@ -66,6 +66,7 @@ def run(
     trust_remote_code: o.TrustRemote = False,
     native_4bit: o.Native4 = False,
     native_8bit: o.Native8 = False,
+    int8_activations: o.Int8Activations = False,
 ) -> None:
     """Generate from one prompt and stream the answer."""
     from genkit import params as P
@@ -91,7 +92,7 @@ def run(
     resolved = presets.resolve(preset, generation_config, overrides, presets.parse_vars(var or []))
     text = presets.render_prompt(resolved, o.prompt_from(prompt))
     opts = o.load_options(dtype, device_map, load_in_4bit, load_in_8bit, quant_type, compute_dtype, trust_remote_code,
-                          native_4bit, native_8bit)
+                          native_4bit, native_8bit, int8_activations)
 
     lm = o.load_model(model, opts)
     _generate(lm, resolved, text, system, raw, json_out, stats, logprobs)

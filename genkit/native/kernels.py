@@ -22,6 +22,7 @@ from genkit import paths
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
 GGUF_KINDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}
+INT8_ACTIVATIONS = 8  # added to a GGUF kind: the same blocks times activations quantised to bytes
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 
 
@@ -68,12 +69,18 @@ def available() -> bool:
     return _module() is not None
 
 
+def kind_code(kind: str, byte_activations: bool = False) -> int:
+    """The kernels' code for a GGUF block type, multiplied with int16 or (faster, coarser) byte activations."""
+    return GGUF_KINDS[kind] + (INT8_ACTIVATIONS if byte_activations else 0)
+
+
 def gguf_matmul(x: torch.Tensor, blocks: torch.Tensor, kind: str, in_features: int,
-                norm: torch.Tensor | None = None, eps: float = 0.0, glu: bool = False) -> torch.Tensor:
+                norm: torch.Tensor | None = None, eps: float = 0.0, glu: bool = False,
+                byte_activations: bool = False) -> torch.Tensor:
     """x (M, in) float32 times a weight kept as raw GGUF blocks (rows in output order). With
     `norm`, x is RMS-normed with that weight first; with `glu`, x is (M, 2 in) and the input is
     silu(first half) * second half."""
-    return _module().gguf_matmul(x, blocks, GGUF_KINDS[kind], in_features, norm, eps, glu)
+    return _module().gguf_matmul(x, blocks, kind_code(kind, byte_activations), in_features, norm, eps, glu)
 
 
 def dense_matmul(x: torch.Tensor, w: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0,
