@@ -6,10 +6,11 @@ cache preallocated and the step's inputs in fixed buffers, every tensor of a one
 keeps its address from one step to the next, so the step is captured once as a CUDA graph and
 then replayed: one launch per token instead of hundreds.
 
-The same runner works on any device (the tests run it on the CPU, graphs off): the code a graph
-captures is `_decode`, which also runs as it is when graphs are off. Prefill, multi-token steps
-(drafts) and steps that return hidden states (DoLa, contrastive search) run eagerly over the
-same cache.
+Every step is captured, one graph per (batch size, new tokens, hidden states or not): drafts
+(prompt lookup, assisted decoding) are padded to a power of two so a few widths serve them all,
+and DoLa's and contrastive search's steps return hidden states from their graphs. Only the
+prompt runs eagerly. The same runner works on any device (the tests run it on the CPU, graphs
+off): the code a graph captures is `_step_forward`, which runs as it is when graphs are off.
 
 The cache is handed to the model as its `past_key_values`: transformers' attention layers call
 `update(keys, values, layer)` and attend over what it returns. The attention mask is passed
