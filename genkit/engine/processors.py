@@ -6,6 +6,8 @@ penalties and constraints first, then (when sampling) the warpers, the watermark
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers.generation import (
     EpsilonLogitsWarper,
@@ -55,13 +57,23 @@ def build_processors(
         procs.append(NoBadWordsLogitsProcessor(s.bad_words_ids, eos_token_id=s.eos_ids))
     if s.min_new_tokens and s.eos_ids:
         procs.append(
-            MinNewTokensLengthLogitsProcessor(
+            _MinNewTokens(
                 prompt_length, s.min_new_tokens, torch.tensor(s.eos_ids, device=device)
             )
         )
     if s.suppress_tokens:
         procs.append(SuppressTokensLogitsProcessor(s.suppress_tokens, device=device))
     return procs
+
+
+class _MinNewTokens(MinNewTokensLengthLogitsProcessor):
+    """transformers' processor without its per-step `torch.isin` over the whole vocabulary
+    (0.4 ms of a 12 ms native 4-bit step on the CPU): the eos ids are filled directly."""
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[-1] - self.prompt_length_to_skip < self.min_new_tokens:
+            return scores.index_fill(-1, self.eos_token_id, -math.inf)
+        return scores.clone()
 
 
 def _repetition_penalty(penalty: float, pad_lengths):
