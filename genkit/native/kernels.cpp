@@ -396,64 +396,98 @@ void dense_rows(const float* x, const W* w, float* y, int64_t M, int64_t I, int6
 }
 
 // Many activation rows make the product compute-bound: then what counts is keeping both FMA
-// units busy. A tile of MR activation rows by OR weight rows holds MR x OR accumulators in
-// registers, and each step loads MR + OR vectors for MR x OR FMAs, so the loads do not limit it
-// (dense_row's one weight row needs about one load per FMA).
-template <int MR, int OR, typename W>
-inline void dense_tile(const float* x, int64_t m0, const W* w, int64_t o0, int64_t I, float* y, int64_t O,
-                       bool add, const W* prefetch = nullptr) {
-    __m256 acc[MR][OR];
-    for (int m = 0; m < MR; ++m)
-        for (int o = 0; o < OR; ++o) acc[m][o] = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= I; i += 8) {
-        __m256 wv[OR];
-        for (int o = 0; o < OR; ++o) wv[o] = load8(w + (o0 + o) * I + i);
-        if (prefetch && i % 16 == 0)  // one 64-byte line of each next weight row per 16 floats
-            for (int o = 0; o < OR; ++o) _mm_prefetch(reinterpret_cast<const char*>(prefetch + o * I + i), _MM_HINT_T0);
-        for (int m = 0; m < MR; ++m) {
-            const __m256 xv = _mm256_loadu_ps(x + (m0 + m) * I + i);
-            for (int o = 0; o < OR; ++o) acc[m][o] = _mm256_fmadd_ps(xv, wv[o], acc[m][o]);
-        }
+// units busy. x is transposed into panels of 8 rows, so that a vector holds one input feature
+// of 8 activation rows, and each weight is broadcast from memory. A tile of OR weight rows by
+// NP panels keeps OR x NP accumulators (6 x 2 = 12, with 2 activation vectors and the broadcast
+// weight: 15 of the 16 registers) and needs no horizontal sums; the weight rows are read as
+// sequential streams. (An earlier tile of dot products, 3 activation rows by 4 weight rows,
+// reached half of this: its activation loads came from L2.)
+constexpr int kPanel = 8, kPanelRowsO = 6, kPanelsAtOnce = 2;
+
+// panels[p][i][l] = x[8p + l][i], zeros past the last row.
+std::vector<float> pack_panels(const float* x, int64_t M, int64_t I) {
+    const int64_t P = (M + kPanel - 1) / kPanel;
+    std::vector<float> panels(P * I * kPanel, 0.0f);
+    for (int64_t m = 0; m < M; ++m) {
+        float* out = panels.data() + (m / kPanel) * I * kPanel + m % kPanel;
+        const float* row = x + m * I;
+        for (int64_t i = 0; i < I; ++i) out[i * kPanel] = row[i];
     }
-    for (int m = 0; m < MR; ++m)
-        for (int o = 0; o < OR; ++o) {
-            float sum = hsum(acc[m][o]);
-            for (int64_t j = i; j < I; ++j) sum += load1(w + (o0 + o) * I + j) * x[(m0 + m) * I + j];
-            float& out = y[(m0 + m) * O + o0 + o];
-            out = add ? out + sum : sum;
-        }
+    return panels;
 }
 
-// 3 activation rows by 4 weight rows measured best here (against 4 x 3, 2 x 6, 6 x 2, 2 x 5, 3 x 3):
-// 12 accumulators, 4 weight vectors and one activation vector fill the 16 registers.
-constexpr int kTileM = 3, kTileO = 4;
+inline __m256 broadcast1(const float* w) { return _mm256_broadcast_ss(w); }
+inline __m256 broadcast1(const uint16_t* w) { return _mm256_set1_ps(load1(w)); }
 
-// Weight rows o0 .. o0 + OR against every activation row, kTileM at a time.
+// y[m0 + 8p + l, o0 + o] (=, or += with `add`) tile[o][p][l], for the real activation rows only.
+__attribute__((noinline)) void scatter_tile(const float* tile, int OR, int NP, int64_t m0, int64_t rows, float* y,
+                                            int64_t o0, int64_t O, bool add) {
+    for (int p = 0; p < NP; ++p) {
+        const int64_t first = m0 + p * kPanel, real = std::min<int64_t>(kPanel, rows - first);
+        for (int o = 0; o < OR; ++o) {
+            const float* lanes = tile + (o * NP + p) * kPanel;
+            for (int64_t l = 0; l < real; ++l) {
+                float& out = y[(first + l) * O + o0 + o];
+                out = add ? out + lanes[l] : lanes[l];
+            }
+        }
+    }
+}
+
+// Weight rows o0 .. o0 + OR against panels p0 .. p0 + NP (activation rows 8 p0 .. 8 p0 + 8 NP,
+// of which the first `rows` are real).
+template <int OR, int NP, typename W>
+inline void panel_tile(const float* panels, int64_t p0, int64_t rows, const W* w, int64_t o0, int64_t I, float* y,
+                       int64_t O, bool add) {
+    __m256 acc[OR][NP];
+    for (int o = 0; o < OR; ++o)
+        for (int p = 0; p < NP; ++p) acc[o][p] = _mm256_setzero_ps();
+    const float* xp = panels + p0 * I * kPanel;
+    const W* wr = w + o0 * I;
+    // do/while, not for: with a loop that might run zero times, GCC keeps acc in memory and
+    // stores all 12 accumulators on every step (measured: half the speed). I >= 1 always.
+    int64_t i = 0;
+    do {
+        __m256 xv[NP];
+        for (int p = 0; p < NP; ++p) xv[p] = _mm256_loadu_ps(xp + (p * I + i) * kPanel);
+        for (int o = 0; o < OR; ++o) {
+            const __m256 wv = broadcast1(wr + o * I + i);
+            for (int p = 0; p < NP; ++p) acc[o][p] = _mm256_fmadd_ps(wv, xv[p], acc[o][p]);
+        }
+    } while (++i < I);
+    // Scattered by a separate function that sees only memory, so acc stays in registers above.
+    alignas(32) float tile[OR][NP][kPanel];
+    for (int o = 0; o < OR; ++o)
+        for (int p = 0; p < NP; ++p) _mm256_store_ps(tile[o][p], acc[o][p]);
+    scatter_tile(&tile[0][0][0], OR, NP, p0 * kPanel, rows, y, o0, O, add);
+}
+
+// Weight rows o0 .. o0 + OR against every panel: the rows come from memory on the first tile
+// and from cache on the others.
 template <int OR, typename W>
-inline void dense_tiles(const float* x, int64_t M, const W* w, int64_t o0, int64_t I, float* y, int64_t O, bool add) {
-    int64_t m = 0;
-    // The first tile asks for the next weight rows, so they arrive while these are multiplied.
-    for (; m + kTileM <= M; m += kTileM)
-        dense_tile<kTileM, OR>(x, m, w, o0, I, y, O, add, m ? nullptr : w + (o0 + OR) * I);
-    with_count<kTileM - 1>(M - m, [&](auto r) { dense_tile<decltype(r)::value, OR>(x, m, w, o0, I, y, O, add); });
+inline void panel_tiles(const float* panels, int64_t M, const W* w, int64_t o0, int64_t I, float* y, int64_t O,
+                        bool add) {
+    const int64_t P = (M + kPanel - 1) / kPanel;
+    int64_t p = 0;
+    for (; p + kPanelsAtOnce <= P; p += kPanelsAtOnce) panel_tile<OR, kPanelsAtOnce>(panels, p, M, w, o0, I, y, O, add);
+    if (p < P) panel_tile<OR, 1>(panels, p, M, w, o0, I, y, O, add);
 }
 
 template <typename W>
-void dense_block(const float* x, const W* w, float* y, int64_t M, int64_t I, int64_t O, int64_t o_begin,
+void panel_block(const float* panels, const W* w, float* y, int64_t M, int64_t I, int64_t O, int64_t o_begin,
                  int64_t o_end, bool add) {
     int64_t o = o_begin;
-    for (; o + kTileO <= o_end; o += kTileO) dense_tiles<kTileO>(x, M, w, o, I, y, O, add);
-    with_count<kTileO - 1>(o_end - o, [&](auto c) { dense_tiles<decltype(c)::value>(x, M, w, o, I, y, O, add); });
+    for (; o + kPanelRowsO <= o_end; o += kPanelRowsO) panel_tiles<kPanelRowsO>(panels, M, w, o, I, y, O, add);
+    with_count<kPanelRowsO - 1>(o_end - o, [&](auto c) { panel_tiles<decltype(c)::value>(panels, M, w, o, I, y, O, add); });
 }
 
 // A grain of 16 output rows keeps threads busy on the small (192-row) products too.
 constexpr int64_t kGrain = 16;
 // Which loop a dense product takes, by activation rows (measured on this 2-core CPU, fp32):
-// up to 12 rows a step is bound by reading the weights, and dense_rows streams them best; from
-// there to 128 rows it is compute-bound and the register tiles of dense_block run 1.1-2x faster
-// than torch's product; beyond, torch's product (packed panels, MKL) wins: prompts.
-constexpr int64_t kMaxStreamRows = 12, kMaxTiledRows = 128;
+// up to 8 rows a step is bound by reading the weights, and dense_rows streams them best; from
+// there to 256 rows it is compute-bound and the panels run 1.3-2x faster than torch's product
+// (64 rows: 135-185 GFLOPS against 120-135); beyond, torch's product (MKL) is as fast: prompts.
+constexpr int64_t kMaxStreamRows = 8, kMaxPanelRows = 256;
 
 // A weight as the products see it. kind: the Format values 0..2 (GGUF blocks), 3 fp32, 4 bf16;
 // a GGUF kind plus kInt8Activations multiplies the same blocks with byte activations.
@@ -503,16 +537,16 @@ void product(const float* x, int64_t M, const Weight& w, const float* norm, floa
             else if (f == Format::Q4_0) gguf_rows<Format::Q4_0>(xq, wp, y, M, I, O, b, e, add);
             else gguf_rows<Format::Q8_0>(xq, wp, y, M, I, O, b, e, add);
         });
-    } else if (M <= kMaxTiledRows) {
-        const bool tiled = M > kMaxStreamRows;
+    } else if (M <= kMaxStreamRows) {
         at::parallel_for(0, O, kGrain, [&](int64_t b, int64_t e) {
-            if (w.kind == kF32) {
-                const float* wf = w.data.data_ptr<float>();
-                tiled ? dense_block(rows, wf, y, M, I, O, b, e, add) : dense_rows(rows, wf, y, M, I, O, b, e, add);
-            } else {
-                const auto* wb = reinterpret_cast<const uint16_t*>(w.data.data_ptr<at::BFloat16>());
-                tiled ? dense_block(rows, wb, y, M, I, O, b, e, add) : dense_rows(rows, wb, y, M, I, O, b, e, add);
-            }
+            if (w.kind == kF32) dense_rows(rows, w.data.data_ptr<float>(), y, M, I, O, b, e, add);
+            else dense_rows(rows, reinterpret_cast<const uint16_t*>(w.data.data_ptr<at::BFloat16>()), y, M, I, O, b, e, add);
+        });
+    } else if (M <= kMaxPanelRows) {
+        const std::vector<float> panels = pack_panels(rows, M, I);
+        at::parallel_for(0, O, kGrain, [&](int64_t b, int64_t e) {
+            if (w.kind == kF32) panel_block(panels.data(), w.data.data_ptr<float>(), y, M, I, O, b, e, add);
+            else panel_block(panels.data(), reinterpret_cast<const uint16_t*>(w.data.data_ptr<at::BFloat16>()), y, M, I, O, b, e, add);
         });
     } else {  // many rows (a large batch): torch's product, then the same y = / += as above
         auto xt = torch::from_blob(const_cast<float*>(rows), {M, I}, torch::kFloat32);
