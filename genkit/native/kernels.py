@@ -24,6 +24,9 @@ SOURCE = Path(__file__).with_name("kernels.cpp")
 GGUF_KINDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}
 INT8_ACTIVATIONS = 8  # added to a GGUF kind: the same blocks times activations quantised to bytes
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+# no-tree-loop-distribute-patterns: GCC would turn the zeroing of a register tile's accumulators
+# into a memset and then keep them in memory, a store per FMA (kernels.cpp, panel_tile).
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fno-tree-loop-distribute-patterns"]
 
 
 def _cpu_ok() -> bool:
@@ -36,7 +39,7 @@ def _module():
         return None
     from torch.utils import cpp_extension
 
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:12]
     name = f"genkit_kernels_{digest}"
     build = paths.cache_dir() / "kernels" / f"torch-{torch.__version__.split('+')[0]}-{digest}"
     build.mkdir(parents=True, exist_ok=True)
@@ -55,7 +58,7 @@ def _module():
             name,
             sources=[str(SOURCE)],
             build_directory=str(build),
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+            extra_cflags=CFLAGS,
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
