@@ -51,6 +51,7 @@ class Row:
     same_tokens: bool | None = None
     note: str = ""
     extra: dict = field(default_factory=dict)
+    token_ids: list = field(default_factory=list, repr=False)  # genkit's best run, one list per prompt
 
     @property
     def ratio(self) -> float | None:
@@ -200,7 +201,7 @@ def bench(lm, *, new_tokens=64, rounds=3, assistant=None, only=None, reference=N
             ours.append(run_genkit(lm, sc, assistant))
         best = max(ours, key=lambda r: r[0])
         row = Row(sc.name, genkit_tps=best[0], genkit_ttft=min((r[1] for r in ours if r[1] is not None), default=None),
-                  memory_mb=_memory_mb(lm.device))
+                  memory_mb=_memory_mb(lm.device), token_ids=best[2])
         if theirs:
             tb = max(theirs, key=lambda r: r[0])
             row.transformers_tps = tb[0]
@@ -219,17 +220,69 @@ def bench(lm, *, new_tokens=64, rounds=3, assistant=None, only=None, reference=N
     return rows
 
 
-def llama_cpp_greedy(gguf_path: str, prompt: str, new_tokens: int, threads: int, rounds: int = 3) -> float | None:
-    """Batch-1 greedy tokens/s of llama.cpp (llama-cpp-python) on the same GGUF, when installed."""
+def prompt_ids(lm, text: str, raw: bool = False) -> list[int]:
+    """The token ids genkit's engine starts from for one prompt (chat template applied)."""
+    from genkit import prompts
+
+    templated = prompts.uses_chat(lm, raw)
+    return lm.tokenizer(prompts.to_text(lm, text, raw=raw), add_special_tokens=not templated)["input_ids"]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two generations share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@dataclass
+class VersusLlamaCpp:
+    """Batch-1 greedy on the same GGUF file: llama.cpp and genkit, best of alternating rounds."""
+    llama_tps: float
+    llama_ttft: float
+    genkit_tps: float
+    genkit_ttft: float
+    new_tokens: int
+    same_leading_tokens: int  # how long the two greedy outputs agree
+
+    @property
+    def ratio(self) -> float:
+        return self.genkit_tps / self.llama_tps
+
+
+def versus_llama_cpp(lm, gguf_path: str, *, new_tokens: int = 64, rounds: int = 3) -> VersusLlamaCpp | None:
+    """Alternate llama.cpp (llama-cpp-python) and genkit rounds of greedy-b1 on the same prompt ids.
+
+    llama.cpp gets genkit's exact prompt ids (chat template applied), always makes `new_tokens`
+    tokens as genkit's min_new_tokens run does, and starts each round from an empty cache:
+    llama-cpp-python would otherwise reuse the last round's prompt and skip the prefill genkit
+    pays for. None when llama-cpp-python is not installed.
+    """
     try:
         from llama_cpp import Llama
     except ImportError:
         return None
-    llm = Llama(model_path=gguf_path, n_threads=threads, n_ctx=2048, verbose=False, seed=0)
-    best = 0.0
+    threads = torch.get_num_threads()
+    llm = Llama(model_path=gguf_path, n_threads=threads, n_threads_batch=threads, n_ctx=2048,
+                verbose=False, seed=0)
+    ours = next(sc for sc in scenarios(new_tokens, False) if sc.name == "greedy-b1")
+    ids = prompt_ids(lm, ours.prompts[0])
+    llama_tps, llama_ttft, genkit_tps, genkit_ttft = 0.0, float("inf"), 0.0, float("inf")
     for _ in range(rounds):
+        llm.reset()
+        theirs: list[int] = []
         start = time.perf_counter()
-        out = llm.create_completion(prompt, max_tokens=new_tokens, temperature=0.0, top_k=1)
-        elapsed = time.perf_counter() - start
-        best = max(best, out["usage"]["completion_tokens"] / elapsed)
-    return best
+        for token in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, reset=True):
+            if not theirs:
+                llama_ttft = min(llama_ttft, time.perf_counter() - start)
+            theirs.append(token)
+            if len(theirs) == new_tokens:
+                break
+        llama_tps = max(llama_tps, len(theirs) / (time.perf_counter() - start))
+        tps, ttft, genkit_ids = run_genkit(lm, ours)
+        genkit_tps, genkit_ttft = max(genkit_tps, tps), min(genkit_ttft, ttft)
+    return VersusLlamaCpp(llama_tps, llama_ttft, genkit_tps, genkit_ttft, len(theirs),
+                          common_prefix(genkit_ids[0], theirs))

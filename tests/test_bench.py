@@ -26,3 +26,15 @@ def test_bench_rejects_unknown_scenario_before_loading(genkit_home):
     assert r.stderr.strip() == (
         "genkit: error: --only gredy-b1: unknown scenario (did you mean 'greedy-b1'?); choose from "
         "greedy-b1, sampling-b1, greedy-b8, beam4, prompt-lookup, assisted, dola, contrastive")
+
+
+def test_llama_cpp_gets_the_prompt_ids_genkit_prefills(tiny):
+    """llama.cpp is fed genkit's exact prompt (chat template and all), not the raw text."""
+    from genkit import api
+    from genkit import bench as B
+
+    ids = B.prompt_ids(tiny, B.STORY)
+    engine_ids, _, _ = api.stream(tiny, [B.STORY], max_new_tokens=2)._encode()
+    assert ids == engine_ids[0].tolist()
+    assert len(ids) > len(tiny.tokenizer(B.STORY)["input_ids"]) + 5  # the template's system turn is there
+    assert B.common_prefix([1, 2, 3, 4], [1, 2, 9, 4]) == 2 and B.common_prefix([5], [5, 6]) == 1

@@ -182,3 +182,17 @@ def test_int8_activations_in_the_layers_only(embedded):
     first = genkit.generate(coarse, PROMPTS, max_new_tokens=12).results
     again = genkit.generate(coarse, PROMPTS, max_new_tokens=12).results
     assert [r.token_ids for r in first] == [r.token_ids for r in again]
+
+
+def test_versus_llama_cpp_on_the_same_file():
+    """The bench's side-by-side: llama.cpp runs genkit's prompt ids from an empty cache each round."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is a benchmark extra")
+    import genkit
+    from genkit import bench as B
+    from genkit import models
+
+    native = genkit.load(native_4bit=True)
+    v = B.versus_llama_cpp(native, str(models.default_gguf_path()), new_tokens=6, rounds=2)
+    assert v.new_tokens == 6 and v.llama_tps > 0 and v.genkit_tps > 0 and v.llama_ttft > 0
+    # same weights, different activation rounding: the first tokens agree
+    assert v.same_leading_tokens >= 3

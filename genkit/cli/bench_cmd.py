@@ -63,7 +63,9 @@ def bench(
     llama = None
     if native_4bit and (names is None or "greedy-b1" in names):
         gguf = model or str(models.default_gguf_path())
-        llama = B.llama_cpp_greedy(gguf, B.STORY, new_tokens, torch.get_num_threads(), rounds)
+        with err.status("benchmarking llama.cpp…"):
+            llama = B.versus_llama_cpp(lm, gguf, new_tokens=new_tokens, rounds=rounds)
+    llama_line = _llama_summary(llama)
     device = str(lm.device) if lm.device.type != "cuda" else torch.cuda.get_device_name(lm.device)
     header = {"model": lm.name, "device": device, "threads": torch.get_num_threads(), "dtype": str(getattr(lm.model, "dtype", "")),
               "native_4bit": native_4bit, "native_8bit": native_8bit,
@@ -76,8 +78,7 @@ def bench(
                               "genkit_ttft_s": r.genkit_ttft, "transformers_ttft_s": r.transformers_ttft,
                               "memory_mb": round(r.memory_mb, 1), "same_tokens": r.same_tokens, **r.extra}))
         if native_4bit:
-            print(json.dumps({**header, "scenario": "llama.cpp greedy-b1", "tokens_per_s": llama,
-                              "note": None if llama is not None else "llama-cpp-python not installed"}))
+            print(json.dumps({**header, "scenario": "llama.cpp greedy-b1", **llama_line}))
         return
     table = Table(title=f"genkit bench · {lm.name} · {device} · {torch.get_num_threads()} threads · "
                         f"{new_tokens} new tokens", header_style="bold")
@@ -91,5 +92,16 @@ def bench(
     console = Console(highlight=False, width=max(120, Console().width))
     console.print(table)
     if native_4bit:
-        console.print("llama.cpp greedy-b1: " + (f"{llama:.1f} tok/s" if llama is not None
-                      else "llama-cpp-python not installed (pip install 'genkit[bench]')"), markup=False)
+        console.print("llama.cpp greedy-b1: " + llama_line["note"], markup=False)
+
+
+def _llama_summary(v) -> dict:
+    """llama.cpp beside genkit's greedy-b1 on the same GGUF: speeds, first tokens, agreement."""
+    if v is None:
+        return {"tokens_per_s": None, "note": "llama-cpp-python not installed (pip install 'genkit[bench]')"}
+    return {"tokens_per_s": round(v.llama_tps, 2), "ttft_s": round(v.llama_ttft, 4),
+            "genkit_tokens_per_s": round(v.genkit_tps, 2), "genkit_ttft_s": round(v.genkit_ttft, 4),
+            "genkit_vs_llama_cpp": round(v.ratio, 3), "same_leading_tokens": v.same_leading_tokens,
+            "note": f"{v.llama_tps:.1f} tok/s (TTFT {v.llama_ttft:.3f} s) against genkit's "
+                    f"{v.genkit_tps:.1f} (TTFT {v.genkit_ttft:.3f} s) in alternating rounds: genkit "
+                    f"{v.ratio:.2f}x llama.cpp; same ids for {v.same_leading_tokens} of {v.new_tokens} tokens"}
