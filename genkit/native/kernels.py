@@ -37,8 +37,6 @@ def _cpu_ok() -> bool:
 def _module():
     if not _cpu_ok():
         return None
-    from torch.utils import cpp_extension
-
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:12]
     name = f"genkit_kernels_{digest}"
     build = paths.cache_dir() / "kernels" / f"torch-{torch.__version__.split('+')[0]}-{digest}"
@@ -52,6 +50,9 @@ def _module():
             return module
         except ImportError:
             pass  # rebuild below
+    # only a build needs torch's toolchain: importing it pulls in setuptools (0.3 s of a run's start)
+    from torch.utils import cpp_extension
+
     print("genkit: building its CPU kernels (once, about a minute)...", file=sys.stderr, flush=True)
     try:
         return cpp_extension.load(
