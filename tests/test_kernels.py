@@ -122,6 +122,17 @@ def test_fast_decoder_runs_fp32_llama_and_shares_weights(tiny):
     assert attn.k_proj.weight.data_ptr() == fused.data_ptr() + attn.q_proj.weight.numel() * 4
 
 
+def test_fast_decoder_is_built_while_the_tokenizer_loads(tiny_dir, monkeypatch):
+    """models.load prepares the decoder in a thread; GENKIT_FAST=0 still keeps it off."""
+    from genkit import models
+    from genkit.native.llama import FastLlama
+
+    lm = models.load(str(tiny_dir))
+    assert isinstance(lm.model.__dict__.get("_genkit_fast"), FastLlama)
+    monkeypatch.setenv("GENKIT_FAST", "0")
+    assert "_genkit_fast" not in models.load(str(tiny_dir)).model.__dict__
+
+
 def test_fast_decoder_off_for_other_dtypes(tiny_dir):
     from transformers import AutoModelForCausalLM
 
