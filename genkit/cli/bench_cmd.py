@@ -92,7 +92,8 @@ def bench(
     console = Console(highlight=False, width=max(120, Console().width))
     console.print(table)
     if native_4bit:
-        console.print("llama.cpp greedy-b1: " + llama_line["note"], markup=False)
+        # the terminal's own width: the table's console is at least 120 wide and would break words
+        Console(highlight=False).print("llama.cpp greedy-b1: " + llama_line["note"], markup=False)
 
 
 def _llama_summary(v) -> dict:
@@ -102,6 +103,6 @@ def _llama_summary(v) -> dict:
     return {"tokens_per_s": round(v.llama_tps, 2), "ttft_s": round(v.llama_ttft, 4),
             "genkit_tokens_per_s": round(v.genkit_tps, 2), "genkit_ttft_s": round(v.genkit_ttft, 4),
             "genkit_vs_llama_cpp": round(v.ratio, 3), "same_leading_tokens": v.same_leading_tokens,
-            "note": f"{v.llama_tps:.1f} tok/s (TTFT {v.llama_ttft:.3f} s) against genkit's "
-                    f"{v.genkit_tps:.1f} (TTFT {v.genkit_ttft:.3f} s) in alternating rounds: genkit "
-                    f"{v.ratio:.2f}x llama.cpp; same ids for {v.same_leading_tokens} of {v.new_tokens} tokens"}
+            "note": f"{v.llama_tps:.1f} tok/s, TTFT {v.llama_ttft:.3f} s; genkit {v.genkit_tps:.1f} tok/s, "
+                    f"TTFT {v.genkit_ttft:.3f} s (alternating rounds): genkit {v.ratio:.2f}x llama.cpp; "
+                    f"same ids for {v.same_leading_tokens} of {v.new_tokens} tokens"}
