@@ -51,7 +51,6 @@ class Row:
     same_tokens: bool | None = None
     note: str = ""
     extra: dict = field(default_factory=dict)
-    token_ids: list = field(default_factory=list, repr=False)  # genkit's best run, one list per prompt
 
     @property
     def ratio(self) -> float | None:
@@ -201,7 +200,7 @@ def bench(lm, *, new_tokens=64, rounds=3, assistant=None, only=None, reference=N
             ours.append(run_genkit(lm, sc, assistant))
         best = max(ours, key=lambda r: r[0])
         row = Row(sc.name, genkit_tps=best[0], genkit_ttft=min((r[1] for r in ours if r[1] is not None), default=None),
-                  memory_mb=_memory_mb(lm.device), token_ids=best[2])
+                  memory_mb=_memory_mb(lm.device))
         if theirs:
             tb = max(theirs, key=lambda r: r[0])
             row.transformers_tps = tb[0]
@@ -220,12 +219,13 @@ def bench(lm, *, new_tokens=64, rounds=3, assistant=None, only=None, reference=N
     return rows
 
 
-def prompt_ids(lm, text: str, raw: bool = False) -> list[int]:
+def prompt_ids(lm, text: str) -> list[int]:
     """The token ids genkit's engine starts from for one prompt (chat template applied)."""
     from genkit import prompts
 
-    templated = prompts.uses_chat(lm, raw)
-    return lm.tokenizer(prompts.to_text(lm, text, raw=raw), add_special_tokens=not templated)["input_ids"]
+    ids, _, _ = prompts.encode(lm, [prompts.to_text(lm, text)], templated=prompts.uses_chat(lm, False),
+                               max_new_tokens=0)
+    return ids[0].tolist()
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -268,7 +268,7 @@ def versus_llama_cpp(lm, gguf_path: str, *, new_tokens: int = 64, rounds: int = 
     threads = torch.get_num_threads()
     llm = Llama(model_path=gguf_path, n_threads=threads, n_threads_batch=threads, n_ctx=2048,
                 verbose=False, seed=0)
-    ours = next(sc for sc in scenarios(new_tokens, False) if sc.name == "greedy-b1")
+    ours = scenarios(new_tokens, False, only=["greedy-b1"])[0]
     ids = prompt_ids(lm, ours.prompts[0])
     llama_tps, llama_ttft, genkit_tps, genkit_ttft = 0.0, float("inf"), 0.0, float("inf")
     for _ in range(rounds):
