@@ -81,7 +81,34 @@ inline __m256 block_dot(const Codes& c, const int16_t* x) {
 
 enum class Format { Q4_0, Q4_1, Q8_0 };
 
-int64_t block_bytes(Format f) { return f == Format::Q4_1 ? 20 : f == Format::Q4_0 ? 18 : 34; }
+constexpr int64_t block_bytes(Format f) { return f == Format::Q4_1 ? 20 : f == Format::Q4_0 ? 18 : 34; }
+
+// A block is an fp16 scale d, for Q4_1 an fp16 offset m, then the codes. Where they start:
+template <Format F>
+constexpr int64_t kCodesAt = F == Format::Q4_1 ? 4 : 2;
+
+// The term a block adds to each weight besides q d: w = q d + m (Q4_1), q d - 8 d (Q4_0), q d (Q8_0).
+template <Format F>
+inline float block_offset(const uint8_t* blk, float d) {
+    if constexpr (F == Format::Q4_1) return half_to_float(blk + 2);
+    else if constexpr (F == Format::Q4_0) return -8.0f * d;
+    else return 0.0f;
+}
+
+template <Format F>
+inline Codes block_codes(const uint8_t* blk) {
+    if constexpr (F == Format::Q8_0) return q8_codes(blk + kCodesAt<F>);
+    else return q4_codes(blk + kCodesAt<F>);
+}
+
+// Calls f(std::integral_constant<Format, F>{}) for the F equal to f: a weight's run-time kind
+// turned into the compile-time format the block loops are written for.
+template <typename Fn>
+inline void with_format(Format f, Fn&& fn) {
+    if (f == Format::Q4_1) fn(std::integral_constant<Format, Format::Q4_1>{});
+    else if (f == Format::Q4_0) fn(std::integral_constant<Format, Format::Q4_0>{});
+    else fn(std::integral_constant<Format, Format::Q8_0>{});
+}
 
 // Activations for the integer products: each block of 32 inputs as int16 times one float scale
 // (amax / 32767), so quantising them costs about 1e-5 of relative precision (llama.cpp's signed
@@ -185,24 +212,13 @@ QuantizedRows quantize_rows(const float* x, int64_t M, int64_t I) {
 template <Format F, int R>
 inline void gguf_row(const QuantizedRows& xq, int64_t m0, const uint8_t* row, int64_t blocks, float* y, int64_t O,
                      bool add) {
-    constexpr int64_t bb = F == Format::Q4_1 ? 20 : F == Format::Q4_0 ? 18 : 34;
     __m256 acc[R];
     float offset[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), offset[r] = 0.0f;
     for (int64_t b = 0; b < blocks; ++b) {
-        const uint8_t* blk = row + b * bb;
-        const float d = half_to_float(blk);
-        Codes codes;
-        float mterm = 0.0f;
-        if constexpr (F == Format::Q4_1) {
-            codes = q4_codes(blk + 4);
-            mterm = half_to_float(blk + 2);  // w = q d + m
-        } else if constexpr (F == Format::Q4_0) {
-            codes = q4_codes(blk + 2);
-            mterm = -8.0f * d;  // w = q d - 8 d
-        } else {
-            codes = q8_codes(blk + 2);
-        }
+        const uint8_t* blk = row + b * block_bytes(F);
+        const float d = half_to_float(blk), mterm = block_offset<F>(blk, d);
+        const Codes codes = block_codes<F>(blk);
         for (int r = 0; r < R; ++r) {
             const int64_t xb = (m0 + r) * blocks + b;
             const __m256 dot = block_dot(codes, xq.q.data() + xb * kGroup);
@@ -220,7 +236,7 @@ inline void gguf_row(const QuantizedRows& xq, int64_t m0, const uint8_t* row, in
 template <Format F>
 void gguf_rows(const QuantizedRows& xq, const uint8_t* w, float* y, int64_t M, int64_t I, int64_t O,
                int64_t o_begin, int64_t o_end, bool add) {
-    const int64_t blocks = I / kGroup, row_bytes = blocks * (F == Format::Q4_1 ? 20 : F == Format::Q4_0 ? 18 : 34);
+    const int64_t blocks = I / kGroup, row_bytes = blocks * block_bytes(F);
     for (int64_t o = o_begin; o < o_end; ++o) {
         const uint8_t* row = w + o * row_bytes;
         int64_t m0 = 0;
@@ -287,7 +303,6 @@ inline __m256 block_dot8(__m256i codes, const int8_t* x) {
 template <Format F, int R>
 inline void gguf_row8(const QuantizedRows8& xq, int64_t m0, const uint8_t* row, int64_t blocks, float* y, int64_t O,
                       bool add) {
-    constexpr int64_t bb = F == Format::Q4_1 ? 20 : F == Format::Q4_0 ? 18 : 34;
     __m256 acc[2][R];
     float offset[2][R];
     for (int r = 0; r < R; ++r) {
@@ -295,19 +310,11 @@ inline void gguf_row8(const QuantizedRows8& xq, int64_t m0, const uint8_t* row, 
         offset[0][r] = offset[1][r] = 0.0f;
     }
     auto block = [&](int64_t b, __m256* a, float* off) {
-        const uint8_t* blk = row + b * bb;
-        const float d = half_to_float(blk);
+        const uint8_t* blk = row + b * block_bytes(F);
+        const float d = half_to_float(blk), mterm = block_offset<F>(blk, d);
         __m256i codes;
-        float mterm = 0.0f;
-        if constexpr (F == Format::Q4_1) {
-            codes = q4_bytes(blk + 4);
-            mterm = half_to_float(blk + 2);
-        } else if constexpr (F == Format::Q4_0) {
-            codes = q4_bytes(blk + 2);
-            mterm = -8.0f * d;
-        } else {
-            codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
-        }
+        if constexpr (F == Format::Q8_0) codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + kCodesAt<F>));
+        else codes = q4_bytes(blk + kCodesAt<F>);
         for (int r = 0; r < R; ++r) {
             const int64_t xb = (m0 + r) * blocks + b;
             const __m256 dot = block_dot8<F == Format::Q8_0>(codes, xq.q.data() + xb * kGroup);
@@ -331,7 +338,7 @@ inline void gguf_row8(const QuantizedRows8& xq, int64_t m0, const uint8_t* row, 
 template <Format F>
 void gguf_rows8(const QuantizedRows8& xq, const uint8_t* w, float* y, int64_t M, int64_t I, int64_t O,
                 int64_t o_begin, int64_t o_end, bool add) {
-    const int64_t blocks = I / kGroup, row_bytes = blocks * (F == Format::Q4_1 ? 20 : F == Format::Q4_0 ? 18 : 34);
+    const int64_t blocks = I / kGroup, row_bytes = blocks * block_bytes(F);
     for (int64_t o = o_begin; o < o_end; ++o) {
         const uint8_t* row = w + o * row_bytes;
         int64_t m0 = 0;
@@ -487,22 +494,11 @@ void panel_block(const float* panels, const W* w, float* y, int64_t M, int64_t I
 // One weight row of GGUF blocks as floats (w = q d + m, (q - 8) d or q d).
 template <Format F>
 void dequantize_row(const uint8_t* row, int64_t I, float* out) {
-    constexpr int64_t bb = F == Format::Q4_1 ? 20 : F == Format::Q4_0 ? 18 : 34;
     for (int64_t b = 0; b < I / kGroup; ++b) {
-        const uint8_t* blk = row + b * bb;
+        const uint8_t* blk = row + b * block_bytes(F);
         const float d = half_to_float(blk);
-        Codes codes;
-        float m = 0.0f;
-        if constexpr (F == Format::Q4_1) {
-            codes = q4_codes(blk + 4);
-            m = half_to_float(blk + 2);
-        } else if constexpr (F == Format::Q4_0) {
-            codes = q4_codes(blk + 2);
-            m = -8.0f * d;
-        } else {
-            codes = q8_codes(blk + 2);
-        }
-        const __m256 dv = _mm256_set1_ps(d), mv = _mm256_set1_ps(m);
+        const Codes codes = block_codes<F>(blk);
+        const __m256 dv = _mm256_set1_ps(d), mv = _mm256_set1_ps(block_offset<F>(blk, d));
         float* o = out + b * kGroup;
         for (const __m256i c : {codes.first, codes.second}) {
             const __m256i lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(c));
@@ -573,37 +569,25 @@ void product(const float* x, int64_t M, const Weight& w, const float* norm, floa
     std::vector<float> buffer;
     const float* rows = prepare_rows(x, M, w.in, norm, eps, glu, buffer);
     const int64_t I = w.in, O = w.out;
-    if (w.kind < kF32 || w.kind >= kInt8Activations) {
+    if (w.kind < kF32 || w.kind >= kInt8Activations) {  // GGUF blocks
         const Format f = static_cast<Format>(w.kind & ~kInt8Activations);
+        const uint8_t* wp = w.data.data_ptr<uint8_t>();
         if (M >= kMinGgufPanelRows) {
             const std::vector<float> panels = pack_panels(rows, M, I);
-            const uint8_t* wp = w.data.data_ptr<uint8_t>();
             at::parallel_for(0, O, kGrain, [&](int64_t b, int64_t e) {
-                if (f == Format::Q4_1) gguf_panel_block<Format::Q4_1>(panels.data(), wp, y, M, I, O, b, e, add);
-                else if (f == Format::Q4_0) gguf_panel_block<Format::Q4_0>(panels.data(), wp, y, M, I, O, b, e, add);
-                else gguf_panel_block<Format::Q8_0>(panels.data(), wp, y, M, I, O, b, e, add);
+                with_format(f, [&](auto F) { gguf_panel_block<decltype(F)::value>(panels.data(), wp, y, M, I, O, b, e, add); });
             });
-            return;
+        } else if (w.kind >= kInt8Activations) {
+            const QuantizedRows8 xq = quantize_rows8(rows, M, I);
+            at::parallel_for(0, O, kGrain, [&](int64_t b, int64_t e) {
+                with_format(f, [&](auto F) { gguf_rows8<decltype(F)::value>(xq, wp, y, M, I, O, b, e, add); });
+            });
+        } else {
+            const QuantizedRows xq = quantize_rows(rows, M, I);
+            at::parallel_for(0, O, kGrain, [&](int64_t b, int64_t e) {
+                with_format(f, [&](auto F) { gguf_rows<decltype(F)::value>(xq, wp, y, M, I, O, b, e, add); });
+            });
         }
-    }
-    if (w.kind >= kInt8Activations) {
-        const QuantizedRows8 xq = quantize_rows8(rows, M, I);
-        const uint8_t* wp = w.data.data_ptr<uint8_t>();
-        const Format f = static_cast<Format>(w.kind - kInt8Activations);
-        at::parallel_for(0, O, kGrain, [&](int64_t b, int64_t e) {
-            if (f == Format::Q4_1) gguf_rows8<Format::Q4_1>(xq, wp, y, M, I, O, b, e, add);
-            else if (f == Format::Q4_0) gguf_rows8<Format::Q4_0>(xq, wp, y, M, I, O, b, e, add);
-            else gguf_rows8<Format::Q8_0>(xq, wp, y, M, I, O, b, e, add);
-        });
-    } else if (w.kind <= 2) {
-        const QuantizedRows xq = quantize_rows(rows, M, I);
-        const uint8_t* wp = w.data.data_ptr<uint8_t>();
-        const Format f = static_cast<Format>(w.kind);
-        at::parallel_for(0, O, kGrain, [&](int64_t b, int64_t e) {
-            if (f == Format::Q4_1) gguf_rows<Format::Q4_1>(xq, wp, y, M, I, O, b, e, add);
-            else if (f == Format::Q4_0) gguf_rows<Format::Q4_0>(xq, wp, y, M, I, O, b, e, add);
-            else gguf_rows<Format::Q8_0>(xq, wp, y, M, I, O, b, e, add);
-        });
     } else if (M <= kMaxStreamRows) {
         at::parallel_for(0, O, kGrain, [&](int64_t b, int64_t e) {
             if (w.kind == kF32) dense_rows(rows, w.data.data_ptr<float>(), y, M, I, O, b, e, add);
