@@ -38,3 +38,10 @@ def test_llama_cpp_gets_the_prompt_ids_genkit_prefills(tiny):
     assert ids == engine_ids[0].tolist()
     assert len(ids) > len(tiny.tokenizer(B.STORY)["input_ids"]) + 5  # the template's system turn is there
     assert B.common_prefix([1, 2, 3, 4], [1, 2, 9, 4]) == 2 and B.common_prefix([5], [5, 6]) == 1
+
+
+def test_bench_rejects_zero_rounds_and_tokens(genkit_home):
+    for flag in ("--rounds", "--new-tokens"):
+        r = run_cli("bench", flag, "0")
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert f"Invalid value for '{flag}': 0 is not in the range x>=1." in r.stderr

@@ -16,8 +16,8 @@ def register(app: typer.Typer) -> None:
 
 def bench(
     model: o.Model = None,
-    new_tokens: Annotated[int, typer.Option("--new-tokens", help="Tokens generated per scenario.")] = 64,
-    rounds: Annotated[int, typer.Option("--rounds", help="Alternating rounds; the best counts.")] = 3,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="Tokens generated per scenario.")] = 64,
+    rounds: Annotated[int, typer.Option("--rounds", min=1, help="Alternating rounds; the best counts.")] = 3,
     only: Annotated[Optional[str], typer.Option(
         "--only", help="Comma-separated scenarios: greedy-b1, sampling-b1, greedy-b8, beam4, prompt-lookup, "
         "assisted, dola, contrastive.")] = None,
