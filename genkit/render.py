@@ -91,8 +91,10 @@ def json_record(gen, *, model_name: str, preset, prompt: str, settings_diff: dic
         "prompt": prompt,
         "text": results[0].text if results else "",
         "finish_reason": results[0].finish_reason if results else None,
+        **({"incomplete": not results[0].complete} if results and results[0].complete is not None else {}),
         "sequences": [
             {"text": r.text, "finish_reason": r.finish_reason, "completion_tokens": len(r.token_ids),
+             **({"incomplete": not r.complete} if r.complete is not None else {}),
              **({"logprobs": r.logprobs} if r.logprobs is not None else {})}
             for r in results
         ],

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from genkit.cli import constraint_opts as c
 from genkit.cli import options as o
 
 G = o.GEN_PANEL
@@ -54,6 +55,11 @@ def run(
     generation_config: o.GenConfig = None,
     set_: o.Set = None,
     var: o.Var = None,
+    json_schema: c.JsonSchema = None,
+    json_object: c.JsonObject = False,
+    regex: c.Regex = None,
+    choice: c.Choice = None,
+    grammar: c.Grammar = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print a summary line on stderr.")] = False,
     logprobs: Annotated[bool, typer.Option("--logprobs", help="Include token log-probabilities in --json.")] = False,
@@ -89,6 +95,7 @@ def run(
             k, v = P.check_param(key, value, "--" + key.replace("_", "-"))
             overrides[k] = v
     overrides.update(presets.parse_set(set_ or []))
+    overrides = P.merge(overrides, c.params(json_schema, json_object, regex, choice, grammar))
     resolved = presets.resolve(preset, generation_config, overrides, presets.parse_vars(var or []))
     text = presets.render_prompt(resolved, o.prompt_from(prompt))
     opts = o.load_options(dtype, device_map, load_in_4bit, load_in_8bit, quant_type, compute_dtype, trust_remote_code,

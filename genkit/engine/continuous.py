@@ -27,6 +27,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from genkit.engine import constrain
 from genkit.engine import processors as procs
 from genkit.engine.core import row_generator
 from genkit.engine.runner import fast_decoder
@@ -58,6 +59,7 @@ class Sequence:
     token_ids: list[int]
     finish_reason: str
     logprobs: list[float] | None = None
+    complete: bool | None = None  # constrained output: whether the grammar accepts the text
 
 
 @dataclass
@@ -84,6 +86,7 @@ class _Active:
     started_at: float
     deadline: float | None
     first_token_at: float | None = None
+    matchers: list = field(default_factory=list)  # each sequence's matcher (None: unconstrained)
 
 
 @dataclass
@@ -92,6 +95,7 @@ class _Row:
     state: SequenceState
     generator: torch.Generator | None
     history: list[int] = field(default_factory=list)  # prompt + generated, for the processors
+    matcher: Any = None  # the row's llguidance matcher when the output is constrained
 
 
 class _Layer(DynamicLayer):
@@ -173,6 +177,7 @@ class ContinuousBatcher:
         self.warpers = procs.build_warpers(settings, device=self.device)
         self.watermark = procs.build_watermark(settings, vocab_size=vocab, device=self.device)
         self.uses_history = bool(self._processors(0)) or bool(self.watermark)
+        self.matchers = constrain.PerRow(lm, settings, vocab)
         # Refilling one slot at a time costs a prefill pass per job; wait for a few free slots.
         self.refill_at = max(1, self.batch_size // 8)
         self.rows: list[_Row] = []
@@ -278,7 +283,8 @@ class ContinuousBatcher:
             for k, state in enumerate(states):
                 gen = row_generator(job.seed, k) if self.s.do_sample else None
                 history = list(job.input_ids) if self.uses_history else []
-                rows.append(_Row(active, state, gen, history))
+                rows.append(_Row(active, state, gen, history, self.matchers.new()))
+                active.matchers.append(rows[-1].matcher)
         return rows
 
     def _merge(self, cache, mask, next_pos, last, rows) -> None:
@@ -348,6 +354,8 @@ class ContinuousBatcher:
                 self._processors(len(r.active.job.input_ids))(self._ids(r), logits[i:i + 1])
                 for i, r in enumerate(rows)
             ])
+        if self.matchers:
+            scores = self.matchers.mask([r.matcher for r in rows], scores, logits)
         if self.warpers:
             scores = self.warpers(None, scores)
         if self.watermark:
@@ -366,6 +374,8 @@ class ContinuousBatcher:
         now = time.perf_counter()
         done = set()
         for i, (row, t) in enumerate(zip(rows, ids)):
+            if row.matcher is not None:
+                self.matchers.consume(row.matcher, t)
             row.state.add([t], [lps[i]] if lps is not None else None)
             if row.active.first_token_at is None:
                 row.active.first_token_at = now
@@ -413,8 +423,9 @@ class ContinuousBatcher:
                 continue
             seqs = [
                 Sequence(st.text, list(st.ids), st.finish_reason or "cancelled",
-                         list(st.logprobs) if self.want_logprobs else None)
-                for st in active.states
+                         list(st.logprobs) if self.want_logprobs else None,
+                         self.matchers.complete(m, st.finish_reason))
+                for st, m in zip(active.states, active.matchers)
             ]
             yield JobResult(active.job.handle, seqs, len(active.job.input_ids), active.started_at,
                             active.first_token_at, now)

@@ -38,6 +38,7 @@ class SequenceResult:
     finish_reason: str
     prompt_tokens: int
     logprobs: list[float] | None = None
+    complete: bool | None = None  # constrained output: whether the grammar accepts the text
 
 
 @dataclass
@@ -102,6 +103,7 @@ class Generation:
         self.stats = Stats()
         self.tracker: Tracker | None = None
         self.prompt_lengths: list[int] = []
+        self.constraint = None
 
     @property
     def num_return_sequences(self) -> int:
@@ -137,6 +139,8 @@ class Generation:
             tracker=tracker, generators=generators, num_prompts=len(self.texts),
             want_logprobs=self.want_logprobs, extras={"assistant": self.assistant},
         )
+        ctx.constraint = self._constraint(input_ids.shape[0], vocab)
+        self.constraint = ctx.constraint
         if self.streamer is not None:
             self.streamer.put(input_ids[:1].cpu())
         strategy = strategies.get(s.strategy)
@@ -162,6 +166,17 @@ class Generation:
                 runner.close()
         self._finish()
 
+    def _constraint(self, rows: int, vocab: int):
+        """One matcher per output row when the settings constrain the output."""
+        from genkit import constraints
+
+        grammar = constraints.grammar_for(self.settings.values, "settings")
+        if grammar is None:
+            return None
+        from genkit.engine.constrain import RowMatchers
+
+        return RowMatchers.start(self.lm, grammar, rows, self.settings.eos_ids, vocab)
+
     def _encode(self):
         if self.inputs is None:
             return prompts_mod.encode(
@@ -182,6 +197,7 @@ class Generation:
                 index=i, prompt_index=i // n, text=seq.text, token_ids=list(seq.ids),
                 finish_reason=seq.finish_reason or "cancelled", prompt_tokens=self.prompt_lengths[i // n],
                 logprobs=list(seq.logprobs) if self.want_logprobs else None,
+                complete=self._complete(i, seq.finish_reason),
             )
             for i, seq in enumerate(tr.seqs)
         ]
@@ -194,6 +210,13 @@ class Generation:
         )
         if self.streamer is not None:
             self.streamer.end()
+
+    def _complete(self, row: int, reason: str | None) -> bool | None:
+        """Constrained rows: complete when the grammar accepts and no stop string cut the text."""
+        c = self.constraint
+        if c is None:
+            return None
+        return reason != "stop" and row < len(c) and c.accepting(row)
 
     def run(self) -> list[SequenceResult]:
         """Generate to the end without looking at the events."""

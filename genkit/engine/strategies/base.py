@@ -36,6 +36,7 @@ class Context:
     num_prompts: int
     want_logprobs: bool = False
     extras: dict = field(default_factory=dict)
+    constraint: Any = None  # genkit.engine.constrain.RowMatchers, one matcher per row, or None
 
     @property
     def model(self):
@@ -51,8 +52,10 @@ class Context:
         return torch.tensor([not d for d in done], device=self.input_ids.device)
 
     def score(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Processors, warpers and watermark in generate()'s order."""
+        """Processors, the constraint's mask, warpers and watermark in generate()'s order."""
         scores = self.processors(input_ids, logits)
+        if self.constraint is not None:
+            scores = self.constraint.mask(scores, fallback=logits)
         scores = self.warpers(input_ids, scores)
         return self.watermark(input_ids, scores)
 

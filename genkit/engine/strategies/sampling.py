@@ -23,9 +23,12 @@ def decode(ctx: Context):
         logits = out.logits[:, -1, :]
         tokens = choose(ctx, input_ids, logits)
         # Finished rows keep receiving padding, as in generate(), so the batch stays rectangular.
-        tokens = torch.where(ctx.unfinished(), tokens, torch.full_like(tokens, pad))
+        live = ctx.unfinished()
+        tokens = torch.where(live, tokens, torch.full_like(tokens, pad))
         lps = token_logprobs(logits, tokens) if ctx.want_logprobs else None
         ids = tokens.tolist()
+        if ctx.constraint is not None:
+            ctx.constraint.consume_rows(ids, live.tolist())
         yield Proposal([[t] for t in ids], [[x] for x in lps] if lps is not None else None)
         if ctx.tracker.all_done:
             return
