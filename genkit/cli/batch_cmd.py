@@ -1,7 +1,7 @@
 """`genkit batch`: a file of prompts in, one JSON record per prompt out; resumable.
 
 The command parses flags, loads the model only when something is left to run, shows progress
-on stderr and prints the summary; genkit/batch.py decides everything else.
+on stderr and prints the summary; genkit/batch/ decides everything else.
 """
 
 from __future__ import annotations
