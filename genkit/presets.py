@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from genkit import params as P
-from genkit import paths
+from genkit import errors, paths
 from genkit.errors import GenkitError, did_you_mean
 
 PRESET_KEYS = {"description", "extends", "system", "template", "vars", "generation"}
@@ -121,10 +121,23 @@ def _parse(name: str, path: Path, data: dict) -> tuple[Preset, str | None]:
 
 
 def _template_fields(template: str, where: str) -> list[str]:
+    """The variables a template names. Only plain `{name}` fields are allowed: a positional
+    `{}`, an attribute or index (`{prompt.x}`), a conversion (`{prompt!r}`) or a format spec
+    (`{prompt:>99999999}`) would fail, or allocate without bound, only when the prompt is filled in."""
     try:
-        return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        fields = list(string.Formatter().parse(template))
     except ValueError as e:
         raise GenkitError(f"{where}: bad template: {e} (write {{{{ and }}}} for literal braces)") from None
+    names = []
+    for _, name, spec, conversion in fields:
+        if name is None:
+            continue
+        if not name.isidentifier() or spec or conversion:
+            shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise GenkitError(f"{where}: template field {errors.shorten(shown)} is not a plain {{name}}: use "
+                              "{prompt} or a variable's name, and {{ and }} for literal braces")
+        names.append(name)
+    return names
 
 
 def load(ref: str) -> Preset:

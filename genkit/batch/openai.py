@@ -6,7 +6,6 @@ import hashlib
 import time
 from typing import Any
 
-from genkit import __version__
 from genkit import params as P
 from genkit.batch.requests import Request, check_id, messages_of, prompt_of
 from genkit.errors import GenkitError
@@ -95,7 +94,7 @@ def openai_result(req, texts, finish, prompt_tokens, completion_tokens, model) -
         "choices": choices,
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "total_tokens": prompt_tokens + completion_tokens},
-        "system_fingerprint": f"genkit-{__version__}",
+        "system_fingerprint": f"genkit-{req.fingerprint}",  # what resuming compares
     }
     return {
         "id": openai_id("batch_req", req.key), "custom_id": req.id,

@@ -34,11 +34,13 @@ class JobOptions:
     strict: bool = False
     overwrite: bool = False
     continuous: bool = True  # continuous batching where the strategy allows it
+    model_key: str = ""  # the model and the load options that change its text (for fingerprints)
 
 
 def resolve_requests(requests: list[Request], opts: JobOptions) -> None:
-    """Each record's preset and parameters over the job's (record params win), checked
-    without a model; a bad preset or combination becomes the record's error."""
+    """Each record's preset and parameters over the job's (record params win), its prompt
+    through the preset's template, its seed and its fingerprint, all without a model; what
+    fails becomes the record's error."""
     cache: dict[str, Any] = {}
     for req in requests:
         if req.error:
@@ -54,8 +56,40 @@ def resolve_requests(requests: list[Request], opts: JobOptions) -> None:
                 cache[key] = e
         if isinstance(cache[key], GenkitError):
             req.error = cache[key].message
-        else:
-            req.resolved = cache[key]
+            continue
+        req.resolved = cache[key]
+        try:
+            _settle(req, opts)
+        except GenkitError as e:
+            req.error = e.message
+
+
+def _settle(req: Request, opts: JobOptions) -> None:
+    resolved = req.resolved
+    req.prompt_text = presets_mod.render_prompt(resolved, req.prompt) if isinstance(req.prompt, str) else req.prompt
+    if "seed" in req.params:
+        req.seed = req.params["seed"]
+    else:
+        req.seed = derive_seed(resolved.generation.get("seed") or 0, req.key)
+    req.fingerprint = fingerprint_of(req, opts)
+
+
+def fingerprint_of(req: Request, opts: JobOptions) -> str:
+    """A short hash of everything that decides a record's text: the model, the prompt as
+    rendered by the preset, the system prompt, raw or chat, every generation setting and the
+    seed when it samples. Resuming keeps an output line only when its fingerprint is this."""
+    generation = dict(req.resolved.generation)
+    generation.pop("seed", None)
+    made_from = {
+        "model": opts.model_key,
+        "prompt": req.prompt_text,
+        "system": req.system or opts.system or req.resolved.system,
+        "raw": opts.raw,
+        "generation": generation,
+        "seed": req.seed if generation.get("do_sample") else None,
+    }
+    text = json.dumps(made_from, sort_keys=True, ensure_ascii=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def derive_seed(job_seed: int, key: str) -> int:
@@ -101,6 +135,7 @@ class Job:
     state: Any = None  # accelerate's PartialState under `accelerate launch`
     final_records: int | None = None  # records in the finished OUTPUT (process 0)
     final_failed: int | None = None  # how many of them failed
+    notes: list[str] = field(default_factory=list)  # lines for the user before the job runs
 
     @property
     def needs_model(self) -> bool:

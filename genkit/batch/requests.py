@@ -21,6 +21,9 @@ class Request:
     metadata: Any = None
     error: str | None = None
     resolved: Any = None  # presets.Preset once resolved
+    prompt_text: Any = None  # the prompt after the preset's template (or the chat as it is)
+    seed: int | None = None  # the seed it samples with
+    fingerprint: str | None = None  # what its output line is made from (plan.fingerprint_of)
 
     @property
     def key(self) -> str:

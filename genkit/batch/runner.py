@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from genkit import presets as presets_mod
-from genkit.batch.plan import Job, derive_seed, strict_error
+from genkit.batch.plan import Job, strict_error
 from genkit.batch.records import format_error, format_result
 from genkit.batch.requests import Request
-from genkit.errors import GenkitError
+from genkit.errors import GenkitError, shorten
 
 
 @dataclass
@@ -71,8 +71,8 @@ class Runner:
                 continue
             try:
                 items.append(self.plan(req))
-            except GenkitError as e:
-                self.fail(req, e.message)
+            except Exception as e:  # whatever one record does, it fails alone
+                self.fail(req, failure_message(e, "cannot prepare the prompt"))
         for settings, group in self.groups(items):
             self.run_group(settings, group)
 
@@ -90,13 +90,13 @@ class Runner:
         return self._settings[key]
 
     def plan(self, req: Request) -> Item:
-        """Render the prompt, tokenize it, check its length, pick the seed."""
+        """Render the prompt on the model, tokenize it, check its length."""
         from genkit import prompts
 
         lm, resolved = self.lm, req.resolved
         settings = self.settings_for(resolved.generation)
         system = req.system or self.opts.system or resolved.system
-        prompt = presets_mod.render_prompt(resolved, req.prompt) if isinstance(req.prompt, str) else req.prompt
+        prompt = req.prompt_text
         templated = prompts.uses_chat(lm, self.opts.raw)
         text = prompts.to_text(lm, prompt, system=system, raw=self.opts.raw)
         ids = lm.tokenizer(text, add_special_tokens=not templated)["input_ids"]
@@ -105,13 +105,9 @@ class Runner:
         ctx = lm.context_length
         if ctx and not lm.is_encoder_decoder and len(ids) >= ctx:
             raise GenkitError(f"the prompt is {len(ids)} tokens but the model's context holds {ctx}: shorten it")
-        if "seed" in req.params:
-            seed = req.params["seed"]
-        else:
-            seed = derive_seed(resolved.generation.get("seed") or 0, req.key)
         params = presets_mod.diff_from_defaults({k: v for k, v in settings.explicit.items() if k != "seed"})
         params["max_new_tokens"] = settings.max_new_tokens
-        return Item(req, settings, engine_prompt(prompt, system, templated, text), ids, seed,
+        return Item(req, settings, engine_prompt(prompt, system, templated, text), ids, req.seed,
                      prompts.fit_max_new_tokens(lm, len(ids), settings.max_new_tokens), params)
 
     def groups(self, items: list[Item]) -> Iterator[tuple[Any, list[Item]]]:
@@ -156,13 +152,32 @@ class Runner:
         batcher = ContinuousBatcher(self.lm, settings, batch_size=self.opts.batch_size,
                                     max_batch_tokens=self.opts.max_batch_tokens)
         jobs = [EngineJob(it, it.input_ids, it.seed, it.max_new, it.settings.stop_strings) for it in group]
-        for result in batcher.run(jobs):
+        finished: set[int] = set()
+        results = batcher.run(jobs)
+        while True:
+            try:
+                result = next(results)
+            except StopIteration:
+                return
+            except Exception as e:  # the engine failed on some record: find which, run the rest
+                self.isolate([it for it in group if id(it) not in finished], e,
+                             lambda one: self.run_continuous(settings, one))
+                return
+            finished.add(id(result.handle))
             seqs = result.sequences
-            timings = timing_record(result.finished_at - result.started_at,
-                                   None if result.first_token_at is None else result.first_token_at - result.started_at,
-                                   result.completion_tokens)
+            ttft = None if result.first_token_at is None else result.first_token_at - result.started_at
             self.succeed(result.handle, [s.text for s in seqs], [s.finish_reason for s in seqs],
-                         result.completion_tokens, timings)
+                         result.completion_tokens,
+                         timing_record(result.finished_at - result.started_at, ttft, result.completion_tokens))
+
+    def isolate(self, items: list[Item], error: Exception, run_alone) -> None:
+        """A batch failed: run each of its records alone, so that only the records that fail
+        on their own get an error record (a single record gets it at once)."""
+        if len(items) == 1:
+            self.fail(items[0].req, failure_message(error, "generation failed"))
+            return
+        for it in items:
+            run_alone([it])
 
     def static_batches(self, settings, group: list[Item]) -> Iterator[list[Item]]:
         """Consecutive slices of the sorted group within --batch-size rows and the token budget."""
@@ -190,13 +205,8 @@ class Runner:
                 seeds=[it.seed for it in batch], assistant=self.assistant(s),
             )
             gen.run()
-        except GenkitError as e:
-            for it in batch:
-                self.fail(it.req, e.message)
-            return
         except Exception as e:  # an engine failure must not lose the other records
-            for it in batch:
-                self.fail(it.req, f"generation failed: {type(e).__name__}: {e}")
+            self.isolate(batch, e, lambda one: self.run_static(settings, one))
             return
         per = len(gen.results) // len(batch)
         stats = gen.stats
@@ -226,6 +236,13 @@ def engine_prompt(prompt: Any, system: str | None, templated: bool, text: str) -
     if system and not any(m.get("role") == "system" for m in messages):
         messages = [{"role": "system", "content": system}] + messages
     return messages
+
+
+def failure_message(error: Exception, what: str) -> str:
+    """A record's error message: genkit's own line, or what failed and why, bounded."""
+    if isinstance(error, GenkitError):
+        return error.message
+    return f"{what}: {type(error).__name__}: {shorten(str(error))}"
 
 
 def timing_record(elapsed: float, ttft: float | None, tokens: int) -> dict:

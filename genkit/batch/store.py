@@ -8,14 +8,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from genkit.batch.lock import OutputLock
 from genkit.batch.records import dumps, identity
 from genkit.errors import GenkitError
+
+
+# Every line genkit writes starts so (json.dumps keeps the records' key order): a last line
+# that does not is not a record genkit was killed writing, and is never cut off.
+RECORD_START = b'{"id": '
 
 
 @dataclass
 class _Line:
     key: str
     ok: bool
+    fingerprint: str | None
     path: Path
     offset: int
     length: int
@@ -37,6 +44,15 @@ class OutputStore:
         self.own = path if world == 1 else self.part_path(rank, world)
         self.lines: list[_Line] = []
         self._fh = None
+        self._lock = OutputLock(path)
+
+    def lock(self) -> None:
+        """One job per OUTPUT (raises, naming the holder, when another one runs)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock.acquire()
+
+    def unlock(self) -> None:
+        self._lock.release()
 
     def part_path(self, rank: int, world: int) -> Path:
         return self.path.with_name(f"{self.path.name}.part-{rank}-of-{world}")
@@ -54,17 +70,21 @@ class OutputStore:
 
     def load(self) -> dict[str, bool]:
         """Scan OUTPUT and the parts; key -> ok for every record there (the last line wins)."""
-        if self.path.is_dir():
-            raise GenkitError(f"output {self.path} is a directory; pass a file path with -o")
         self.lines = []
         for p in [self.path, *self.parts()]:
             if p.is_file():
                 self.lines.extend(self._scan(p, repair=p == self.own))
         return {ln.key: ln.ok for ln in self.lines}
 
+    def fingerprints(self) -> dict[str, str | None]:
+        """key -> fingerprint of its latest line (after `load`)."""
+        return {ln.key: ln.fingerprint for ln in self.lines}
+
     def _scan(self, path: Path, repair: bool) -> list[_Line]:
         """The records of one file. Only the last line may be incomplete (a kill in the middle of
-        writing it): it is ignored, and cut off when `repair` (the file this process appends to)."""
+        writing it): it is ignored, and cut off when `repair` (the file this process appends to).
+        Anything else that is not one of genkit's records means -o names some other file: it is
+        refused, never cut or replaced."""
         data = path.read_bytes()
         out, offset, number = [], 0, 0
         while offset < len(data):
@@ -74,30 +94,26 @@ class OutputStore:
             if not chunk.strip():
                 offset = len(data) if end == -1 else end + 1
                 continue
-            try:
-                ident = identity(json.loads(chunk))
-            except ValueError:
-                ident = None
-            if ident is None and end == -1:
+            ident, whole = _parse_line(chunk)
+            if ident is None and end == -1 and not whole and chunk.startswith(RECORD_START):
                 if repair:
                     os.truncate(path, offset)
                 break
             if ident is None:
                 raise GenkitError(
-                    f"{path}: line {number} is not a genkit batch record; is -o pointing at another file? "
-                    "Pass --overwrite to start over"
+                    f"{path}: line {number} is not a genkit batch record, so -o names some other file; "
+                    "genkit replaces only its own output: choose another -o (or --overwrite to replace it)"
                 )
-            key, fmt, ok = ident
-            if fmt != self.fmt:
+            if ident.fmt != self.fmt:
                 raise GenkitError(
-                    f"{path} holds records in the {fmt} format but --output-format is {self.fmt}: "
+                    f"{path} holds records in the {ident.fmt} format but --output-format is {self.fmt}: "
                     "use the same format to resume, or --overwrite"
                 )
             if end == -1 and repair:
                 # The record is whole and only its newline is missing: finish the line.
                 with open(path, "ab") as fh:
                     fh.write(b"\n")
-            out.append(_Line(key, ok, path, offset, len(chunk)))
+            out.append(_Line(ident.key, ident.ok, ident.fingerprint, path, offset, len(chunk)))
             offset = len(data) if end == -1 else end + 1
         return out
 
@@ -136,6 +152,7 @@ class OutputStore:
         handles: dict[Path, Any] = {}
         try:
             with open(tmp, "wb") as out:
+                _keep_mode(self.path, out.fileno())
                 for key in order:
                     ln = latest.get(key)
                     if ln is None:
@@ -145,10 +162,13 @@ class OutputStore:
                     out.write(fh.read(ln.length) + b"\n")
                 out.flush()
                 os.fsync(out.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk, say: the records appended so far stay
+            raise
         finally:
             for fh in handles.values():
                 fh.close()
-        os.replace(tmp, self.path)
         # What the final file now holds: the parts, and temporary files of rewrites killed midway.
         for p in [*self.parts(), *self._temps()]:
             p.unlink(missing_ok=True)
@@ -156,12 +176,29 @@ class OutputStore:
         return len(written), sum(1 for key in written if not latest[key].ok)
 
 
+def _parse_line(chunk: bytes):
+    """(identity or None, whether the line is whole JSON)."""
+    try:
+        return identity(json.loads(chunk)), True
+    except ValueError:  # invalid JSON or invalid UTF-8
+        return None, False
+
+
+def _keep_mode(path: Path, fd: int) -> None:
+    """The rewritten OUTPUT keeps the permissions the user gave the file."""
+    try:
+        os.fchmod(fd, path.stat().st_mode & 0o7777)
+    except OSError:
+        pass
+
+
 class StdoutSink:
     """Records to a stream: in input order (holding back the ones that finish early), or as
     they finish with `unordered`."""
 
-    def __init__(self, stream: TextIO, order: list[str] | None):
+    def __init__(self, stream: TextIO, order: list[str] | None, close: bool = False):
         self.stream = stream
+        self._close = close
         self.order = order
         self.pending: dict[str, dict] = {}
         self.next = 0
@@ -170,8 +207,7 @@ class StdoutSink:
         if self.order is None:
             self._emit(record)
             return
-        ident = identity(record)
-        self.pending[ident[0]] = record
+        self.pending[identity(record).key] = record
         while self.next < len(self.order) and self.order[self.next] in self.pending:
             self._emit(self.pending.pop(self.order[self.next]))
             self.next += 1
@@ -181,5 +217,6 @@ class StdoutSink:
         self.stream.flush()
 
     def close(self) -> None:
-        pass
+        if self._close:
+            self.stream.close()
 

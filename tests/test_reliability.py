@@ -1,0 +1,170 @@
+"""Failure probes: what a careless or hostile user does to genkit must lose nothing, replace
+nothing that is not genkit's, and cost one clear line (issue 20).
+
+Everything happens inside the test's temporary directory; files are small; a full disk is
+simulated (ENOSPC raised by a patched write) rather than made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+
+from test_batch import NO_EOS, cli, one_thread, records, write_jsonl  # noqa: F401 (autouse fixture)
+
+from genkit import batch as B
+
+
+def rows(n: int = 3, prefix: str = "Tell me about") -> list[dict]:
+    return [{"id": f"r{i}", "prompt": f"{prefix} number {i}"} for i in range(n)]
+
+
+# ---------------------------------------------------------------- 1. only genkit's output is replaced
+
+
+@pytest.mark.parametrize("content", [
+    b'{"name": "data"}',  # one JSON line without a newline: once cut off as a "half record"
+    b'just some notes',
+    b'\x89PNG\r\n\x1a\n\x00\x00',  # binary
+    b'{"id": 1}\n',  # JSON with an id, but no text and no error: not a batch record
+])
+def test_a_file_that_is_not_genkits_output_is_never_cut_or_replaced(tmp_path, content):
+    src = write_jsonl(tmp_path / "in.jsonl", rows(2))
+    important = tmp_path / "important.json"
+    important.write_bytes(content)
+    code, _, err = cli("batch", src, "-o", important, "--model", tmp_path / "no-model-needed")
+    assert code == 1 and "not a genkit batch record" in err and "--overwrite" in err
+    assert err.count("\n") == 1
+    assert important.read_bytes() == content
+
+
+def test_overwrite_does_replace_a_foreign_file(tiny_dir, tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", rows(2))
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(b'{"name": "data"}')
+    code, _, err = cli("batch", src, "-o", out, "--model", tiny_dir, "-n", "2", "--overwrite", *NO_EOS)
+    assert code == 0, err
+    assert [r["id"] for r in records(out)] == ["r0", "r1"]
+
+
+# ---------------------------------------------------------------- 2. devices, pipes and links
+
+
+def test_a_symlink_output_is_written_through_never_replaced(tiny_dir, tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", rows(2))
+    real = tmp_path / "data" / "answers.jsonl"
+    real.parent.mkdir()
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(real)
+    args = ["--model", tiny_dir, "-n", "2", *NO_EOS]
+    assert cli("batch", src, "-o", link, *args)[0] == 0
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert [r["id"] for r in records(real)] == ["r0", "r1"]
+    code, _, err = cli("batch", src, "-o", link, *args)  # resumes through the link
+    assert code == 0 and "2 skipped" in err and link.is_symlink()
+    assert sorted(p.name for p in real.parent.iterdir()) == ["answers.jsonl"]
+
+
+def test_a_device_behind_a_symlink_is_written_as_a_stream(tiny_dir, tmp_path):
+    # /dev/null through a link in the test's own directory: if genkit ever replaced it again,
+    # it would replace this link, not the system's /dev/null.
+    src = write_jsonl(tmp_path / "in.jsonl", rows(2))
+    null = tmp_path / "null"
+    null.symlink_to("/dev/null")
+    code, out, err = cli("batch", src, "-o", null, "--model", tiny_dir, "-n", "2", *NO_EOS)
+    assert code == 0, err
+    assert "is not a regular file: records are written to it as a stream" in err
+    assert null.is_symlink() and stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    assert out == "" and sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "null"]
+
+
+def test_a_fifo_output_receives_the_records(tiny_dir, tmp_path):
+    import threading
+
+    src = write_jsonl(tmp_path / "in.jsonl", rows(2))
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(open(fifo, "rb").read()), daemon=True)
+    reader.start()
+    code, _, err = cli("batch", src, "-o", fifo, "--model", tiny_dir, "-n", "2", *NO_EOS)
+    reader.join(timeout=60)
+    assert code == 0, err
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert [json.loads(line)["id"] for line in got[0].splitlines()] == ["r0", "r1"]
+
+
+# ---------------------------------------------------------------- 3. resume keeps only matching work
+
+
+def test_resume_refuses_output_made_from_other_prompts_or_settings(tiny_dir, tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", rows(3))
+    out = tmp_path / "out.jsonl"
+    args = ["--model", tiny_dir, "-n", "3", "--sample", "--seed", "1", *NO_EOS]
+    assert cli("batch", src, "-o", out, *args)[0] == 0
+    before = out.read_bytes()
+    assert all(len(r["fingerprint"]) == 16 for r in records(out))
+
+    changed_prompts = write_jsonl(tmp_path / "other.jsonl", rows(3, prefix="Write a poem about"))
+    for argv in (
+        [src, "-o", out, *args, "-n", "4"],  # another length
+        [src, "-o", out, *args, "--seed", "2"],  # another seed for sampled records
+        [src, "-o", out, *args, "--preset", "precise"],  # another preset
+        [changed_prompts, "-o", out, *args],  # same ids, other prompts
+        [src, "-o", out, *args, "--system", "Be brief."],
+    ):
+        code, _, err = cli("batch", *argv)
+        assert code == 1, argv
+        assert "made from other prompts or settings" in err and "--overwrite" in err, err
+        assert out.read_bytes() == before
+    code, _, err = cli("batch", src, "-o", out, *args)  # the same job: everything is done
+    assert code == 0 and "0 done, 0 failed, 3 skipped" in err
+    code, _, err = cli("batch", changed_prompts, "-o", out, *args, "--overwrite")
+    assert code == 0 and "3 done" in err
+
+
+def test_greedy_resume_ignores_the_seed_and_openai_output_carries_the_fingerprint(tiny_dir, tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", rows(2))
+    out = tmp_path / "out.jsonl"
+    args = ["--model", tiny_dir, "-n", "2", "--output-format", "openai", *NO_EOS]
+    assert cli("batch", src, "-o", out, *args)[0] == 0
+    assert all(r["response"]["body"]["system_fingerprint"].startswith("genkit-") for r in records(out))
+    code, _, err = cli("batch", src, "-o", out, *args, "--seed", "5")  # greedy: the seed changes nothing
+    assert code == 0 and "2 skipped" in err
+    code, _, err = cli("batch", src, "-o", out, *args, "-n", "3")
+    assert code == 1 and "made from other prompts or settings" in err
+
+
+def test_a_hard_link_to_the_input_is_the_input(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", rows(2))
+    out = tmp_path / "out.jsonl"
+    os.link(src, out)
+    code, _, err = cli("batch", src, "-o", out, "--model", tmp_path / "no-model-needed")
+    assert code == 1 and "is the input file" in err
+    assert out.read_bytes() == src.read_bytes()
+
+
+# ---------------------------------------------------------------- 4. one job per OUTPUT
+
+
+def test_a_second_job_on_the_same_output_is_refused_and_names_the_holder(tiny_dir, tmp_path):
+    from genkit.batch.lock import OutputLock
+
+    src = write_jsonl(tmp_path / "in.jsonl", rows(2))
+    out = tmp_path / "out.jsonl"
+    args = ["--model", tiny_dir, "-n", "2", *NO_EOS]
+    assert cli("batch", src, "-o", out, *args)[0] == 0
+    before = out.read_bytes()
+    first = OutputLock(out.resolve())  # a job still running on OUTPUT
+    first.acquire()
+    try:
+        code, _, err = cli("batch", src, "-o", out, "--overwrite", *args)
+        assert code == 1 and f"being written by another genkit batch (process {os.getpid()}" in err
+        assert out.read_bytes() == before
+    finally:
+        first.release()
+    assert cli("batch", src, "-o", out, "--overwrite", *args)[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]  # no lock file left
