@@ -168,3 +168,67 @@ def test_a_second_job_on_the_same_output_is_refused_and_names_the_holder(tiny_di
         first.release()
     assert cli("batch", src, "-o", out, "--overwrite", *args)[0] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]  # no lock file left
+
+
+# ---------------------------------------------------------------- 5. the model cache
+
+
+def _fake_entry(root):
+    """A small cache entry: a real safetensors file and a config, with its manifest."""
+    import torch
+    from safetensors.torch import save_file
+
+    from genkit import models
+
+    entry = root / "cache" / "models" / "tiny-entry"
+    entry.mkdir(parents=True)
+    save_file({"w": torch.arange(4096, dtype=torch.float32)}, str(entry / "model.safetensors"))
+    (entry / "config.json").write_text('{"model_type": "llama"}')
+    models.write_manifest(entry, "test.gguf")
+    return entry
+
+
+def test_a_cache_entry_changed_inside_its_data_is_broken_not_ok(tmp_path, monkeypatch):
+    from genkit import models
+
+    monkeypatch.setenv("GENKIT_HOME", str(tmp_path))
+    entry = _fake_entry(tmp_path)
+    assert models.check_entry(entry) is None
+    assert [r["state"] for r in models.cached_entries()] == ["ok"]
+    with open(entry / "model.safetensors", "r+b") as fh:  # same size, header intact
+        fh.seek(-100, os.SEEK_END)
+        fh.write(b"\xff" * 8)
+    assert "model.safetensors does not match its hash" in models.check_entry(entry)
+    code, out, _ = cli("models", "--json")
+    assert code == 0 and "does not match its hash" in json.loads(out)["state"]
+
+
+def test_models_check_hashes_files_whose_stat_did_not_change(tmp_path, monkeypatch):
+    from genkit import models
+
+    monkeypatch.setenv("GENKIT_HOME", str(tmp_path))
+    entry = _fake_entry(tmp_path)
+    manifest = json.loads((entry / models.MANIFEST).read_text())
+    manifest["files"]["config.json"]["sha256"] = "0" * 64  # as if the disk rotted under the same stat
+    (entry / models.MANIFEST).write_text(json.dumps(manifest))
+    assert models.check_entry(entry) is None  # the cheap check trusts an unchanged stat
+    code, out, _ = cli("models", "--json", "--check")
+    assert code == 0 and "config.json does not match its hash" in json.loads(out)["state"]
+
+
+def test_a_killed_conversion_leaves_no_temporary_directory(tmp_path, monkeypatch):
+    import subprocess
+
+    from genkit import models
+
+    monkeypatch.setenv("GENKIT_HOME", str(tmp_path))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    root = tmp_path / "cache" / "models"
+    dead = root / f"smollm2-135m-instruct.tmp-{gone.pid}"
+    live = root / f"other.tmp-{os.getpid()}"  # a conversion still running
+    for d in (dead, live):
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"\0" * 1000)
+    assert models.cached_entries() == []
+    assert not dead.exists() and live.exists()
