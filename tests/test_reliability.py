@@ -232,3 +232,58 @@ def test_a_killed_conversion_leaves_no_temporary_directory(tmp_path, monkeypatch
         (d / "model.safetensors").write_bytes(b"\0" * 1000)
     assert models.cached_entries() == []
     assert not dead.exists() and live.exists()
+
+
+# ---------------------------------------------------------------- 6-7. hostile files and names
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 10) + "]\n" for i in range(4)
+) + "generation: {temperature: *e}\n"  # 100,000 leaves from 200 bytes; each level multiplies by 10
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("GENKIT_HOME", str(tmp_path / "home"))
+    presets_dir = tmp_path / "home" / "config" / "presets"
+    presets_dir.mkdir(parents=True)
+    return presets_dir
+
+
+def test_yaml_aliases_are_refused_in_presets_configs_and_set(home, tmp_path):
+    (home / "bomb.yaml").write_text(BOMB)
+    code, _, err = cli("presets", "show", "bomb")
+    assert code == 1 and "aliases (*name) are not allowed" in err and "line 2" in err
+    config = tmp_path / "config.yaml"
+    config.write_text(BOMB)
+    code, _, err = cli("run", "--generation-config", config, "Hi")
+    assert code == 1 and "aliases (*name) are not allowed" in err and len(err) < 400
+    code, _, err = cli("presets", "show", "greedy", "--set", "temperature=[&a 1, *a]")
+    assert code == 1 and "aliases" in err
+
+
+def test_user_data_in_an_error_line_is_bounded(home):
+    big = "[" + ", ".join(["1.5"] * 20000) + "]"
+    code, _, err = cli("presets", "show", "greedy", "--set", f"temperature={big}")
+    assert code == 1 and "temperature" in err and len(err) < 400 and err.count("\n") == 1
+
+
+def test_one_bad_preset_file_does_not_break_presets_list(home):
+    (home / "latin1.yaml").write_bytes("description: caf\xe9\n".encode("latin-1"))
+    (home / "empty-field.yaml").write_text('template: "Say {} please"\n')
+    code, out, err = cli("presets", "list", "--json")
+    assert code == 0, err
+    rows = {r["name"]: r for r in map(json.loads, out.splitlines())}
+    assert "line 1 is not valid UTF-8 (byte 0xe9)" in rows["latin1"]["description"]
+    assert "template field {} is not a plain {name}" in rows["empty-field"]["description"]
+    assert rows["greedy"]["strategy"] == "greedy"
+    code, _, err = cli("presets", "show", "latin1")
+    assert code == 1 and "not valid UTF-8" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("name", ["../x.json", "sub/x.json", "/tmp/x.json", ".hidden.json"])
+def test_config_save_writes_only_inside_the_directory(home, tmp_path, name):
+    target = tmp_path / "model"
+    target.mkdir()
+    code, _, err = cli("config", "save", target, "--name", name, "--preset", "greedy")
+    assert code == 1 and "a plain file name" in err
+    assert list(target.iterdir()) == [] and not (tmp_path / "x.json").exists()
