@@ -277,3 +277,39 @@ def test_continuous_batching_rows_hold_their_own_matchers(tiny):
     assert finished >= 4
     alone = next(ContinuousBatcher(tiny, s, batch_size=5).run([jobs[3]])).sequences
     assert [q.token_ids for q in alone] == [q.token_ids for q in batched[3]]
+
+
+def test_batch_per_record_constraints_and_openai_response_format(tiny_dir, tmp_path):
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["n"], "additionalProperties": False}
+    genkit_in = tmp_path / "in.jsonl"
+    genkit_in.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "a", "prompt": "x", "params": {"json_schema": schema, "max_new_tokens": 40}},
+        {"id": "b", "prompt": "y", "params": {"choice": ["up", "down"]}},
+        {"id": "c", "prompt": "z"},  # the job's --regex
+        {"id": "bad", "prompt": "z", "params": {"regex": "(unclosed"}},
+    ]) + "\n")
+    out = tmp_path / "out.jsonl"
+    r = run_cli("batch", str(genkit_in), "-o", str(out), "--model", str(tiny_dir), "--raw", "-n", "20",
+                "--regex", "[a-c]{2}", "--quiet")
+    assert r.returncode == 1, r.stderr  # the bad record fails alone
+    recs = {rec["id"]: rec for rec in map(json.loads, out.read_text().splitlines())}
+    assert recs["a"]["finish_reason"] == "eos" and recs["a"]["incomplete"] is False
+    jsonschema.validate(json.loads(recs["a"]["text"]), schema)
+    assert recs["b"]["text"] in ("up", "down") and recs["c"]["text"] in {x + y for x in "abc" for y in "abc"}
+    assert "regex '(unclosed': " in recs["bad"]["error"]["message"]
+
+    openai_in = tmp_path / "openai.jsonl"
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 40, "temperature": 1, "n": 3, "seed": 3,
+            "response_format": {"type": "json_schema",
+                                "json_schema": {"name": "n", "strict": True, "schema": schema}}}
+    openai_in.write_text(json.dumps({"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions",
+                                     "body": body}) + "\n")
+    out2 = tmp_path / "out2.jsonl"
+    r = run_cli("batch", str(openai_in), "-o", str(out2), "--model", str(tiny_dir), "--output-format", "openai", "--quiet")
+    assert r.returncode == 0, r.stderr
+    choices = json.loads(out2.read_text())["response"]["body"]["choices"]
+    assert len(choices) == 3
+    for ch in choices:
+        if ch["finish_reason"] == "stop":
+            jsonschema.validate(json.loads(ch["message"]["content"]), schema)

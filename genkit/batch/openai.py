@@ -43,7 +43,8 @@ def request_from_openai(line: int, obj: dict) -> Request:
 def openai_params(body: dict) -> dict:
     """OpenAI's options in genkit's terms. A temperature of 0 means greedy decoding, above 0
     sampling; without temperature, top_p or n the job's preset decides."""
-    known = {"messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop", "seed"}
+    known = {"messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop", "seed",
+             "response_format"}
     for key in body:
         if key not in known and key not in OPENAI_IGNORED:
             raise ValueError(f"body.{key} is not supported by genkit; remove it or set it in 'params' of a genkit record")
@@ -71,6 +72,10 @@ def openai_params(body: dict) -> dict:
         out["stop_strings"] = body["stop"]
     if body.get("seed") is not None:
         out["seed"] = body["seed"]
+    if body.get("response_format") is not None:
+        from genkit import constraints
+
+        out.update(constraints.from_response_format(body["response_format"], "body"))
     return out
 
 

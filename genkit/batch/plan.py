@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from genkit import params as P
 from genkit import presets as presets_mod
 from genkit.batch.requests import Request
 from genkit.errors import GenkitError
@@ -45,7 +46,7 @@ def resolve_requests(requests: list[Request], opts: JobOptions) -> None:
     for req in requests:
         if req.error:
             continue
-        overrides = {**opts.params, **req.params}
+        overrides = P.merge(opts.params, req.params)  # a record's constraint replaces the job's
         key = json.dumps([req.preset, overrides, req.vars], sort_keys=True, default=str)
         if key not in cache:
             try:

@@ -14,7 +14,7 @@ OUTPUT_FORMATS = ("genkit", "openai")
 
 def format_result(req: Request, fmt: str, *, texts: list[str], finish: list[str], prompt_tokens: int,
                   completion_tokens: int, model: str, strategy: str, params: dict, seed: int,
-                  timings: dict) -> dict:
+                  timings: dict, complete: list | None = None) -> dict:
     if fmt == "openai":
         return openai_result(req, texts, finish, prompt_tokens, completion_tokens, model)
     many = len(texts) > 1
@@ -32,6 +32,9 @@ def format_result(req: Request, fmt: str, *, texts: list[str], finish: list[str]
         "timings": timings,
         "fingerprint": req.fingerprint,
     }
+    if complete and complete[0] is not None:  # constrained output: was the grammar satisfied
+        incomplete = [not c for c in complete]
+        record["incomplete"] = incomplete if many else incomplete[0]
     if req.metadata is not None:
         record["metadata"] = req.metadata
     return record

@@ -46,12 +46,13 @@ class Runner:
         self.job.summary.failed += 1
         self.on_update(self.job.summary)
 
-    def succeed(self, item: Item, texts, finish, completion_tokens, timings) -> None:
+    def succeed(self, item: Item, texts, finish, completion_tokens, timings, seqs=()) -> None:
         s = item.settings
         record = format_result(
             item.req, self.opts.output_format, texts=texts, finish=finish,
             prompt_tokens=len(item.input_ids), completion_tokens=completion_tokens, model=self.lm.name,
             strategy=s.strategy, params=item.params, seed=item.seed, timings=timings,
+            complete=[q.complete for q in seqs],
         )
         self.job.sink.write(record)
         summary = self.job.summary
@@ -168,7 +169,8 @@ class Runner:
             ttft = None if result.first_token_at is None else result.first_token_at - result.started_at
             self.succeed(result.handle, [s.text for s in seqs], [s.finish_reason for s in seqs],
                          result.completion_tokens,
-                         timing_record(result.finished_at - result.started_at, ttft, result.completion_tokens))
+                         timing_record(result.finished_at - result.started_at, ttft, result.completion_tokens),
+                         seqs)
 
     def isolate(self, items: list[Item], error: Exception, run_alone) -> None:
         """A batch failed: run each of its records alone, so that only the records that fail
@@ -214,7 +216,7 @@ class Runner:
             seqs = gen.results[i * per:(i + 1) * per]
             tokens = sum(len(r.token_ids) for r in seqs)
             self.succeed(it, [r.text for r in seqs], [r.finish_reason for r in seqs], tokens,
-                         timing_record(stats.elapsed_s, stats.time_to_first_token_s, tokens))
+                         timing_record(stats.elapsed_s, stats.time_to_first_token_s, tokens), seqs)
 
     def assistant(self, s):
         if not s.assistant_model:

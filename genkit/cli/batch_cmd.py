@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from genkit.cli import constraint_opts as c
 from genkit.cli import options as o
 
 G = o.GEN_PANEL
@@ -66,6 +67,11 @@ def batch(
     generation_config: o.GenConfig = None,
     set_: o.Set = None,
     var: o.Var = None,
+    json_schema: c.JsonSchema = None,
+    json_object: c.JsonObject = False,
+    regex: c.Regex = None,
+    choice: c.Choice = None,
+    grammar: c.Grammar = None,
     dtype: o.Dtype = "auto",
     device_map: o.DeviceMap = None,
     load_in_4bit: o.Load4 = False,
@@ -89,6 +95,7 @@ def batch(
             k, v = P.check_param(key, value, "--" + key.replace("_", "-"))
             params[k] = v
     params.update(presets.parse_set(set_ or []))
+    params = P.merge(params, c.params(json_schema, json_object, regex, choice, grammar))
     opts = B.JobOptions(
         input=input, output=output, input_format=input_format, output_format=output_format,
         preset=preset, generation_config=generation_config, params=params,
