@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Callable
 
@@ -173,7 +174,10 @@ def run(app: FastAPI, *, host: str, port: int, shutdown_timeout: float,
             # uvicorn re-raises the signal once it has shut down, which would end the process
             # with the signal's status: a requested stop is a clean exit here.
             if self.should_exit:
+                # A second signal: stop now. Running requests are cut off; uvicorn's report of
+                # the lifespan task it cancels on the way out is noise to the person who asked.
                 self.force_exit = True
+                logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)
             self.should_exit = True
 
         async def startup(self, sockets=None) -> None:
