@@ -18,9 +18,8 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
-
-openai = pytest.importorskip("openai")
 
 KEY = "sk-genkit-test"
 NO_EOS = {"suppress_tokens": [2]}  # random tiny models may stop anywhere otherwise

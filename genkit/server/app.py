@@ -17,6 +17,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from genkit.errors import GenkitError
 from genkit.server import schema, service as S
 from genkit.server.scheduler import Closing, Done, Engine, Overloaded
 
@@ -38,6 +39,15 @@ def create_app(svc: S.Service, engine: Engine, *, api_key: str | None = None) ->
     async def api_error(_request, e: schema.APIError):
         headers = {"Retry-After": "1"} if e.status in (429, 503) else None
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @app.exception_handler(GenkitError)
+    async def genkit_error(_request, e: GenkitError):
+        return JSONResponse(schema.APIError(400, e.message).body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request, e: Exception):
+        message = f"internal error: {type(e).__name__}: {e}"
+        return JSONResponse(schema.APIError(500, message, type="server_error").body(), status_code=500)
 
     @app.exception_handler(HTTPException)
     async def http_error(_request, e: HTTPException):
