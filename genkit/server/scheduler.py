@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import torch
 
+from genkit import params as P
 from genkit.engine import Generation
 from genkit.engine import continuous
 from genkit.engine import processors as procs
@@ -217,6 +218,14 @@ class ServingBatcher(continuous.ContinuousBatcher):
         row.active.job.work.deliver(Event(index=row.index, token_ids=list(ids), text=text, finish_reason=finish))
 
 
+def batchable(settings: DecodeSettings) -> bool:
+    """Whether a request's rows can join the shared batch: greedy or sampling, unconstrained
+    (a constrained request runs alone through Generation, which applies its grammar)."""
+    constraint_keys = getattr(P, "CONSTRAINT_KEYS", ())
+    constrained = any(settings.values.get(k) not in (None, False) for k in constraint_keys)
+    return settings.strategy in continuous.STRATEGIES and not constrained
+
+
 class Engine:
     """The engine thread and its bounded queue."""
 
@@ -291,7 +300,7 @@ class Engine:
         return not self.closing
 
     def _route(self, work: Work) -> None:
-        if self.batcher is not None and work.settings.strategy in continuous.STRATEGIES:
+        if self.batcher is not None and batchable(work.settings):
             self.batch_queue.append(self.batcher.job_for(work))
         else:
             self.solo_queue.append(work)

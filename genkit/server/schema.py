@@ -15,7 +15,8 @@ from typing import Any, Optional, Union
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from genkit import params as P
-from genkit.batch import _messages_of, _openai_params
+from genkit.batch.openai import openai_params
+from genkit.batch.requests import messages_of
 from genkit.errors import GenkitError, did_you_mean
 
 # Fields of the batch files' body that the API shares (genkit.batch maps them).
@@ -134,7 +135,7 @@ def generation_params(req: _Common) -> dict:
     _refuse_unsupported(req)
     shared = {k: getattr(req, k) for k in SHARED if getattr(req, k) is not None}
     try:
-        params = P.check_params(_openai_params(shared), "body")
+        params = P.check_params(openai_params(shared), "body")
     except (ValueError, GenkitError) as e:
         raise APIError(400, str(e)) from None
     if req.logit_bias:
@@ -168,7 +169,7 @@ def prompts_of(req: _Common) -> list[Any]:
     """What genkit generates from: the chat messages, or each completion prompt."""
     if isinstance(req, ChatRequest):
         try:
-            return [_messages_of(req.messages)]
+            return [messages_of(req.messages)]
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
     prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)

@@ -19,7 +19,7 @@ from typing import Any
 from genkit import api
 from genkit import presets as presets_mod
 from genkit import prompts as prompts_mod
-from genkit.batch import OPENAI_FINISH
+from genkit.batch.openai import OPENAI_FINISH
 from genkit.engine.tracker import Event
 from genkit.errors import GenkitError
 from genkit.server import schema
