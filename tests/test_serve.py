@@ -82,9 +82,9 @@ class Server:
     def client(self, key: str = KEY):
         return openai.OpenAI(base_url=self.url, api_key=key, max_retries=0, timeout=120)
 
-    def stop(self) -> tuple[int, str]:
+    def stop(self, sig=signal.SIGTERM) -> tuple[int, str]:
         if self.proc.poll() is None and not self.stopping:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
         try:
             _, err = self.proc.communicate(timeout=60)
         except subprocess.TimeoutExpired:
@@ -97,8 +97,9 @@ class Server:
 def server(long_dir):
     srv = Server(long_dir)
     yield srv
-    code, err = srv.stop()
+    code, err = srv.stop(signal.SIGINT)  # Ctrl-C
     assert code == 0, err
+    assert "Traceback" not in err and err.rstrip().endswith("genkit serve: stopped")
 
 
 def expected(lm, prompt, **kw):
@@ -318,3 +319,19 @@ def test_overload_is_429_and_sigterm_finishes_running_requests(long_dir):
     assert queued["r"].usage.completion_tokens == 5  # the waiting one ran too
     assert code == 0, err
     assert "Traceback" not in err
+
+
+def test_a_taken_port_fails_before_the_model_loads(long_dir):
+    import socket
+
+    from conftest import run_cli
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = run_cli("serve", "--model", str(long_dir), "--port", str(port), timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        f"genkit: error: cannot listen on 127.0.0.1:{port} (Address already in use): "
+        "choose another --port or stop the program that holds it"]

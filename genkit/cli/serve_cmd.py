@@ -57,6 +57,9 @@ def serve(
         raise GenkitError(f"--port {port}: expected a port number from 0 to 65535")
     if preset:
         presets.resolve(preset)  # a typo fails before the model loads
+    from genkit.server.app import bind
+
+    sock = bind(host, port)  # a taken port too
     opts = o.load_options(dtype, device_map, load_in_4bit, load_in_8bit, quant_type, compute_dtype,
                           trust_remote_code, native_4bit, native_8bit, int8_activations)
     lm = o.load_model(model, opts)
@@ -76,5 +79,5 @@ def serve(
         print(f"genkit serve: {svc.name} on http://{bound_host}:{bound_port}/v1 ({mode}{key}; Ctrl-C stops)",
               file=sys.stderr, flush=True)
 
-    server_app.run(app, host=host, port=port, shutdown_timeout=shutdown_timeout, on_ready=ready)
+    server_app.run(app, sock=sock, shutdown_timeout=shutdown_timeout, on_ready=ready)
     print("genkit serve: stopped", file=sys.stderr)

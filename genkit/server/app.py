@@ -10,6 +10,7 @@ import asyncio
 import hmac
 import json
 import logging
+import socket
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Callable
 
@@ -173,7 +174,22 @@ async def _sse(p: S.Prepared) -> AsyncIterator[str]:
         p.cancel()  # the client disconnected (the task was cancelled) or the stream ended
 
 
-def run(app: FastAPI, *, host: str, port: int, shutdown_timeout: float,
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, opened before the model loads so that a taken port fails fast."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        raise GenkitError(f"cannot listen on {host}:{port} ({e.strerror or e}): choose another --port "
+                          "or stop the program that holds it") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def run(app: FastAPI, *, sock: socket.socket, shutdown_timeout: float,
         on_ready: Callable[[str, int], None]) -> None:
     """Serve until SIGTERM or Ctrl-C, then let running requests finish (cancelling what is left
     after `shutdown_timeout` seconds) and return normally, so the command exits 0."""
@@ -196,6 +212,6 @@ def run(app: FastAPI, *, host: str, port: int, shutdown_timeout: float,
                 bound = self.servers[0].sockets[0].getsockname()
                 on_ready(bound[0], bound[1])
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+    config = uvicorn.Config(app, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=shutdown_timeout, lifespan="on")
-    Server(config).run()
+    Server(config).run(sockets=[sock])
