@@ -69,33 +69,49 @@ def run(
     int8_activations: o.Int8Activations = False,
 ) -> None:
     """Generate from one prompt and stream the answer."""
-    from genkit import params as P
     from genkit import presets
 
     # Everything the user typed is checked before the model loads.
+    args = locals()
+    resolved = presets.resolve(preset, generation_config, generation_overrides(args), presets.parse_vars(var or []))
+    text = presets.render_prompt(resolved, o.prompt_from(prompt))
+    opts = load_options(args)
+
+    lm = o.load_model(model, opts)
+    _generate(lm, resolved, text, system, raw, json_out, stats, logprobs)
+
+
+def generation_overrides(a: dict) -> dict:
+    """The generation parameters set by run's flags (shared with `genkit chat`), checked."""
+    from genkit import params as P
+    from genkit import presets
+
     flags = {
-        "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens, "do_sample": sample,
-        "temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p, "typical_p": typical_p,
-        "repetition_penalty": repetition_penalty, "no_repeat_ngram_size": no_repeat_ngram_size,
-        "num_beams": num_beams, "num_beam_groups": num_beam_groups, "diversity_penalty": diversity_penalty,
-        "length_penalty": length_penalty, "penalty_alpha": penalty_alpha,
-        "dola_layers": _dola_flag(dola_layers), "prompt_lookup_num_tokens": prompt_lookup,
-        "assistant_model": assistant_model, "num_return_sequences": num_return_sequences, "seed": seed,
-        "stop_strings": stop or None, "max_time": max_time, "watermark": {} if watermark else None,
+        "max_new_tokens": a["max_new_tokens"], "min_new_tokens": a["min_new_tokens"], "do_sample": a["sample"],
+        "temperature": a["temperature"], "top_k": a["top_k"], "top_p": a["top_p"], "min_p": a["min_p"],
+        "typical_p": a["typical_p"], "repetition_penalty": a["repetition_penalty"],
+        "no_repeat_ngram_size": a["no_repeat_ngram_size"], "num_beams": a["num_beams"],
+        "num_beam_groups": a["num_beam_groups"], "diversity_penalty": a["diversity_penalty"],
+        "length_penalty": a["length_penalty"], "penalty_alpha": a["penalty_alpha"],
+        "dola_layers": _dola_flag(a["dola_layers"]), "prompt_lookup_num_tokens": a["prompt_lookup"],
+        "assistant_model": a["assistant_model"], "num_return_sequences": a["num_return_sequences"],
+        "seed": a["seed"], "stop_strings": a["stop"] or None, "max_time": a["max_time"],
+        "watermark": {} if a["watermark"] else None,
     }
     overrides = {}
     for key, value in flags.items():
         if value is not None:
             k, v = P.check_param(key, value, "--" + key.replace("_", "-"))
             overrides[k] = v
-    overrides.update(presets.parse_set(set_ or []))
-    resolved = presets.resolve(preset, generation_config, overrides, presets.parse_vars(var or []))
-    text = presets.render_prompt(resolved, o.prompt_from(prompt))
-    opts = o.load_options(dtype, device_map, load_in_4bit, load_in_8bit, quant_type, compute_dtype, trust_remote_code,
-                          native_4bit, native_8bit, int8_activations)
+    overrides.update(presets.parse_set(a["set_"] or []))
+    return overrides
 
-    lm = o.load_model(model, opts)
-    _generate(lm, resolved, text, system, raw, json_out, stats, logprobs)
+
+def load_options(a: dict):
+    """The model loading options of run's flags (shared with `genkit chat`)."""
+    return o.load_options(a["dtype"], a["device_map"], a["load_in_4bit"], a["load_in_8bit"], a["quant_type"],
+                          a["compute_dtype"], a["trust_remote_code"], a["native_4bit"], a["native_8bit"],
+                          a["int8_activations"])
 
 
 def _dola_flag(value: Optional[str]):
