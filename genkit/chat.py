@@ -54,7 +54,7 @@ class ChatSession:
 
     def __init__(self, lm, *, preset: str | None = None, generation_config: str | None = None,
                  overrides: dict | None = None, vars: dict | None = None, system: str | None = None,
-                 raw: bool = False, assistant=None, on_turn=None):
+                 raw: bool = False, assistant=None, conversation_id: str | None = None):
         from genkit.engine.turns import TurnCache
 
         self.lm = lm
@@ -66,7 +66,8 @@ class ChatSession:
         self.system_override = system
         self.raw = raw
         self.assistant = assistant
-        self.on_turn = on_turn  # called with (session, generation, stats) after each answer
+        # The id each answer is logged under (genkit/logs.py); None: not logged.
+        self.conversation_id = conversation_id
         self.messages: list[dict] = []
         self.cache = TurnCache()
         self.totals = Totals()
@@ -144,6 +145,14 @@ class ChatSession:
     def clear(self) -> None:
         self.messages.clear()
         self.cache.drop()
+        self._new_conversation()
+
+    def _new_conversation(self) -> None:
+        """After /clear or /load the log records a conversation of its own."""
+        if self.conversation_id is not None:
+            from genkit import logs
+
+            self.conversation_id = logs.new_conversation_id()
 
     def _answer(self):
         from genkit.engine import Generation
@@ -175,8 +184,14 @@ class ChatSession:
         t.prefilled_tokens += st.prompt_tokens - reused
         t.reused_tokens += reused
         t.history.append(self.last)
-        if self.on_turn is not None:
-            self.on_turn(self, gen, self.last)
+        if self.conversation_id is not None:
+            from genkit import logs
+
+            logs.record_generation(
+                self.conversation_id, "chat", gen, model=self.lm.name, preset=self.resolved.name,
+                system=self.system, history=self.messages[:-2], prompt=self.messages[-2]["content"],
+                settings=self.settings_diff(), extra_timings={"reused_prompt_tokens": reused},
+            )
 
     # -- files
 
@@ -214,6 +229,7 @@ class ChatSession:
         self.set_overrides = settings
         self.system_override = system
         self.restore(messages)
+        self._new_conversation()
         return len(messages)
 
     def restore(self, messages: list[dict]) -> None:

@@ -49,8 +49,14 @@ def chat(**args) -> None:
     overrides = run_cmd.generation_overrides(args)
     presets.resolve(args["preset"], args["generation_config"], overrides, presets.parse_vars(args["var"] or []))
     opts = run_cmd.load_options(args)
+    conversation_id, history, logged_system = run_cmd.continued_conversation(args)
     lm = _load(args["model"], opts)
     session = _session(lm, args, overrides)
+    session.conversation_id = conversation_id
+    if history:
+        session.restore(history)
+        if args["system"] is None:
+            session.set_system(logged_system)
     if sys.stdin.isatty():
         from genkit.cli import chat_tty
 

@@ -26,6 +26,10 @@ def loop(session, args: dict) -> None:
     err = Console(stderr=True, highlight=False)
     err.print(f"[dim]genkit chat · {session.lm.name} · preset {session.resolved.name} "
               f"({session.settings.strategy}) · /help for commands, Ctrl-D to leave[/dim]")
+    if session.messages:
+        last = session.messages[-1]["content"]
+        err.print(f"[dim]continuing a conversation of {len(session.messages)} messages; the last one:[/dim]")
+        err.print(last, markup=False, highlight=False)
     try:
         while True:
             try:

@@ -12,6 +12,13 @@ from genkit.cli import options as o
 G = o.GEN_PANEL
 
 
+def _complete_cids() -> list[str]:
+    """Shell completion of --cid: the latest logged conversations."""
+    from genkit.cli.logs_cmd import _ids
+
+    return _ids()
+
+
 def register(app: typer.Typer) -> None:
     app.command("run")(run)
 
@@ -67,6 +74,12 @@ def run(
     native_4bit: o.Native4 = False,
     native_8bit: o.Native8 = False,
     int8_activations: o.Int8Activations = False,
+    no_log: Annotated[bool, typer.Option(
+        "--no-log", help="Do not log this to genkit's SQLite log (`genkit logs off`: never).")] = False,
+    continue_: Annotated[bool, typer.Option(
+        "--continue", "-c", help="Continue the latest logged conversation (`genkit logs list`).")] = False,
+    cid: Annotated[Optional[str], typer.Option(
+        "--cid", help="Continue the logged conversation with this id.", autocompletion=_complete_cids)] = None,
 ) -> None:
     """Generate from one prompt and stream the answer."""
     from genkit import presets
@@ -76,9 +89,28 @@ def run(
     resolved = presets.resolve(preset, generation_config, generation_overrides(args), presets.parse_vars(var or []))
     text = presets.render_prompt(resolved, o.prompt_from(prompt))
     opts = load_options(args)
+    conversation_id, history, logged_system = continued_conversation(args)
+    if system is None:
+        system = logged_system
 
     lm = o.load_model(model, opts)
-    _generate(lm, resolved, text, system, raw, json_out, stats, logprobs)
+    _generate(lm, resolved, text, system, raw, json_out, stats, logprobs, history=history,
+              log_to=None if no_log else conversation_id)
+
+
+def continued_conversation(a: dict):
+    """(conversation id to log to, earlier messages, its system prompt) for -c / --cid; a new id
+    and no history otherwise. The id is None when logging is off."""
+    from genkit import logs
+
+    history, system, cid = [], None, None
+    if a["continue_"] or a["cid"]:
+        cid, rows = logs.find_conversation(a["cid"])
+        history = logs.messages_of(rows)
+        system = rows[-1]["system"] if rows else None
+    if a["no_log"] or not logs.enabled():
+        return None, history, system
+    return cid or logs.new_conversation_id(), history, system
 
 
 def generation_overrides(a: dict) -> dict:
@@ -125,7 +157,7 @@ def _dola_flag(value: Optional[str]):
         raise GenkitError(f"--dola-layers {value!r}: expected low, high or layer indices like 28,30") from None
 
 
-def _generate(lm, resolved, text, system, raw, json_out, want_stats, logprobs) -> None:
+def _generate(lm, resolved, text, system, raw, json_out, want_stats, logprobs, *, history=(), log_to=None) -> None:
     from rich.console import Console
 
     from genkit import presets, render
@@ -136,10 +168,9 @@ def _generate(lm, resolved, text, system, raw, json_out, want_stats, logprobs) -
     assistant = None
     if settings.assistant_model:
         assistant = o.load_model(settings.assistant_model, _assistant_options(lm))
-    gen = Generation(
-        lm, [text], settings, system=system if system is not None else resolved.system, raw=raw,
-        logprobs=logprobs, assistant=assistant,
-    )
+    system = system if system is not None else resolved.system
+    prompt = [*history, {"role": "user", "content": text}] if history else text
+    gen = Generation(lm, [prompt], settings, system=system, raw=raw, logprobs=logprobs, assistant=assistant)
     err = Console(stderr=True, highlight=False)
     if settings.strategy in ("beam", "beam-sampling", "diverse-beam") and err.is_terminal and not json_out:
         err.print(f"[dim]{settings.strategy}: the text appears once the search has finished[/dim]")
@@ -153,9 +184,14 @@ def _generate(lm, resolved, text, system, raw, json_out, want_stats, logprobs) -
                     view.event(ev)
     except KeyboardInterrupt:
         interrupted = True
+    diff = presets.diff_from_defaults(settings.explicit)
+    diff["max_new_tokens"] = settings.max_new_tokens
+    if log_to is not None:
+        from genkit import logs
+
+        logs.record_generation(log_to, "run", gen, model=lm.name, preset=resolved.name, system=system,
+                               history=list(history), prompt=text, settings=diff)
     if json_out:
-        diff = presets.diff_from_defaults(settings.explicit)
-        diff["max_new_tokens"] = settings.max_new_tokens
         print(render.json_record(gen, model_name=lm.name, preset=resolved, prompt=text, settings_diff=diff))
     if want_stats or interrupted:
         reasons = [r.finish_reason for r in gen.results] or ["cancelled"]
