@@ -17,7 +17,7 @@ app = typer.Typer(
     name="genkit",
     help="Generate text with language models on Hugging Face transformers.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # Typer's own: genkit --install-completion / --show-completion
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
