@@ -90,7 +90,18 @@ def _connect(create: bool) -> sqlite3.Connection:
     db.row_factory = sqlite3.Row
     if create:
         db.executescript(SCHEMA)
+        _add_missing_columns(db)
     return db
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    """A log written by an earlier genkit gains the columns added since (left empty there)."""
+    have = {row[1] for row in db.execute("PRAGMA table_info(responses)")}
+    for line in SCHEMA.split("CREATE TABLE IF NOT EXISTS responses (")[1].split(");")[0].splitlines():
+        column = line.strip().rstrip(",")
+        name = column.split(" ")[0]
+        if name and name not in have and "NOT NULL" not in column and "PRIMARY" not in column:
+            db.execute(f"ALTER TABLE responses ADD COLUMN {column}")
 
 
 def warn_once(message: str) -> None:

@@ -31,6 +31,8 @@ def test_completes_presets_and_models(tmp_path):
 
 
 def test_show_completion_script():
+    # Typer's own switch for naming the shell instead of detecting it from the parent process
+    env = {**os.environ, "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
     r = subprocess.run([sys.executable, "-m", "genkit", "--show-completion", "bash"], capture_output=True,
-                       text=True, timeout=60)
+                       text=True, timeout=60, env=env)
     assert r.returncode == 0 and "_GENKIT_COMPLETE=complete_bash" in r.stdout

@@ -116,3 +116,23 @@ def test_logs_commands_import_no_torch(tmp_path, genkit_home):
     r = run_cli("logs", "show", "nope", env=env)
     assert r.returncode == 1
     assert r.stderr == "genkit: error: genkit logs show nope: is not a logged conversation; `genkit logs list` shows the ids\n"
+
+
+def test_log_of_an_earlier_schema_gains_new_columns(tmp_path, monkeypatch):
+    from genkit import logs
+
+    monkeypatch.setenv("GENKIT_HOME", str(tmp_path))
+    logs.db_path().parent.mkdir(parents=True)
+    with sqlite3.connect(logs.db_path()) as db:  # the first schema had no history column
+        db.execute("CREATE TABLE responses (id INTEGER PRIMARY KEY AUTOINCREMENT, conversation_id TEXT NOT NULL,"
+                   " created REAL NOT NULL, command TEXT NOT NULL, model TEXT, preset TEXT, system TEXT,"
+                   " prompt TEXT NOT NULL, answer TEXT NOT NULL, settings TEXT, seed INTEGER, finish_reason TEXT,"
+                   " prompt_tokens INTEGER, completion_tokens INTEGER, timings TEXT)")
+        db.execute("INSERT INTO responses (conversation_id, created, command, prompt, answer) VALUES"
+                   " ('old', 1.0, 'run', 'Hi', 'Hello')")
+    assert logs.record("new", command="chat", model="m", preset=None, system=None, history=[{"role": "user",
+                       "content": "x"}], prompt="p", answer="a", settings={}, seed=1, finish_reason="eos",
+                       prompt_tokens=3, completion_tokens=1, timings={}) == 2
+    assert logs.messages_of(logs.turns("old")) == [{"role": "user", "content": "Hi"},
+                                                   {"role": "assistant", "content": "Hello"}]
+    assert logs.turns("new")[0]["history"] == [{"role": "user", "content": "x"}]
