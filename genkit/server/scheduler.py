@@ -120,8 +120,9 @@ class ServingBatcher(continuous.ContinuousBatcher):
 
     # ------------------------------------------------------------------ one turn of the loop
 
-    def turn(self, waiting: deque) -> list[continuous.JobResult]:
-        """Drop cancelled rows, admit what fits from `waiting`, run one step."""
+    def turn(self, waiting: deque) -> list[tuple[Work, Done]]:
+        """Drop cancelled rows, admit what fits from `waiting`, run one step; the requests
+        that ended, each with its token counts."""
         finished = list(self._cancel_gone())
         if waiting and self._room_for(waiting[0]):
             finished += self._admit(self._take(waiting))
@@ -191,6 +192,16 @@ class ServingBatcher(continuous.ContinuousBatcher):
                 chosen = scores.argmax(dim=-1)
             out[where] = chosen
         return out
+
+    def _results(self, finished):
+        # Every row has streamed its own tokens already (_emit): a request only needs its
+        # counts once its last row has left.
+        for row in finished:
+            active = row.active
+            active.rows_left -= 1
+            if not active.rows_left:
+                tokens = sum(len(st.ids) for st in active.states)
+                yield active.job.work, Done(len(active.job.input_ids), tokens)
 
     def _accept(self, rows, tokens, logits):
         done = super()._accept(rows, tokens, logits)
@@ -327,8 +338,8 @@ class Engine:
                 work.deliver(Done(error=f"generation failed: {type(e).__name__}: {e}"))
             return
         self._taken(before - len(self.batch_queue))
-        for r in results:
-            r.handle.deliver(Done(r.prompt_tokens, r.completion_tokens))
+        for work, done in results:
+            work.deliver(done)
 
     def _run_alone(self, work: Work) -> None:
         gen = Generation(self.lm, [work.prompt], work.settings, system=work.system, raw=work.raw,
