@@ -26,6 +26,7 @@ class JobOptions:
     preset: str | None = None
     generation_config: str | None = None
     params: dict = field(default_factory=dict)  # validated job-level parameters (flags, --set)
+    logprobs: int | None = None  # --logprobs N: every record's token log-probabilities
     vars: dict = field(default_factory=dict)
     system: str | None = None
     raw: bool = False

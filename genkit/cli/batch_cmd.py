@@ -67,6 +67,9 @@ def batch(
     generation_config: o.GenConfig = None,
     set_: o.Set = None,
     var: o.Var = None,
+    logprobs: Annotated[Optional[int], typer.Option(
+        "--logprobs", metavar="N", min=0, max=20, rich_help_panel=J,
+        help="Each token's log-probability and its N (0-20) most likely alternatives in every record.")] = None,
     json_schema: c.JsonSchema = None,
     json_object: c.JsonObject = False,
     regex: c.Regex = None,
@@ -101,7 +104,7 @@ def batch(
         preset=preset, generation_config=generation_config, params=params,
         vars=presets.parse_vars(var or []), system=system, raw=raw, batch_size=batch_size,
         max_batch_tokens=max_batch_tokens, unordered=unordered, strict=strict, overwrite=overwrite,
-        continuous=continuous,
+        continuous=continuous, logprobs=logprobs,
         model_key=_model_key(model, dtype, load_in_4bit, load_in_8bit, quant_type, compute_dtype, native_4bit,
                              native_8bit, int8_activations),
     )

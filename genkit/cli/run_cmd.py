@@ -69,7 +69,9 @@ def run(
     grammar: c.Grammar = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print a summary line on stderr.")] = False,
-    logprobs: Annotated[bool, typer.Option("--logprobs", help="Include token log-probabilities in --json.")] = False,
+    logprobs: Annotated[Optional[int], typer.Option(
+        "--logprobs", metavar="N", min=0, max=20,
+        help="With --json: each token's log-probability and its N (0-20) most likely alternatives.")] = None,
     dtype: o.Dtype = "auto",
     device_map: o.DeviceMap = None,
     load_in_4bit: o.Load4 = False,

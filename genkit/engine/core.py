@@ -39,6 +39,7 @@ class SequenceResult:
     prompt_tokens: int
     logprobs: list[float] | None = None
     complete: bool | None = None  # constrained output: whether the grammar accepts the text
+    alternatives: list[list[tuple[int, float]]] | None = None  # per token, with top_logprobs
 
 
 @dataclass
@@ -95,7 +96,10 @@ class Generation:
         self.turn_cache = turn_cache
         self.settings = settings
         self.streamer = streamer
-        self.want_logprobs = logprobs
+        # logprobs: False / None, True (each token's), or N >= 0: each token's and its N best alternatives
+        self.want_logprobs = logprobs is not None and logprobs is not False
+        self.top_logprobs = 0 if isinstance(logprobs, bool) or not logprobs else int(logprobs)
+        self.alternatives: dict[int, list] = {}
         self.assistant = assistant
         self.templated = prompts_mod.uses_chat(lm, raw)
         self.texts = [prompts_mod.to_text(lm, p, system=system, raw=raw) for p in prompts]
@@ -146,7 +150,8 @@ class Generation:
             warpers=procs.build_warpers(s, device=input_ids.device, beams=s.num_beams > 1),
             watermark=procs.build_watermark(s, vocab_size=vocab, device=input_ids.device),
             tracker=tracker, generators=generators, num_prompts=len(self.texts),
-            want_logprobs=self.want_logprobs, extras={"assistant": self.assistant},
+            want_logprobs=bool(self.want_logprobs), extras={"assistant": self.assistant},
+            top_logprobs=self.top_logprobs,
         )
         ctx.constraint = self._constraint(input_ids.shape[0], vocab)
         self.constraint = ctx.constraint
@@ -157,6 +162,9 @@ class Generation:
             with torch.inference_mode():
                 for proposal in strategy(ctx):
                     for ev in tracker.add(proposal.tokens, proposal.logprobs):
+                        if proposal.alternatives is not None and ev.token_ids:
+                            kept = proposal.alternatives[ev.index][:len(ev.token_ids)]
+                            self.alternatives.setdefault(ev.index, []).extend(kept)
                         self._stream(ev)
                         yield ev
                     if tracker.all_done:
@@ -211,6 +219,7 @@ class Generation:
                 finish_reason=seq.finish_reason or "cancelled", prompt_tokens=self.prompt_lengths[i // n],
                 logprobs=list(seq.logprobs) if self.want_logprobs else None,
                 complete=self._complete(i, seq.finish_reason),
+                alternatives=self.alternatives.get(i, []) if self.top_logprobs else None,
             )
             for i, seq in enumerate(tr.seqs)
         ]
