@@ -50,6 +50,7 @@ class LoadOptions:
     native_4bit: bool = False  # run GGUF Q4_0/Q4_1 weights as they are (genkit/native/q4.py)
     native_8bit: bool = False  # quantise to Q8_0 blocks for genkit's kernels (genkit/native/int8.py)
     int8_activations: bool = False  # native 4-bit: activations as bytes in the layers' products
+    dequantize: bool = False  # a .gguf through transformers (fp32 copy in the cache), not natively
 
 
 @dataclass
@@ -340,11 +341,15 @@ def load(model: str | None = None, options: LoadOptions | None = None, progress=
     dtype = _torch_dtype(opts.dtype)
     device_map = _device_map(opts.device_map)
     quant = _quantization(opts)
-    name, source, location = resolve_source(model, progress)
     if opts.native_4bit and opts.native_8bit:
         raise GenkitError("--native-4bit and --native-8bit exclude each other: choose one")
     if opts.int8_activations and not opts.native_4bit:
         raise GenkitError("--int8-activations applies to --native-4bit's products: add --native-4bit or drop it")
+    if (gguf := _native_gguf(model, opts)) is not None:
+        from genkit.native.gguf_load import load_native
+
+        return load_native(gguf, progress)
+    name, source, location = resolve_source(model, progress)
     if opts.native_4bit:
         return _load_native(model, name, source, location, opts, progress)
     if opts.native_8bit:
@@ -379,6 +384,24 @@ def load(model: str | None = None, options: LoadOptions | None = None, progress=
             progress("quantising to 8 bits")
         lm.model, lm.info = Int8Llama(lm.model), {**lm.info, "mode": "native-8bit"}
     return lm
+
+
+def _native_gguf(model: str | None, opts: LoadOptions) -> Path | None:
+    """The .gguf file to run natively (the default for .gguf files on the CPU), or None: the
+    embedded model, --dequantize, the other native modes, a GPU or bitsandbytes take the
+    dequantised transformers path."""
+    if not model or not model.endswith(".gguf") or opts.dequantize or opts.native_4bit or opts.native_8bit:
+        return None
+    if opts.load_in_4bit or opts.load_in_8bit or opts.device_map not in (None, "cpu"):
+        return None
+    if opts.dtype not in ("auto", "float32", "fp32"):
+        return None
+    path = Path(model).expanduser()
+    if not path.is_file():
+        raise GenkitError(f"GGUF file {model} does not exist; check the path")
+    from genkit.native import kernels
+
+    return path if kernels.available() else None
 
 
 def _refuse_bitsandbytes(opts: LoadOptions, why: str) -> None:

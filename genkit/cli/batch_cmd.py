@@ -74,6 +74,7 @@ def batch(
     native_4bit: o.Native4 = False,
     native_8bit: o.Native8 = False,
     int8_activations: o.Int8Activations = False,
+    dequantize: o.Dequantize = False,
 ) -> None:
     """Run every prompt of a file and write one JSON record per prompt (resumable)."""
     from genkit import batch as B
@@ -100,7 +101,7 @@ def batch(
     lm = None
     if job.needs_model:
         load = o.load_options(dtype, _device_map(device_map, job.state), load_in_4bit, load_in_8bit,
-                              quant_type, compute_dtype, trust_remote_code, native_4bit, native_8bit, int8_activations)
+                              quant_type, compute_dtype, trust_remote_code, native_4bit, native_8bit, int8_activations, dequantize)
         lm = o.load_model(model, load, quiet=quiet or not lead)
     view = Progress(summary, enabled=not quiet and lead)
     try:

@@ -34,6 +34,7 @@ def bench(
     native_4bit: o.Native4 = False,
     native_8bit: o.Native8 = False,
     int8_activations: o.Int8Activations = False,
+    dequantize: o.Dequantize = False,
 ) -> None:
     """Tokens/s, time to first token and memory of genkit and plain transformers generate()."""
     import torch
@@ -48,7 +49,7 @@ def bench(
     if threads:
         torch.set_num_threads(threads)
     opts = o.load_options(dtype, device_map, load_in_4bit, load_in_8bit, quant_type, compute_dtype,
-                          trust_remote_code, native_4bit, native_8bit, int8_activations)
+                          trust_remote_code, native_4bit, native_8bit, int8_activations, dequantize)
     lm = o.load_model(model, opts)
     reference = None
     if native_4bit or native_8bit:

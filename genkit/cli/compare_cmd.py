@@ -39,6 +39,7 @@ def compare(
     native_4bit: o.Native4 = False,
     native_8bit: o.Native8 = False,
     int8_activations: o.Int8Activations = False,
+    dequantize: o.Dequantize = False,
 ) -> None:
     """Run one prompt through several presets on one loaded model and show the answers side by side."""
     from rich.console import Console
@@ -50,7 +51,7 @@ def compare(
     todo = cmp.variants(names, variant or [], preset, common)
     text = o.prompt_from(prompt)
     opts = o.load_options(dtype, device_map, load_in_4bit, load_in_8bit, quant_type, compute_dtype, trust_remote_code,
-                          native_4bit, native_8bit, int8_activations)
+                          native_4bit, native_8bit, int8_activations, dequantize)
     out = Console(highlight=False)
     as_json = json_out or not out.is_terminal
     lm = o.load_model(model, opts)

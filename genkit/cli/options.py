@@ -39,6 +39,10 @@ Int8Activations = Annotated[bool, typer.Option(
     "--int8-activations", rich_help_panel=MODEL_PANEL,
     help="With --native-4bit: quantise activations to 8 bits per block of 32, as llama.cpp does "
          "(faster; greedy output can drift from the fp32 path).")]
+Dequantize = Annotated[bool, typer.Option(
+    "--dequantize", rich_help_panel=MODEL_PANEL,
+    help="Load a .gguf through transformers as a float copy in genkit's cache (GPU, --device-map, "
+         "bitsandbytes) instead of running its blocks natively on the CPU.")]
 
 Preset = Annotated[Optional[str], typer.Option(
     "--preset", "-p", rich_help_panel=GEN_PANEL, help="Preset name or YAML file (`genkit presets list`).")]
@@ -51,13 +55,14 @@ Var = Annotated[Optional[list[str]], typer.Option(
 
 
 def load_options(dtype, device_map, load_in_4bit, load_in_8bit, quant_type, compute_dtype, trust_remote_code,
-                 native_4bit=False, native_8bit=False, int8_activations=False):
+                 native_4bit=False, native_8bit=False, int8_activations=False, dequantize=False):
     from genkit.models import LoadOptions
 
     return LoadOptions(
         dtype=dtype, device_map=device_map, load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
         quant_type=quant_type, compute_dtype=compute_dtype, trust_remote_code=trust_remote_code,
         native_4bit=native_4bit, native_8bit=native_8bit, int8_activations=int8_activations,
+        dequantize=dequantize,
     )
 
 

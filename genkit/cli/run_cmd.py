@@ -67,6 +67,7 @@ def run(
     native_4bit: o.Native4 = False,
     native_8bit: o.Native8 = False,
     int8_activations: o.Int8Activations = False,
+    dequantize: o.Dequantize = False,
 ) -> None:
     """Generate from one prompt and stream the answer."""
     from genkit import params as P
@@ -92,7 +93,7 @@ def run(
     resolved = presets.resolve(preset, generation_config, overrides, presets.parse_vars(var or []))
     text = presets.render_prompt(resolved, o.prompt_from(prompt))
     opts = o.load_options(dtype, device_map, load_in_4bit, load_in_8bit, quant_type, compute_dtype, trust_remote_code,
-                          native_4bit, native_8bit, int8_activations)
+                          native_4bit, native_8bit, int8_activations, dequantize)
 
     lm = o.load_model(model, opts)
     _generate(lm, resolved, text, system, raw, json_out, stats, logprobs)
