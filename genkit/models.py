@@ -234,6 +234,8 @@ def cached_entries(full: bool = False) -> list[dict]:
             "size": size,
             "path": str(entry),
             "state": "ok" if problem is None else f"broken: {problem}",
+            # a native GGUF entry (index, config, tokenizer): what the file holds
+            **({"architecture": info["architecture"], "types": info.get("types", {})} if "architecture" in info else {}),
         })
     return rows
 

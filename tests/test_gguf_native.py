@@ -117,3 +117,33 @@ def test_unknown_architecture_is_refused(tmp_path):
     writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
     with pytest.raises(GenkitError, match="architecture 'mamba' does not run natively"):
         GGUFDecoder(path, None, None)
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory):
+    model = gguf_writer.random_model(gguf_writer.tiny_config("qwen3", head_dim=128, num_hidden_layers=1))
+    return gguf_writer.write(model, tmp_path_factory.mktemp("bad") / "tiny.gguf", "Q8_0")
+
+
+def _native_entries(home):
+    return sorted((home / "cache" / "models").glob("*native*")) if (home / "cache" / "models").is_dir() else []
+
+
+def test_file_without_tokenizer_fails_cleanly(tiny_file, genkit_home):
+    from conftest import run_cli
+
+    before = _native_entries(genkit_home)
+    r = run_cli("run", "--model", str(tiny_file), "Hi")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "tiny.gguf has no tokenizer in its metadata" in r.stderr
+    assert _native_entries(genkit_home) == before  # nothing half-written left in the cache
+
+
+def test_truncated_file_fails_cleanly(tiny_file, tmp_path, genkit_home):
+    from conftest import run_cli
+
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny_file.read_bytes()[: tiny_file.stat().st_size // 2])
+    r = run_cli("run", "--model", str(cut), "Hi")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "cut.gguf" in r.stderr and ("corrupt GGUF" in r.stderr or "truncated" in r.stderr)

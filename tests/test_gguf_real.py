@@ -43,3 +43,11 @@ def test_native_greedy_equals_dequantised_fp32(gemma):
         with torch.no_grad():
             theirs = ref.generate(**batch, do_sample=False, max_new_tokens=16, min_new_tokens=16)
     assert torch.equal(torch.cat(ours, 1), theirs[:, batch.input_ids.shape[1]:])
+
+
+def test_models_lists_architecture_and_types(gemma):
+    models.load(str(gemma))  # makes the entry (index, config, tokenizer) if a test before did not
+    rows = [r for r in models.cached_entries() if r["source"] == str(gemma)]
+    assert len(rows) == 1 and rows[0]["state"] == "ok" and rows[0]["architecture"] == "gemma3"
+    assert set(rows[0]["types"]) == {"F32", "Q4_K", "Q5_0", "Q6_K", "Q8_0"}
+    assert rows[0]["size"] < 60_000_000  # config, tokenizer and index: no copy of the weights

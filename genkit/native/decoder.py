@@ -59,25 +59,44 @@ def _unpermute_rows(n_rows: int, n_head: int) -> np.ndarray:
     return np.arange(n_rows).reshape(n_head, dim, 2).swapaxes(1, 2).reshape(-1)
 
 
-def _rope_tables(config, layer_type: str | None, positions: int):
-    """cos and sign-folded sin tables (positions, head_dim) as transformers computes them for
-    this layer type (its own base and scaling: llama3, linear, yarn... via transformers)."""
+def _inverse_frequencies(config, layer_type: str | None):
+    """(inverse frequencies, attention factor) of the rotary embedding as transformers computes
+    them for this layer type (its own base, and scaling: llama3, linear, yarn... via transformers)."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     params = config.rope_parameters or {}
-    if layer_type is not None and layer_type in params:
+    keyed = layer_type is not None and layer_type in params
+    if keyed:
         params = params[layer_type]
     rope_type = params.get("rope_type", "default")
-    if rope_type == "default":
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
-        inv = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-        factor = 1.0
-    else:
-        kwargs = {"layer_type": layer_type} if layer_type in (config.rope_parameters or {}) else {}
-        inv, factor = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"), **kwargs)
-    freqs = torch.outer(torch.arange(positions, dtype=torch.float32), inv.float())
-    return torch.cat([freqs, freqs], -1).cos() * factor, torch.cat([-freqs, freqs], -1).sin() * factor
+    if rope_type != "default":
+        inv, factor = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"), **({"layer_type": layer_type} if keyed else {}))
+        return inv.float(), float(factor)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+    return 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)), 1.0
+
+
+class RopeTable:
+    """cos and sign-folded sin (positions, head_dim) of one layer type, computed for the positions
+    in use and extended by doubling (a 32k-position table for every model costs a second at load)."""
+
+    def __init__(self, config, layer_type: str | None, limit: int):
+        self.inv, self.factor = _inverse_frequencies(config, layer_type)
+        self.limit = limit
+        self._extend(min(limit, 1024))
+
+    def _extend(self, length: int) -> None:
+        freqs = torch.outer(torch.arange(length, dtype=torch.float32), self.inv)
+        self.cos = torch.cat([freqs, freqs], -1).cos() * self.factor
+        self.sin = torch.cat([-freqs, freqs], -1).sin() * self.factor
+
+    def __call__(self, positions: torch.Tensor):
+        """(cos, sin) rows for `positions` (any shape), each (..., 1, head_dim) to broadcast over heads."""
+        need = int(positions.max()) + 1
+        if need > self.cos.shape[0]:
+            self._extend(max(need, min(2 * self.cos.shape[0], self.limit)))
+        return self.cos[positions].unsqueeze(-2), self.sin[positions].unsqueeze(-2)
 
 
 class GGUFDecoder(DecodeLlama):
@@ -85,8 +104,8 @@ class GGUFDecoder(DecodeLlama):
 
     mode = "gguf-native"
 
-    def __init__(self, path: Path, config, generation_config):
-        self.file = f = GGUFFile(path)
+    def __init__(self, path: Path, config, generation_config, index: dict | None = None):
+        self.file = f = GGUFFile(path, index)
         arch = f.architecture
         if arch not in SPECS:
             raise GenkitError(f"{path.name}: architecture {arch!r} does not run natively (genkit runs "
@@ -115,8 +134,12 @@ class GGUFDecoder(DecodeLlama):
         """One cos/sin table per layer type (gemma: local and global bases)."""
         length = config.max_position_embeddings
         types = set(getattr(config, "layer_types", None) or [None])
-        self.tables = {t: _rope_tables(config, t, length) for t in types}
-        self.cos, self.sin_signed = self.tables[next(iter(self.tables))]
+        self.tables = {t: RopeTable(config, t, length) for t in types}
+        # DecodeLlama's forward (plain llama stacks) reads whole tables: those models get them in full
+        first = next(iter(self.tables.values()))
+        if self.spec.plain:
+            first._extend(length)
+        self.cos, self.sin_signed = first.cos, first.sin
 
     def _layer(self, i: int) -> dict:
         f, spec, p = self.file, self.spec, f"blk.{i}."
@@ -159,7 +182,7 @@ class GGUFDecoder(DecodeLlama):
         hq, hk, d = self.n_heads, self.n_kv, self.head_dim
         half, end = d // 2, start + n
         masks = {t: self._mask(attention_mask, n, t) for t in set(self.layer_types)}
-        rotations = {t: (cos[positions].unsqueeze(2), sin[positions].unsqueeze(2)) for t, (cos, sin) in self.tables.items()}
+        rotations = {t: table(positions) for t, table in self.tables.items()}
         states = []
         for i, L in enumerate(self.layers):
             if hidden:

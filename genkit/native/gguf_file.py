@@ -22,33 +22,63 @@ UNSUPPORTED_HINT = ("genkit runs F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 an
                     "use a file in one of those (e.g. a Q4_K_M or Q8_0 download), or add --dequantize")
 
 
-class GGUFFile:
-    """The tensors of one .gguf file by name, and its metadata fields."""
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor lies in the file and what it holds (GGUF's dimension order: fastest first)."""
 
-    def __init__(self, path: Path):
-        from gguf import GGUFReader
-
-        self.path = path
-        try:
-            self.reader = GGUFReader(str(path), "c")
-        except Exception as e:  # gguf raises many kinds for truncated or damaged files
-            raise GenkitError(f"{path} is a corrupt GGUF file ({type(e).__name__}: {e}); download it again") from None
-        self.tensors = {t.name: t for t in self.reader.tensors}
-
-    def field(self, key: str, default=None):
-        """A metadata value (a string, a number or a list), or `default`."""
-        f = self.reader.fields.get(key)
-        if f is None:
-            return default
-        values = f.contents()
-        return values
+    name: str
+    kind: str  # the GGML type's name: Q4_K, F32...
+    dims: tuple[int, ...]
+    offset: int
+    nbytes: int
 
     @property
-    def architecture(self) -> str:
-        return str(self.field("general.architecture", "?"))
+    def tensor_type(self):
+        from gguf import GGMLQuantizationType
+
+        return GGMLQuantizationType[self.kind]
+
+
+def read_index(path: Path) -> dict:
+    """The file's tensors and the metadata genkit needs, parsed by gguf's reader (seconds for
+    a large vocabulary: gguf_load.py keeps the result in genkit's cache)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path), "r")
+    except Exception as e:  # gguf raises many kinds for truncated or damaged files
+        raise GenkitError(f"{path} is a corrupt GGUF file ({type(e).__name__}: {e}); download it again") from None
+    arch = reader.fields.get("general.architecture")
+    return {
+        "architecture": str(arch.contents()) if arch is not None else "?",
+        "has_tokenizer": "tokenizer.ggml.model" in reader.fields,
+        "tensors": [[t.name, t.tensor_type.name, [int(x) for x in t.shape], int(t.data_offset), int(t.n_bytes)]
+                    for t in reader.tensors],
+    }
+
+
+class GGUFFile:
+    """The tensors of one .gguf file by name, over one copy-on-write map of the whole file."""
+
+    def __init__(self, path: Path, index: dict | None = None):
+        self.path = path
+        self.index = index or read_index(path)
+        self.architecture = self.index["architecture"]
+        self.tensors = {row[0]: TensorInfo(row[0], row[1], tuple(row[2]), row[3], row[4])
+                        for row in self.index["tensors"]}
+        self.map = np.memmap(path, mode="c", dtype=np.uint8)
+        if any(t.offset + t.nbytes > self.map.shape[0] for t in self.tensors.values()):
+            raise GenkitError(f"{path} is shorter than its tensors need (truncated); download it again")
+
+    def types(self) -> dict[str, int]:
+        """How many tensors of each GGML type the file holds."""
+        counts: dict[str, int] = {}
+        for t in self.tensors.values():
+            counts[t.kind] = counts.get(t.kind, 0) + 1
+        return dict(sorted(counts.items()))
 
     def type_of(self, name: str) -> str:
-        return self.tensors[name].tensor_type.name
+        return self.tensors[name].kind
 
     def check_types(self, names) -> None:
         """One clear error for the first tensor of a type genkit's kernels cannot multiply."""
@@ -58,12 +88,18 @@ class GGUFFile:
                 raise GenkitError(f"{self.path.name}: tensor {name} is {kind}, which genkit cannot run natively; "
                                   f"{UNSUPPORTED_HINT}")
 
+    def data(self, name: str) -> np.ndarray:
+        """The tensor's bytes as (rows, bytes per row) uint8, a view of the mapped file."""
+        t = self.tensors[name]
+        rows = int(np.prod(t.dims[1:])) if len(t.dims) > 1 else 1
+        return self.map[t.offset:t.offset + t.nbytes].reshape(rows, -1)
+
     def floats(self, name: str) -> torch.Tensor:
         """A small tensor (a norm or a bias) as float32, in transformers' (out, in) shape."""
         from gguf.quants import dequantize
 
         t = self.tensors[name]
-        values = dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32)
+        values = dequantize(self.data(name), t.tensor_type).astype(np.float32)
         return torch.from_numpy(np.ascontiguousarray(values)).reshape(shape(t))
 
     def part(self, name: str, rows: np.ndarray | None = None) -> tuple[torch.Tensor, int, int, int]:
@@ -71,23 +107,22 @@ class GGUFFile:
         the mapped bytes themselves, or a torch view of F32 / BF16 data. `rows` reorders the
         output rows (a copy of this one tensor, in its own format)."""
         t = self.tensors[name]
-        kind = t.tensor_type.name
         out_features, in_features = shape(t)
-        data = np.asarray(t.data)
+        data = self.data(name)
         if rows is not None:
-            data = np.ascontiguousarray(data.reshape(out_features, -1)[rows])
-        if kind == "F32":
+            data = np.ascontiguousarray(data[rows])
+        if t.kind == "F32":
             tensor = torch.from_numpy(data.view(np.float32).reshape(out_features, in_features))
-        elif kind == "BF16":
-            tensor = torch.from_numpy(data.view(np.uint16).reshape(out_features, in_features)).view(torch.bfloat16)
+        elif t.kind == "BF16":
+            tensor = torch.from_numpy(data.view(np.int16).reshape(out_features, in_features)).view(torch.bfloat16)
         else:
-            tensor = torch.from_numpy(data.view(np.uint8).reshape(-1))
-        return tensor, kernels.FORMATS[kind].code, in_features, out_features
+            tensor = torch.from_numpy(data.reshape(-1))
+        return tensor, kernels.FORMATS[t.kind].code, in_features, out_features
 
 
-def shape(t) -> tuple[int, ...]:
+def shape(t: TensorInfo) -> tuple[int, ...]:
     """A GGUF tensor's shape in transformers' order (GGUF lists the fastest dimension first)."""
-    return tuple(int(x) for x in reversed(t.shape)) if len(t.shape) > 1 else (int(t.shape[0]),)
+    return tuple(reversed(t.dims))
 
 
 @dataclass
@@ -126,7 +161,7 @@ class EmbeddingRows:
     def __init__(self, f: GGUFFile, name: str, scale: float | None = None):
         t = f.tensors[name]
         self.kind = t.tensor_type
-        self.rows = np.asarray(t.data).view(np.uint8).reshape(shape(t)[0], -1)
+        self.rows = f.data(name)
         self.width = shape(t)[1]
         self.scale = scale
 
