@@ -29,3 +29,17 @@ def did_you_mean(word: str, choices) -> str:
 
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def shorten(text: str, limit: int = 80) -> str:
+    """User data inside a message, bounded: a huge value must not become a huge line."""
+    return text if len(text) <= limit else f"{text[:limit - 25]}... ({len(text)} characters)"
+
+
+def shown(value) -> str:
+    """repr() of user data, bounded (see `shorten`)."""
+    try:
+        text = repr(value)
+    except Exception:  # a value so deep that repr() itself fails
+        text = f"<{type(value).__name__}>"
+    return shorten(text)

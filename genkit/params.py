@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from genkit.errors import GenkitError, did_you_mean
+from genkit.errors import GenkitError, did_you_mean, shorten, shown
 
 # Used when neither a preset, a flag nor the model says how long to generate: long enough to
 # be useful, and the finish reason "length" tells the user when it was the limit that stopped.
@@ -212,7 +212,7 @@ def check_param(name: str, value: Any, where: str) -> tuple[str, Any]:
     try:
         return name, _check(PARAMS[name].kind, value)
     except ValueError as e:
-        raise GenkitError(f"{where}: bad value {value!r} for '{name}': {e}") from None
+        raise GenkitError(f"{where}: bad value {shown(value)} for '{name}': {shorten(str(e))}") from None
 
 
 def check_params(values: dict, where: str) -> dict:

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from genkit import params as P
-from genkit import paths
+from genkit import errors, paths
 from genkit.errors import GenkitError, did_you_mean
 
 PRESET_KEYS = {"description", "extends", "system", "template", "vars", "generation"}
@@ -37,6 +37,23 @@ IGNORED_CONFIG_KEYS = {
     "output_scores", "output_logits", "output_attentions", "output_hidden_states", "max_length",
     "min_length", "cache_implementation",
 }
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """yaml.safe_load without aliases: `*a` repeats a node, and nested repeats grow
+    exponentially (a 523-byte file took 2.4 GB). genkit's files never need them."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed in genkit's files: write the value out", mark)
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str):
+    """A YAML document as plain data, refusing aliases (see _NoAliasLoader)."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
 @dataclass
@@ -58,6 +75,20 @@ def _is_path(ref: str) -> bool:
     return ref.endswith((".yaml", ".yml")) or "/" in ref
 
 
+def read_text(path: Path, what: str) -> str:
+    """A UTF-8 text file (a BOM allowed), or one line that says what is wrong with it."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise GenkitError(f"cannot read {what} {path}: {e.strerror}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise GenkitError(f"{what} {path}: line {line} is not valid UTF-8 (byte 0x{data[e.start]:02x}): "
+                          "save the file as UTF-8") from None
+
+
 def _preset_files() -> dict[str, Path]:
     """Every named preset, user presets shadowing built-in ones of the same name."""
     found: dict[str, Path] = {}
@@ -73,12 +104,9 @@ def available() -> dict[str, Path]:
 
 
 def _read_yaml(path: Path) -> dict:
+    text = read_text(path, "preset file")
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise GenkitError(f"cannot read preset file {path}: {e.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -121,10 +149,23 @@ def _parse(name: str, path: Path, data: dict) -> tuple[Preset, str | None]:
 
 
 def _template_fields(template: str, where: str) -> list[str]:
+    """The variables a template names. Only plain `{name}` fields are allowed: a positional
+    `{}`, an attribute or index (`{prompt.x}`), a conversion (`{prompt!r}`) or a format spec
+    (`{prompt:>99999999}`) would fail, or allocate without bound, only when the prompt is filled in."""
     try:
-        return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        fields = list(string.Formatter().parse(template))
     except ValueError as e:
         raise GenkitError(f"{where}: bad template: {e} (write {{{{ and }}}} for literal braces)") from None
+    names = []
+    for _, name, spec, conversion in fields:
+        if name is None:
+            continue
+        if not name.isidentifier() or spec or conversion:
+            shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise GenkitError(f"{where}: template field {errors.shorten(shown)} is not a plain {{name}}: use "
+                              "{prompt} or a variable's name, and {{ and }} for literal braces")
+        names.append(name)
+    return names
 
 
 def load(ref: str) -> Preset:
@@ -180,11 +221,11 @@ def read_generation_config(path: str) -> dict:
         p = p / "generation_config.json"
     if not p.is_file():
         raise GenkitError(f"generation config {path} does not exist; pass a .json or .yaml file")
-    text = p.read_text(encoding="utf-8")
+    text = read_text(p, "generation config")
     try:
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if p.suffix == ".json" else load_yaml(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise GenkitError(f"{p}: malformed generation config: {str(e).splitlines()[0]}") from None
+        raise GenkitError(f"{p}: malformed generation config: {errors.shorten(str(e).splitlines()[0])}") from None
     if not isinstance(data, dict):
         raise GenkitError(f"{p}: a generation config must be a mapping of parameter: value")
     data = {k: v for k, v in data.items() if k not in IGNORED_CONFIG_KEYS}
@@ -201,19 +242,20 @@ def parse_set(items: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise GenkitError(f"--set {item!r}: expected key=value, e.g. --set repetition_penalty=1.2")
+            raise GenkitError(f"--set {errors.shown(item)}: expected key=value, e.g. --set repetition_penalty=1.2")
         kind = P.PARAMS.get(P.ALIASES.get(key, key))
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
+            value = load_yaml(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
             value = None if not kind or not kind.kind.startswith("str") else raw
             if value is None:
-                raise GenkitError(f"--set {item!r}: cannot read the value {raw!r}") from None
+                problem = getattr(e, "problem", None) or "not YAML"
+                raise GenkitError(f"--set {errors.shown(item)}: cannot read the value ({problem})") from None
         # Text parameters take the text as typed ('###' is a YAML comment, '1' a number).
         if kind and kind.kind.startswith("str") and raw and not isinstance(value, list):
             value = raw
         if value is None:
-            raise GenkitError(f"--set {item!r}: missing value after '='")
+            raise GenkitError(f"--set {errors.shown(item)}: missing value after '='")
         k, v = P.check_param(key, value, f"--set {key}")
         out[k] = v
     return out
@@ -224,7 +266,7 @@ def parse_vars(items: list[str]) -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise GenkitError(f"--var {item!r}: expected name=value, e.g. --var target=French")
+            raise GenkitError(f"--var {errors.shown(item)}: expected name=value, e.g. --var target=French")
         out[key.strip()] = value
     return out
 

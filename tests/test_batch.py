@@ -211,7 +211,7 @@ def test_txt_to_stdout_in_input_order(tiny_dir, prompts_txt):
     assert [r["id"] for r in recs] == [1, 3, 4, 5]
     first = recs[0]
     assert set(first) == {"id", "text", "finish_reason", "prompt_tokens", "completion_tokens", "model",
-                          "preset", "strategy", "params", "seed", "timings"}
+                          "preset", "strategy", "params", "seed", "timings", "fingerprint"}
     assert first["completion_tokens"] == 5 and first["finish_reason"] == "length"
     assert first["prompt_tokens"] == 2 and first["strategy"] == "greedy" and first["preset"] == "default"
     assert first["params"] == {"max_new_tokens": 5, "suppress_tokens": [2]}

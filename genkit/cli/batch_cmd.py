@@ -1,12 +1,14 @@
 """`genkit batch`: a file of prompts in, one JSON record per prompt out; resumable.
 
 The command parses flags, loads the model only when something is left to run, shows progress
-on stderr and prints the summary; genkit/batch.py decides everything else.
+on stderr and prints the summary; genkit/batch/ decides everything else.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 import time
 from typing import Annotated, Optional
@@ -90,8 +92,12 @@ def batch(
         vars=presets.parse_vars(var or []), system=system, raw=raw, batch_size=batch_size,
         max_batch_tokens=max_batch_tokens, unordered=unordered, strict=strict, overwrite=overwrite,
         continuous=continuous,
+        model_key=_model_key(model, dtype, load_in_4bit, load_in_8bit, quant_type, compute_dtype, native_4bit,
+                             native_8bit, int8_activations),
     )
     job = B.prepare(opts)
+    for note in job.notes:
+        print(f"genkit: {note}", file=sys.stderr)
     summary = job.summary
     lead = summary.rank == 0
     lm = None
@@ -100,15 +106,43 @@ def batch(
         lm = o.load_model(model, load, quiet=quiet or not lead)
     view = Progress(summary, enabled=not quiet and lead)
     try:
-        with view:
+        with view, _sigterm_interrupts():
             B.execute(job, lm, on_update=view.update)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print(summary_line(job, interrupted=True), file=sys.stderr)
-        raise SystemExit(130)
+        raise SystemExit(143 if isinstance(e, Terminated) else 130)
     print(summary_line(job), file=sys.stderr)
     failed = job.final_failed if job.final_failed is not None else summary.failed
     if failed or summary.failed:
         raise SystemExit(1)
+
+
+def _model_key(model, *load_flags) -> str:
+    """The model and the load options that change its text: part of every record's fingerprint,
+    so that resuming with another model recomputes nothing silently."""
+    import json
+
+    return json.dumps([model or "embedded", *load_flags])
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: stop as Ctrl-C does (records written stay, the summary says how to resume)."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    def stop(signum, frame):
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread (an embedding program): leave its handlers alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _device_map(device_map: Optional[str], state) -> Optional[str]:

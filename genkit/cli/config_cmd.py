@@ -34,6 +34,9 @@ def save(
     resolved = presets.resolve(preset, generation_config, presets.parse_set(set_ or []))
     if not name.endswith(".json"):
         raise GenkitError(f"--name {name}: a generation config file name ends in .json")
+    if Path(name).name != name or name.startswith("."):
+        raise GenkitError(f"--name {name}: a plain file name (no directory, no leading dot) that is written "
+                          "inside DIRECTORY; put the directory in the argument instead")
     target = Path(directory).expanduser()
     if target.exists() and not target.is_dir():
         raise GenkitError(f"{directory} is not a directory")

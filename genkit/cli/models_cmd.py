@@ -21,14 +21,19 @@ def _size(n: int) -> str:
     return str(n)
 
 
-def list_models(json_out: Annotated[bool, typer.Option("--json", help="One JSON object per model.")] = False) -> None:
+def list_models(
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per model.")] = False,
+    check: Annotated[bool, typer.Option(
+        "--check", help="Hash every file against its manifest (files unchanged since their last check are "
+                        "otherwise trusted).")] = False,
+) -> None:
     """Models in genkit's cache: name, source, size, state."""
     from rich.console import Console
     from rich.table import Table
 
     from genkit import models
 
-    rows = models.cached_entries()
+    rows = models.cached_entries(full=check)
     if json_out:
         for r in rows:
             print(json.dumps(r))

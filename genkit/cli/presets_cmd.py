@@ -26,11 +26,16 @@ def list_presets(
     from rich.table import Table
 
     from genkit import paths, presets
+    from genkit.errors import GenkitError
 
     rows = []
     for name, path in sorted(presets.available().items()):
-        p = presets.load(name)
         origin = "user" if path.parent == paths.user_presets_dir() else "built-in"
+        try:
+            p = presets.load(name)
+        except GenkitError as e:  # one broken file must not hide the others
+            rows.append({"name": name, "strategy": "-", "description": f"broken: {e.message}", "source": origin})
+            continue
         rows.append({"name": name, "strategy": p.strategy, "description": p.description, "source": origin})
     if json_out:
         for r in rows:

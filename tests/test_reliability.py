@@ -1,0 +1,289 @@
+"""Failure probes: what a careless or hostile user does to genkit must lose nothing, replace
+nothing that is not genkit's, and cost one clear line (issue 20).
+
+Everything happens inside the test's temporary directory; files are small; a full disk is
+simulated (ENOSPC raised by a patched write) rather than made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+
+from test_batch import NO_EOS, cli, one_thread, records, write_jsonl  # noqa: F401 (autouse fixture)
+
+from genkit import batch as B
+
+
+def rows(n: int = 3, prefix: str = "Tell me about") -> list[dict]:
+    return [{"id": f"r{i}", "prompt": f"{prefix} number {i}"} for i in range(n)]
+
+
+# ---------------------------------------------------------------- 1. only genkit's output is replaced
+
+
+@pytest.mark.parametrize("content", [
+    b'{"name": "data"}',  # one JSON line without a newline: once cut off as a "half record"
+    b'just some notes',
+    b'\x89PNG\r\n\x1a\n\x00\x00',  # binary
+    b'{"id": 1}\n',  # JSON with an id, but no text and no error: not a batch record
+])
+def test_a_file_that_is_not_genkits_output_is_never_cut_or_replaced(tmp_path, content):
+    src = write_jsonl(tmp_path / "in.jsonl", rows(2))
+    important = tmp_path / "important.json"
+    important.write_bytes(content)
+    code, _, err = cli("batch", src, "-o", important, "--model", tmp_path / "no-model-needed")
+    assert code == 1 and "not a genkit batch record" in err and "--overwrite" in err
+    assert err.count("\n") == 1
+    assert important.read_bytes() == content
+
+
+def test_overwrite_does_replace_a_foreign_file(tiny_dir, tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", rows(2))
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(b'{"name": "data"}')
+    code, _, err = cli("batch", src, "-o", out, "--model", tiny_dir, "-n", "2", "--overwrite", *NO_EOS)
+    assert code == 0, err
+    assert [r["id"] for r in records(out)] == ["r0", "r1"]
+
+
+# ---------------------------------------------------------------- 2. devices, pipes and links
+
+
+def test_a_symlink_output_is_written_through_never_replaced(tiny_dir, tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", rows(2))
+    real = tmp_path / "data" / "answers.jsonl"
+    real.parent.mkdir()
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(real)
+    args = ["--model", tiny_dir, "-n", "2", *NO_EOS]
+    assert cli("batch", src, "-o", link, *args)[0] == 0
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert [r["id"] for r in records(real)] == ["r0", "r1"]
+    code, _, err = cli("batch", src, "-o", link, *args)  # resumes through the link
+    assert code == 0 and "2 skipped" in err and link.is_symlink()
+    assert sorted(p.name for p in real.parent.iterdir()) == ["answers.jsonl"]
+
+
+def test_a_device_behind_a_symlink_is_written_as_a_stream(tiny_dir, tmp_path):
+    # /dev/null through a link in the test's own directory: if genkit ever replaced it again,
+    # it would replace this link, not the system's /dev/null.
+    src = write_jsonl(tmp_path / "in.jsonl", rows(2))
+    null = tmp_path / "null"
+    null.symlink_to("/dev/null")
+    code, out, err = cli("batch", src, "-o", null, "--model", tiny_dir, "-n", "2", *NO_EOS)
+    assert code == 0, err
+    assert "is not a regular file: records are written to it as a stream" in err
+    assert null.is_symlink() and stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    assert out == "" and sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "null"]
+
+
+def test_a_fifo_output_receives_the_records(tiny_dir, tmp_path):
+    import threading
+
+    src = write_jsonl(tmp_path / "in.jsonl", rows(2))
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(open(fifo, "rb").read()), daemon=True)
+    reader.start()
+    code, _, err = cli("batch", src, "-o", fifo, "--model", tiny_dir, "-n", "2", *NO_EOS)
+    reader.join(timeout=60)
+    assert code == 0, err
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert [json.loads(line)["id"] for line in got[0].splitlines()] == ["r0", "r1"]
+
+
+# ---------------------------------------------------------------- 3. resume keeps only matching work
+
+
+def test_resume_refuses_output_made_from_other_prompts_or_settings(tiny_dir, tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", rows(3))
+    out = tmp_path / "out.jsonl"
+    args = ["--model", tiny_dir, "-n", "3", "--sample", "--seed", "1", *NO_EOS]
+    assert cli("batch", src, "-o", out, *args)[0] == 0
+    before = out.read_bytes()
+    assert all(len(r["fingerprint"]) == 16 for r in records(out))
+
+    changed_prompts = write_jsonl(tmp_path / "other.jsonl", rows(3, prefix="Write a poem about"))
+    for argv in (
+        [src, "-o", out, *args, "-n", "4"],  # another length
+        [src, "-o", out, *args, "--seed", "2"],  # another seed for sampled records
+        [src, "-o", out, *args, "--preset", "precise"],  # another preset
+        [changed_prompts, "-o", out, *args],  # same ids, other prompts
+        [src, "-o", out, *args, "--system", "Be brief."],
+    ):
+        code, _, err = cli("batch", *argv)
+        assert code == 1, argv
+        assert "made from other prompts or settings" in err and "--overwrite" in err, err
+        assert out.read_bytes() == before
+    code, _, err = cli("batch", src, "-o", out, *args)  # the same job: everything is done
+    assert code == 0 and "0 done, 0 failed, 3 skipped" in err
+    code, _, err = cli("batch", changed_prompts, "-o", out, *args, "--overwrite")
+    assert code == 0 and "3 done" in err
+
+
+def test_greedy_resume_ignores_the_seed_and_openai_output_carries_the_fingerprint(tiny_dir, tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", rows(2))
+    out = tmp_path / "out.jsonl"
+    args = ["--model", tiny_dir, "-n", "2", "--output-format", "openai", *NO_EOS]
+    assert cli("batch", src, "-o", out, *args)[0] == 0
+    assert all(r["response"]["body"]["system_fingerprint"].startswith("genkit-") for r in records(out))
+    code, _, err = cli("batch", src, "-o", out, *args, "--seed", "5")  # greedy: the seed changes nothing
+    assert code == 0 and "2 skipped" in err
+    code, _, err = cli("batch", src, "-o", out, *args, "-n", "3")
+    assert code == 1 and "made from other prompts or settings" in err
+
+
+def test_a_hard_link_to_the_input_is_the_input(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", rows(2))
+    out = tmp_path / "out.jsonl"
+    os.link(src, out)
+    code, _, err = cli("batch", src, "-o", out, "--model", tmp_path / "no-model-needed")
+    assert code == 1 and "is the input file" in err
+    assert out.read_bytes() == src.read_bytes()
+
+
+# ---------------------------------------------------------------- 4. one job per OUTPUT
+
+
+def test_a_second_job_on_the_same_output_is_refused_and_names_the_holder(tiny_dir, tmp_path):
+    from genkit.batch.lock import OutputLock
+
+    src = write_jsonl(tmp_path / "in.jsonl", rows(2))
+    out = tmp_path / "out.jsonl"
+    args = ["--model", tiny_dir, "-n", "2", *NO_EOS]
+    assert cli("batch", src, "-o", out, *args)[0] == 0
+    before = out.read_bytes()
+    first = OutputLock(out.resolve())  # a job still running on OUTPUT
+    first.acquire()
+    try:
+        code, _, err = cli("batch", src, "-o", out, "--overwrite", *args)
+        assert code == 1 and f"being written by another genkit batch (process {os.getpid()}" in err
+        assert out.read_bytes() == before
+    finally:
+        first.release()
+    assert cli("batch", src, "-o", out, "--overwrite", *args)[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]  # no lock file left
+
+
+# ---------------------------------------------------------------- 5. the model cache
+
+
+def _fake_entry(root):
+    """A small cache entry: a real safetensors file and a config, with its manifest."""
+    import torch
+    from safetensors.torch import save_file
+
+    from genkit import models
+
+    entry = root / "cache" / "models" / "tiny-entry"
+    entry.mkdir(parents=True)
+    save_file({"w": torch.arange(4096, dtype=torch.float32)}, str(entry / "model.safetensors"))
+    (entry / "config.json").write_text('{"model_type": "llama"}')
+    models.write_manifest(entry, "test.gguf")
+    return entry
+
+
+def test_a_cache_entry_changed_inside_its_data_is_broken_not_ok(tmp_path, monkeypatch):
+    from genkit import models
+
+    monkeypatch.setenv("GENKIT_HOME", str(tmp_path))
+    entry = _fake_entry(tmp_path)
+    assert models.check_entry(entry) is None
+    assert [r["state"] for r in models.cached_entries()] == ["ok"]
+    with open(entry / "model.safetensors", "r+b") as fh:  # same size, header intact
+        fh.seek(-100, os.SEEK_END)
+        fh.write(b"\xff" * 8)
+    assert "model.safetensors does not match its hash" in models.check_entry(entry)
+    code, out, _ = cli("models", "--json")
+    assert code == 0 and "does not match its hash" in json.loads(out)["state"]
+
+
+def test_models_check_hashes_files_whose_stat_did_not_change(tmp_path, monkeypatch):
+    from genkit import models
+
+    monkeypatch.setenv("GENKIT_HOME", str(tmp_path))
+    entry = _fake_entry(tmp_path)
+    manifest = json.loads((entry / models.MANIFEST).read_text())
+    manifest["files"]["config.json"]["sha256"] = "0" * 64  # as if the disk rotted under the same stat
+    (entry / models.MANIFEST).write_text(json.dumps(manifest))
+    assert models.check_entry(entry) is None  # the cheap check trusts an unchanged stat
+    code, out, _ = cli("models", "--json", "--check")
+    assert code == 0 and "config.json does not match its hash" in json.loads(out)["state"]
+
+
+def test_a_killed_conversion_leaves_no_temporary_directory(tmp_path, monkeypatch):
+    import subprocess
+
+    from genkit import models
+
+    monkeypatch.setenv("GENKIT_HOME", str(tmp_path))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    root = tmp_path / "cache" / "models"
+    dead = root / f"smollm2-135m-instruct.tmp-{gone.pid}"
+    live = root / f"other.tmp-{os.getpid()}"  # a conversion still running
+    for d in (dead, live):
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"\0" * 1000)
+    assert models.cached_entries() == []
+    assert not dead.exists() and live.exists()
+
+
+# ---------------------------------------------------------------- 6-7. hostile files and names
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 10) + "]\n" for i in range(4)
+) + "generation: {temperature: *e}\n"  # 100,000 leaves from 200 bytes; each level multiplies by 10
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("GENKIT_HOME", str(tmp_path / "home"))
+    presets_dir = tmp_path / "home" / "config" / "presets"
+    presets_dir.mkdir(parents=True)
+    return presets_dir
+
+
+def test_yaml_aliases_are_refused_in_presets_configs_and_set(home, tmp_path):
+    (home / "bomb.yaml").write_text(BOMB)
+    code, _, err = cli("presets", "show", "bomb")
+    assert code == 1 and "aliases (*name) are not allowed" in err and "line 2" in err
+    config = tmp_path / "config.yaml"
+    config.write_text(BOMB)
+    code, _, err = cli("run", "--generation-config", config, "Hi")
+    assert code == 1 and "aliases (*name) are not allowed" in err and len(err) < 400
+    code, _, err = cli("presets", "show", "greedy", "--set", "temperature=[&a 1, *a]")
+    assert code == 1 and "aliases" in err
+
+
+def test_user_data_in_an_error_line_is_bounded(home):
+    big = "[" + ", ".join(["1.5"] * 20000) + "]"
+    code, _, err = cli("presets", "show", "greedy", "--set", f"temperature={big}")
+    assert code == 1 and "temperature" in err and len(err) < 400 and err.count("\n") == 1
+
+
+def test_one_bad_preset_file_does_not_break_presets_list(home):
+    (home / "latin1.yaml").write_bytes("description: caf\xe9\n".encode("latin-1"))
+    (home / "empty-field.yaml").write_text('template: "Say {} please"\n')
+    code, out, err = cli("presets", "list", "--json")
+    assert code == 0, err
+    rows = {r["name"]: r for r in map(json.loads, out.splitlines())}
+    assert "line 1 is not valid UTF-8 (byte 0xe9)" in rows["latin1"]["description"]
+    assert "template field {} is not a plain {name}" in rows["empty-field"]["description"]
+    assert rows["greedy"]["strategy"] == "greedy"
+    code, _, err = cli("presets", "show", "latin1")
+    assert code == 1 and "not valid UTF-8" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("name", ["../x.json", "sub/x.json", "/tmp/x.json", ".hidden.json"])
+def test_config_save_writes_only_inside_the_directory(home, tmp_path, name):
+    target = tmp_path / "model"
+    target.mkdir()
+    code, _, err = cli("config", "save", target, "--name", name, "--preset", "greedy")
+    assert code == 1 and "a plain file name" in err
+    assert list(target.iterdir()) == [] and not (tmp_path / "x.json").exists()
