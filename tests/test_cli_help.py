@@ -9,7 +9,7 @@ import typer
 
 from conftest import run_cli
 
-GENERATING = ("run", "compare", "batch", "bench")
+GENERATING = ("run", "chat", "compare", "batch", "bench")
 
 
 def command(name: str):

@@ -26,6 +26,7 @@ INSTALLS = ("python3 -m venv", "bash scripts/test.sh", ".venv/bin/python -m pyte
 # Run as written by the slow test: the newcomer's path. The later sections' commands (batch jobs,
 # watermarks, compare, bench, several processes) take many minutes at the README's lengths on a
 # shared 2-core machine; they are parsed here and run by their own tests at small lengths.
+STATS_LINE = re.compile(r"\d+ tokens? · [\d.]+ tokens/s · ")
 RUN_SECTIONS = ("Set-up on a fresh machine", "genkit run", "Models", "Presets",
                 "Several generation configs per model")
 
@@ -180,8 +181,9 @@ def test_readme_setup_and_first_sections_run_as_written_in_a_fresh_home(fresh_sh
             continue  # the install command: the tests' venv stands in for it
         r = run_script(lines, work, env)
         assert r.returncode == 0, f"{section}: exit {r.returncode}\n{r.stderr}"
-        # piped, stderr holds genkit's own lines only: first-run steps, never a library's bar
-        assert all(l.startswith("genkit: ") for l in r.stderr.splitlines()), f"{section}\n{r.stderr}"
+        # piped, stderr holds genkit's own lines only (first-run steps, --stats), never a library's
+        own = [l for l in r.stderr.splitlines() if l.startswith("genkit: ") or STATS_LINE.match(l)]
+        assert own == r.stderr.splitlines(), f"{section}\n{r.stderr}"
         if section == "Set-up on a fresh machine" and "genkit pull" in lines:
             assert "converting SmolLM2-135M-Instruct.Q4_1.gguf into genkit's cache (once" in r.stderr
             assert r.stdout.strip(), "the first run printed no answer"

@@ -13,13 +13,13 @@ from typing import Annotated
 import typer
 
 from genkit import threads
-from genkit.cli import logs
+from genkit.cli import messages
 from genkit.errors import GenkitError
 
 app = typer.Typer(
     name="genkit",
     help="Generate text with language models on Hugging Face transformers.",
-    add_completion=False,
+    add_completion=True,  # Typer's own: genkit --install-completion / --show-completion
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -67,7 +67,7 @@ def _register() -> None:
     presets_cmd.register(app)
     models_cmd.register(app)
     config_cmd.register(app)
-    for optional in ("compare_cmd", "detect_cmd", "batch_cmd", "bench_cmd"):
+    for optional in ("compare_cmd", "detect_cmd", "batch_cmd", "bench_cmd", "chat_cmd", "logs_cmd"):
         try:
             module = __import__(f"genkit.cli.{optional}", fromlist=["register"])
         except ModuleNotFoundError as e:
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     if "--debug" in args:
         args.remove("--debug")
         debug = True
-    logs.setup(debug)
+    messages.setup(debug)
     threads.prepare_environment()
     try:
         rc = app(args=args, prog_name="genkit", standalone_mode=False)

@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from genkit.cli import complete
 from genkit.errors import GenkitError
 from genkit.params import DEFAULT_MAX_NEW_TOKENS, PARAMS
 
@@ -42,7 +43,7 @@ def with_default(help: str, default: str | None) -> str:
 # ---------------------------------------------------------------- generation flags shared by commands
 
 Preset = Annotated[Optional[str], typer.Option(
-    "--preset", "-p", rich_help_panel=GEN_PANEL, show_default=False,
+    "--preset", "-p", rich_help_panel=GEN_PANEL, show_default=False, autocompletion=complete.preset_names,
     help=with_default("Preset name or YAML file (`genkit presets list`).", "none"))]
 GenConfig = Annotated[Optional[str], typer.Option(
     "--generation-config", rich_help_panel=GEN_PANEL, show_default=False,
@@ -77,14 +78,15 @@ def _model_flag(*decls: str, help: str, default: str | None = None, **more):
 
 
 Model = Annotated[Optional[str], _model_flag(
-    "--model", "-m", help="Model directory, .gguf file or hub id.", default="the embedded SmolLM2-135M-Instruct")]
+    "--model", "-m", help="Model directory, .gguf file or hub id.", default="the embedded SmolLM2-135M-Instruct",
+    autocompletion=complete.model_names)]
 
 # name -> (annotation, default) of every flag `model_options` adds, in LoadOptions' field order.
 LOAD_FLAGS: dict[str, tuple] = {
     "dtype": (Annotated[str, _model_flag("--dtype", help="auto, float32, bfloat16 or float16.", default="auto")], "auto"),
     "device_map": (Annotated[Optional[str], _model_flag(
         "--device-map", help="auto, cpu, cuda, balanced or a JSON map.",
-        default="one device, the first GPU or else the CPU")], None),
+        default="none: the whole model on the CPU")], None),
     "load_in_4bit": (Annotated[bool, _model_flag(
         "--load-in-4bit", help="Quantise the weights to 4 bits (bitsandbytes).")], False),
     "load_in_8bit": (Annotated[bool, _model_flag(
@@ -106,7 +108,7 @@ LOAD_FLAGS: dict[str, tuple] = {
              "(faster; greedy output can drift).")], False),
     "threads": (Annotated[Optional[int], _model_flag(
         "--threads", min=1, help="CPU threads for torch and genkit's kernels.",
-        default="OMP_NUM_THREADS, else chosen from the idle cores")], None),
+        default="OMP_NUM_THREADS, else every usable core")], None),
 }
 
 
@@ -120,15 +122,23 @@ def model_options(command):
 
     @functools.wraps(command)
     def with_load_options(*args, **kwargs):
-        from genkit.models import LoadOptions
-
-        load = LoadOptions(**{name: kwargs.pop(name) for name in LOAD_FLAGS})
+        load = load_options(kwargs)
+        for name in LOAD_FLAGS:
+            del kwargs[name]
         return command(*args, load=load, **kwargs)
 
     params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + added
     with_load_options.__signature__ = signature.replace(parameters=params)
     with_load_options.__annotations__ = {p.name: p.annotation for p in params}
     return with_load_options
+
+
+def load_options(values: dict):
+    """A LoadOptions of the loading flags' values, by flag name (a command built on another's
+    signature, as `genkit chat` is on run's, receives them one by one)."""
+    from genkit.models import LoadOptions
+
+    return LoadOptions(**{name: values[name] for name in LOAD_FLAGS})
 
 
 def load_model(model, opts, quiet: bool = False):
