@@ -52,10 +52,13 @@ def blocks() -> list[tuple[str, str]]:
 
 
 def command_lines(text: str) -> list[str]:
-    """A block's command lines: heredoc bodies belong to the line that opens them."""
+    """A block's command lines: heredoc bodies belong to the line that opens them, continued
+    lines to the line they continue."""
     out, lines = [], text.splitlines()
     while lines:
         line = lines.pop(0)
+        while line.endswith("\\") and lines:  # a continued line
+            line = line[:-1] + lines.pop(0)
         marker = re.search(r"<<'?(\w+)'?", line)
         if marker:
             body = []
@@ -82,7 +85,7 @@ def genkit_invocations(line: str) -> list[list[str]]:
     words = shlex.split(outer, comments=True)
     segment: list[str] = []
     for word in [*words, "|"]:
-        if word in ("|", "&&", "||", ";"):
+        if word in ("|", "&&", "||", ";", "&"):
             if "genkit" in segment:
                 args = segment[segment.index("genkit") + 1:]
                 found.append(_without_redirections(args))
