@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 import re
-import sys
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -52,6 +52,8 @@ INTEGER_KINDS = ("Q4_0", "Q4_1", "Q8_0")  # with integer dot products, and byte 
 INT8_ACTIVATIONS = 32  # added to an integer kind: the same blocks times activations quantised to bytes
 # no-tree-loop-distribute-patterns: GCC would turn the zeroing of a register tile's accumulators
 # into a memset and then keep them in memory, a store per FMA (kernels.cpp, panel_tile).
+BUILD_NOTICE = "building genkit's CPU kernels (once, 1-2 min)"
+log = logging.getLogger("genkit")
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fno-tree-loop-distribute-patterns"]
 
 
@@ -80,7 +82,7 @@ def _module():
     # only a build needs torch's toolchain: importing it pulls in setuptools (0.3 s of a run's start)
     from torch.utils import cpp_extension
 
-    print("genkit: building its CPU kernels (once, about a minute)...", file=sys.stderr, flush=True)
+    log.info(BUILD_NOTICE)
     try:
         return cpp_extension.load(
             name,
@@ -92,7 +94,7 @@ def _module():
         )
     except Exception as exc:  # no compiler, no ninja, a broken toolchain: fall back, say why once
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"genkit: CPU kernels unavailable ({first}); using torch's slower products", file=sys.stderr)
+        log.warning("CPU kernels unavailable (%s); using torch's slower products", first)
         return None
 
 
