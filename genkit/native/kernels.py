@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
-import sys
 from functools import cache
 from pathlib import Path
 
@@ -28,6 +28,8 @@ INT8_ACTIVATIONS = 8  # added to a GGUF kind: the same blocks times activations 
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 # no-tree-loop-distribute-patterns: GCC would turn the zeroing of a register tile's accumulators
 # into a memset and then keep them in memory, a store per FMA (kernels.cpp, panel_tile).
+BUILD_NOTICE = "building genkit's CPU kernels (once, 1-2 min)"
+log = logging.getLogger("genkit")
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fno-tree-loop-distribute-patterns"]
 
 
@@ -61,7 +63,7 @@ def _module():
     # only a build needs torch's toolchain: importing it pulls in setuptools (0.3 s of a run's start)
     from torch.utils import cpp_extension
 
-    print("genkit: building its CPU kernels (once, about a minute)...", file=sys.stderr, flush=True)
+    log.info(BUILD_NOTICE)
     try:
         return cpp_extension.load(
             name,
@@ -75,7 +77,7 @@ def _module():
         if _required():
             raise RuntimeError(f"genkit's CPU kernels failed to build in {build}: {exc}") from exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"genkit: CPU kernels unavailable ({first}); using torch's slower products", file=sys.stderr)
+        log.warning("CPU kernels unavailable (%s); using torch's slower products", first)
         return None
 
 
