@@ -4,7 +4,9 @@ torch has no product that streams fp32 or GGUF 4-bit weights at memory speed for
 activation rows of a decode step (DESIGN.md has the measurements), so genkit compiles a small
 AVX2 extension with torch's own toolchain the first time it is needed and keeps the build in its
 cache. Where that cannot work (no AVX2, no compiler) `available()` is False and callers use
-torch's products instead: slower, never wrong.
+torch's products instead: slower, never wrong. GENKIT_REQUIRE_KERNELS=1 (the tests set it where
+a compiler and AVX2 are present, CI always) turns that fallback into an error, so a broken
+kernels.cpp cannot pass unnoticed.
 """
 
 from __future__ import annotations
@@ -61,9 +63,15 @@ def _cpu_ok() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and os.environ.get("GENKIT_NO_KERNELS") != "1"
 
 
+def _required() -> bool:
+    return os.environ.get("GENKIT_REQUIRE_KERNELS") == "1"
+
+
 @cache
 def _module():
     if not _cpu_ok():
+        if _required():
+            raise RuntimeError("GENKIT_REQUIRE_KERNELS=1, but this CPU lacks AVX2 or GENKIT_NO_KERNELS=1 is set")
         return None
     sources = SOURCE.read_bytes() + b"".join(h.read_bytes() for h in HEADERS)
     digest = hashlib.sha256(sources + " ".join(CFLAGS).encode()).hexdigest()[:12]
@@ -93,6 +101,8 @@ def _module():
             verbose=False,
         )
     except Exception as exc:  # no compiler, no ninja, a broken toolchain: fall back, say why once
+        if _required():
+            raise RuntimeError(f"genkit's CPU kernels failed to build in {build}: {exc}") from exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         log.warning("CPU kernels unavailable (%s); using torch's slower products", first)
         return None
@@ -100,6 +110,12 @@ def _module():
 
 def available() -> bool:
     return _module() is not None
+
+
+def library() -> Path | None:
+    """The built library in use (under genkit's cache), or None without the kernels."""
+    module = _module()
+    return None if module is None else Path(module.__file__)
 
 
 def kind_code(kind: str, byte_activations: bool = False) -> int:
