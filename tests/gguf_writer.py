@@ -12,7 +12,7 @@ import numpy as np
 from gguf.quants import quantize
 
 ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3,
-         "gemma2": gguf.MODEL_ARCH.GEMMA2, "gemma3_text": gguf.MODEL_ARCH.GEMMA3}
+         "gemma2": gguf.MODEL_ARCH.GEMMA2, "gemma3_text": gguf.MODEL_ARCH.GEMMA3, "phi3": gguf.MODEL_ARCH.PHI3}
 # Random k-quant blocks: fp16 scale fields and the size that keeps weights around 0.05.
 K_SCALES = {"Q2_K": ([80, 82], 2e-3), "Q3_K": ([108], 2e-3), "Q4_K": ([0, 2], 3e-4), "Q5_K": ([0, 2], 1.5e-4),
             "Q6_K": ([208], 2e-4)}
@@ -77,6 +77,9 @@ def write(model, path: Path, types: dict[str, str] | str = "Q8_0", seed: int = 0
     writer.add_value_length(cfg.head_dim)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
+    writer.add_bos_token_id(cfg.bos_token_id)
+    writer.add_eos_token_id(cfg.eos_token_id)
+    writer.add_pad_token_id(cfg.pad_token_id)  # else phi3's default (32000) lies outside a tiny vocabulary
     rope = cfg.rope_parameters
     writer.add_rope_freq_base((rope.get("full_attention") or rope)["rope_theta"])
     if getattr(cfg, "sliding_window", None) and cfg.model_type.startswith("gemma"):

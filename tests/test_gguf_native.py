@@ -27,6 +27,7 @@ CASES = {
     "qwen3": ("qwen3", {"head_dim": 128}, {"*": "Q5_K", "attn_output.weight": "F16", "ffn_up.weight": "Q4_1"}),
     "gemma2": ("gemma2", {}, "Q8_0"),
     "gemma3": ("gemma3_text", {"num_hidden_layers": 6}, GEMMA_MIX),  # five sliding layers, one global
+    "phi3": ("phi3", {}, {"*": "Q4_K", "attn_qkv.weight": "Q5_0", "ffn_down.weight": "Q6_K"}),  # fused qkv, gate/up
 }
 
 

@@ -1,8 +1,8 @@
 """One decoder for the GGUF architectures genkit runs natively, driven by a few knobs.
 
-Llama, Qwen2, Qwen3, Gemma 2 and Gemma 3 are the same pre-norm transformer with small
+Llama, Qwen2, Qwen3, Gemma 2, Gemma 3 and Phi-3 are the same pre-norm transformer with small
 differences: biases on q/k/v, RMS norms on q and k per head, norms after attention and MLP,
-a scaled embedding, a tanh-GELU instead of SiLU, soft-capped scores and logits, and layers that
+fused q/k/v and gate/up tensors, a scaled embedding, a tanh-GELU instead of SiLU, soft-capped scores and logits, and layers that
 alternate between a sliding window and full attention with their own rotary bases. `Spec` names
 those knobs; the rest (shapes, bases, windows, scales) comes from the transformers config that
 `AutoConfig` reads from the file's metadata, so the forward pass computes what transformers'
@@ -50,6 +50,7 @@ SPECS = {
     "qwen3": Spec(qk_norm=True),
     "gemma2": Spec(post_norms=True, embed_scale=True, gelu=True),
     "gemma3": Spec(qk_norm=True, post_norms=True, embed_scale=True, gelu=True),
+    "phi3": Spec(),  # fused q/k/v and gate/up tensors, read as they are (see _layer)
 }
 
 
@@ -147,12 +148,16 @@ class GGUFDecoder(DecodeLlama):
         if spec.permuted_qk:
             orders = [_unpermute_rows(self.n_heads * self.head_dim, self.n_heads),
                       _unpermute_rows(self.n_kv * self.head_dim, self.n_kv), None]
+        # phi3 stores q/k/v as one tensor and gate/up as one (ffn_up, gate first): used as they are
+        fused_qkv, fused_gate_up = p + "attn_qkv.weight" in f.tensors, p + "ffn_gate.weight" not in f.tensors
+        qkv = [p + "attn_qkv.weight"] if fused_qkv else [p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"]
+        gate_up = [p + "ffn_up.weight"] if fused_gate_up else [p + "ffn_gate.weight", p + "ffn_up.weight"]
         layer = {
             "attn_norm": f.floats(p + "attn_norm.weight"),
-            "qkv": PartsLinear.from_file(f, [p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"], orders),
+            "qkv": PartsLinear.from_file(f, qkv, None if fused_qkv else orders),
             "o": PartsLinear.from_file(f, [p + "attn_output.weight"]),
             "ffn_norm": f.floats(p + "ffn_norm.weight"),
-            "gate_up": PartsLinear.from_file(f, [p + "ffn_gate.weight", p + "ffn_up.weight"]),
+            "gate_up": PartsLinear.from_file(f, gate_up),
             "down": PartsLinear.from_file(f, [p + "ffn_down.weight"]),
         }
         if spec.qkv_bias:
