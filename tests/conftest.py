@@ -24,13 +24,33 @@ def genkit_home(tmp_path_factory) -> Path:
     return home
 
 
+def kernel_toolchain() -> bool:
+    """AVX2, a C++ compiler and ninja: where genkit's CPU kernels can and so must build."""
+    import torch
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if os.environ.get("GENKIT_NO_KERNELS") == "1":
+        return False
+    compiler = shutil.which(os.environ.get("CXX") or "c++")
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and compiler is not None \
+        and is_ninja_available()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def kernels_built(genkit_home) -> bool:
-    """Build genkit's CPU kernels once, up front: the first build takes about a minute and
-    prints a line on stderr, which must not land inside a CLI test's timeout or its output."""
+    """Build genkit's CPU kernels once, up front, into the tests' GENKIT_HOME: the first build
+    takes about a minute and prints a line on stderr, which must not land inside a CLI test's
+    timeout or its output. Where they can build (or GENKIT_REQUIRE_KERNELS=1, as in CI) a
+    failed build stops the run: the fallback to torch's products would pass every parity test
+    and hide it."""
     from genkit.native import kernels
 
-    return kernels.available()
+    if kernel_toolchain():
+        os.environ["GENKIT_REQUIRE_KERNELS"] = "1"
+    try:
+        return kernels.available()
+    except RuntimeError as exc:
+        pytest.exit(f"genkit's CPU kernels must build on this machine: {exc}", returncode=1)
 
 
 @pytest.fixture(scope="session")
@@ -77,6 +97,21 @@ def tiny_llama_config(**overrides):
 def tiny_dir(tmp_path_factory, embedded_dir) -> Path:
     """A 2-layer random Llama with SmolLM2's tokenizer and chat template."""
     return _save_tiny(tmp_path_factory.mktemp("tiny-llama"), tiny_llama_config(), embedded_dir)
+
+
+# A second end token that the tiny model's beams reach within a few steps (its weights are
+# the `tiny` fixture's): several end tokens, as Gemma's or Llama 3's configs list them.
+SECOND_EOS = 1682
+
+
+@pytest.fixture(scope="session")
+def tiny_two_eos(tmp_path_factory, embedded_dir):
+    """The `tiny` model with a config that lists two end tokens: [2, SECOND_EOS]."""
+    from genkit import models
+
+    path = _save_tiny(tmp_path_factory.mktemp("tiny-two-eos"), tiny_llama_config(eos_token_id=[2, SECOND_EOS]),
+                      embedded_dir)
+    return models.load(str(path))
 
 
 @pytest.fixture(scope="session")
