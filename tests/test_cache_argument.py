@@ -8,6 +8,7 @@ transformers' own generate()).
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 
 import pytest
 
@@ -16,12 +17,17 @@ from helpers import genkit_generate, hf_generate
 PROMPTS = ["The capital of France is", "Hi"]
 
 
-def generate_without_old_name(lm, **params):
+@contextmanager
+def no_old_cache_name():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ids = genkit_generate(lm, PROMPTS, max_new_tokens=8, **params)
+        yield
     assert not [str(w.message) for w in caught if "past_key_values" in str(w.message)]
-    return ids
+
+
+def generate_without_old_name(lm, **params):
+    with no_old_cache_name():
+        return genkit_generate(lm, PROMPTS, max_new_tokens=8, **params)
 
 
 @pytest.mark.parametrize("runner, env", [
@@ -49,8 +55,6 @@ def test_continuous_batching_path(tiny, monkeypatch):
     monkeypatch.setenv("GENKIT_FAST", "0")
     _, s = api.settings_for(tiny, max_new_tokens=8)
     jobs = [Job(i, tiny.tokenizer(t)["input_ids"], 0, 8) for i, t in enumerate(PROMPTS)]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with no_old_cache_name():
         got = {r.handle: r.sequences[0].token_ids for r in ContinuousBatcher(tiny, s, batch_size=2).run(jobs)}
-    assert not [str(w.message) for w in caught if "past_key_values" in str(w.message)]
     assert [got[0], got[1]] == [hf_generate(tiny, [p], max_new_tokens=8)[0] for p in PROMPTS]
