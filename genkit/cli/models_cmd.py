@@ -22,12 +22,13 @@ def _size(n: int) -> str:
 
 
 def list_models(
-    json_out: Annotated[bool, typer.Option("--json")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per model.")] = False,
     check: Annotated[bool, typer.Option(
         "--check", help="Hash every file against its manifest (files unchanged since their last check are "
                         "otherwise trusted).")] = False,
 ) -> None:
-    """Models in genkit's cache: name, source, size, state."""
+    """Models in genkit's cache: name, source, size, state, and what each holds (a native GGUF
+    entry: the file's architecture and tensor types)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -39,15 +40,25 @@ def list_models(
             print(json.dumps(r))
         return
     console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=1000)  # piped: whole paths, not cut to 80 columns
     if not rows:
         console.print(f"no cached models in {models.models_dir()} (run `genkit pull`)")
         return
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for col in ("name", "source", "size", "state"):
+    for col in ("name", "source", "size", "state", "holds"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["name"], r["source"], _size(r["size"]), r["state"])
+        table.add_row(r["name"], r["source"], _size(r["size"]), r["state"], _holds(r))
     console.print(table)
+
+
+def _holds(row: dict) -> str:
+    """A native GGUF entry: the file's architecture and tensor types; a converted one: float weights."""
+    if "architecture" not in row:
+        return "transformers weights"
+    types = ", ".join(f"{kind} x{n}" for kind, n in row["types"].items())
+    return f"{row['architecture']} GGUF, run natively: {types}"
 
 
 def pull(
@@ -73,11 +84,19 @@ def pull(
                   console=console, transient=False, disable=not console.is_terminal) as progress:
         task = progress.add_task("checking cache", total=len(steps))
 
-        def step(msg):
+        def step(msg):  # the sub-steps in a terminal; genkit's log says the whole step anyway
             progress.update(task, description=msg, completed=steps.index(msg) if msg in steps else 0)
-            if not console.is_terminal:
-                console.print(f"genkit: {msg}")
 
-        entry = models.prepare_gguf(gguf, default=model is None, progress=step)
+        try:
+            entry = models.prepare_gguf(gguf, default=model is None, progress=step)
+        except GenkitError:
+            raise
+        except Exception as e:
+            raise models.load_error(str(gguf), e) from e
+        # the first run's other slow step: a run right after `genkit pull` starts at once
+        progress.update(task, description="checking genkit's CPU kernels", completed=len(steps))
+        from genkit.native import kernels
+
+        kernels.available()
         progress.update(task, description="ready", completed=len(steps))
     print(entry)
