@@ -73,7 +73,6 @@ def batch(
     generation_config: o.GenConfig = None,
     set_: o.Set = None,
     var: o.Var = None,
-<<<<<<< HEAD
     logprobs: Annotated[Optional[int], typer.Option(
         "--logprobs", metavar="N", min=0, max=20, rich_help_panel=J,
         help="Each token's log-probability and its N (0-20) most likely alternatives in every record.")] = None,
@@ -82,19 +81,7 @@ def batch(
     regex: c.Regex = None,
     choice: c.Choice = None,
     grammar: c.Grammar = None,
-    dtype: o.Dtype = "auto",
-    device_map: o.DeviceMap = None,
-    load_in_4bit: o.Load4 = False,
-    load_in_8bit: o.Load8 = False,
-    quant_type: o.QuantType = "nf4",
-    compute_dtype: o.ComputeDtype = None,
-    trust_remote_code: o.TrustRemote = False,
-    native_4bit: o.Native4 = False,
-    native_8bit: o.Native8 = False,
-    int8_activations: o.Int8Activations = False,
-=======
     load: LoadOptions = None,
->>>>>>> main
 ) -> None:
     """Run every prompt of a file and write one JSON record per prompt (resumable)."""
     from genkit import batch as B

@@ -28,18 +28,6 @@ def compare(
         "--variant", show_default=False,
         help=o.with_default("A --set variant of --preset: 'temperature=0.3,top_p=0.9' (repeatable).", "none"))] = None,
     preset: o.Preset = None,
-<<<<<<< HEAD
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", "-n", help="For every variant.")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for every sampling variant.")] = None,
-    system: Annotated[Optional[str], typer.Option("--system")] = None,
-    raw: Annotated[bool, typer.Option("--raw")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="One JSON line per variant (the default when piped).")] = False,
-    json_schema: c.JsonSchema = None,
-    json_object: c.JsonObject = False,
-    regex: c.Regex = None,
-    choice: c.Choice = None,
-    grammar: c.Grammar = None,
-=======
     max_new_tokens: Annotated[Optional[int], o.gen_option(
         "max_new_tokens", "--max-new-tokens", "-n", help="Most new tokens, for every variant.",
         default="each preset's, else 256")] = None,
@@ -49,7 +37,11 @@ def compare(
     raw: o.Raw = False,
     json_out: Annotated[bool, typer.Option(
         "--json", help="One JSON line per variant (the default when piped).")] = False,
->>>>>>> main
+    json_schema: c.JsonSchema = None,
+    json_object: c.JsonObject = False,
+    regex: c.Regex = None,
+    choice: c.Choice = None,
+    grammar: c.Grammar = None,
     model: o.Model = None,
     load: LoadOptions = None,
 ) -> None:

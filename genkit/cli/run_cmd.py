@@ -73,23 +73,9 @@ def run(
     grammar: c.Grammar = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print a summary line on stderr.")] = False,
-<<<<<<< HEAD
     logprobs: Annotated[Optional[int], typer.Option(
         "--logprobs", metavar="N", min=0, max=20,
         help="With --json: each token's log-probability and its N (0-20) most likely alternatives.")] = None,
-    dtype: o.Dtype = "auto",
-    device_map: o.DeviceMap = None,
-    load_in_4bit: o.Load4 = False,
-    load_in_8bit: o.Load8 = False,
-    quant_type: o.QuantType = "nf4",
-    compute_dtype: o.ComputeDtype = None,
-    trust_remote_code: o.TrustRemote = False,
-    native_4bit: o.Native4 = False,
-    native_8bit: o.Native8 = False,
-    int8_activations: o.Int8Activations = False,
-=======
-    logprobs: Annotated[bool, typer.Option("--logprobs", help="Include token log-probabilities in --json.")] = False,
->>>>>>> main
     no_log: Annotated[bool, typer.Option(
         "--no-log", help="Do not log this to genkit's SQLite log (`genkit logs off`: never).")] = False,
     continue_: Annotated[bool, typer.Option(

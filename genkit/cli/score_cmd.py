@@ -10,19 +10,19 @@ import typer
 
 from genkit.cli import options as o
 from genkit.errors import GenkitError
+from genkit.models import LoadOptions
 
 
 def register(app: typer.Typer) -> None:
     app.command("score")(score)
 
 
+@o.model_options
 def score(
     text: Annotated[Optional[str], typer.Argument(help="The text; '-' or a pipe reads stdin.")] = None,
     file: Annotated[Optional[str], typer.Option("--file", "-f", help="Score this file's text (one text).")] = None,
     model: o.Model = None,
-    dtype: o.Dtype = "auto",
-    device_map: o.DeviceMap = None,
-    trust_remote_code: o.TrustRemote = False,
+    load: LoadOptions = None,
 ) -> None:
     """Score a text: each token's log-probability under the model, the total and the perplexity (JSON)."""
     if file is not None:
@@ -38,6 +38,5 @@ def score(
         raise GenkitError("the text is empty: give some text to score")
     from genkit import score as score_mod
 
-    opts = o.load_options(dtype, device_map, False, False, "nf4", None, trust_remote_code)
-    lm = o.load_model(model, opts)
+    lm = o.load_model(model, load)
     print(json.dumps(score_mod.score(lm, content), ensure_ascii=False))
