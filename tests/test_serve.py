@@ -294,6 +294,18 @@ def test_a_client_that_disconnects_frees_its_row(server):
     assert _health(server)["running_rows"] == 0
 
 
+def test_a_waiting_client_that_gives_up_frees_its_row(server):
+    """Not streamed: the server notices the closed connection while it waits for the answer."""
+    name = server.client().models.list().data[0].id
+    body = {"model": name, "prompt": "Go on", "max_tokens": 4000, **NO_EOS}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=1.5)
+    deadline = time.monotonic() + 5
+    while _health(server)["running_rows"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _health(server)["running_rows"] == 0
+
+
 def test_overload_is_429_and_sigterm_finishes_running_requests(long_dir):
     srv = Server(long_dir, "--max-batch", "1", "--max-queue", "1")
     try:
