@@ -9,7 +9,7 @@ from gguf.quants import dequantize
 
 from genkit.native import kernels
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="genkit's CPU kernels need AVX2 and a compiler")
+pytestmark = pytest.mark.usefixtures("needs_kernels")
 
 # Where each format keeps its fp16 scales (ggml's block structs): random bytes there could be
 # inf / nan, so the tests write small finite scales instead.

@@ -15,7 +15,7 @@ from genkit.native import kernels
 
 import gguf_writer
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="genkit's CPU kernels need AVX2 and a compiler")
+pytestmark = pytest.mark.usefixtures("needs_kernels")
 
 Q4_K_M = {"*": "Q4_K", "attn_v.weight": "Q6_K", "ffn_down.weight": "Q6_K", "token_embd.weight": "Q8_0"}
 GEMMA_MIX = {"*": "Q5_0", "attn_v.weight": "Q8_0", "attn_output.weight": "Q4_K", "ffn_down.weight": "Q6_K",

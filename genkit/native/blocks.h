@@ -17,6 +17,13 @@ inline float half(const uint8_t* p) {
     return _cvtsh_ss(h);
 }
 
+// Eight codes (bytes at p, unsigned or signed) as floats times d plus m.
+inline void store8(const uint8_t* p, bool is_signed, __m256 d, __m256 m, float* y) {
+    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    const __m256i wide = is_signed ? _mm256_cvtepi8_epi32(bytes) : _mm256_cvtepu8_epi32(bytes);
+    _mm256_storeu_ps(y, _mm256_fmadd_ps(_mm256_cvtepi32_ps(wide), d, m));
+}
+
 // Q5_0 (22 bytes): f16 d, 32 high bits, 16 bytes of low nibbles;  w = (q - 16) d.
 // Q5_1 (24 bytes): f16 d, f16 m, 32 high bits, 16 bytes of nibbles; w = q d + m.
 // Byte j holds weights j (low nibble) and j + 16 (high); bit j of the high bits is weight j's.
@@ -27,11 +34,20 @@ inline void q5(const uint8_t* b, float* y) {
     uint32_t qh;
     std::memcpy(&qh, at, 4);
     const uint8_t* qs = at + 4;
-    for (int j = 0; j < 16; ++j) {
-        const int lo = (qs[j] & 0x0F) | (((qh >> j) & 1) << 4);
-        const int hi = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
-        y[j] = lo * d + m;
-        y[j + 16] = hi * d + m;
+    // the 32 codes as bytes: low nibbles (weights 0..15), high nibbles (16..31), plus bit j of qh
+    alignas(32) uint8_t codes[32];
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    _mm_store_si128(reinterpret_cast<__m128i*>(codes), _mm_and_si128(packed, mask));
+    _mm_store_si128(reinterpret_cast<__m128i*>(codes + 16), _mm_and_si128(_mm_srli_epi16(packed, 4), mask));
+    const __m256 dv = _mm256_set1_ps(d), mv = _mm256_set1_ps(m);
+    const __m256i bits = _mm256_set1_epi32(static_cast<int>(qh)), lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int j = 0; j < 32; j += 8) {
+        const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + j));
+        const __m256i high = _mm256_and_si256(_mm256_srlv_epi32(bits, _mm256_add_epi32(lanes, _mm256_set1_epi32(j))),
+                                              _mm256_set1_epi32(1));
+        const __m256i code = _mm256_or_si256(_mm256_cvtepu8_epi32(bytes), _mm256_slli_epi32(high, 4));
+        _mm256_storeu_ps(y + j, _mm256_fmadd_ps(_mm256_cvtepi32_ps(code), dv, mv));
     }
 }
 
@@ -91,17 +107,26 @@ template <bool High>
 inline void q45_k(const uint8_t* b, float* y) {
     const float d = half(b), dmin = half(b + 2);
     const uint8_t *s = b + 4, *qh = b + 16, *q = b + (High ? 48 : 16);
+    const __m256i mask = _mm256_set1_epi8(0x0F);
     for (int j = 0; j < 4; ++j, q += 32) {
-        for (int half_ = 0; half_ < 2; ++half_) {
-            int sc, mn;
-            scale_min_k4(s, 2 * j + half_, sc, mn);
-            const float dl = d * sc, ml = dmin * mn;
-            const int shift = 4 * half_, bit = 2 * j + half_;
-            for (int l = 0; l < 32; ++l) {
-                int code = (q[l] >> shift) & 0x0F;
-                if (High) code |= ((qh[l] >> bit) & 1) << 4;
-                *y++ = dl * code - ml;
+        const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+        __m256i halves[2] = {_mm256_and_si256(packed, mask), _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask)};
+        if (High) {
+            const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh));
+            for (int part = 0; part < 2; ++part) {
+                // bit 2j + part of each high byte, moved to bit 4
+                const __m256i bit = _mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128(2 * j + part)), _mm256_set1_epi8(1));
+                halves[part] = _mm256_or_si256(halves[part], _mm256_slli_epi16(bit, 4));
             }
+        }
+        for (int part = 0; part < 2; ++part) {
+            int sc, mn;
+            scale_min_k4(s, 2 * j + part, sc, mn);
+            alignas(32) uint8_t codes[32];
+            _mm256_store_si256(reinterpret_cast<__m256i*>(codes), halves[part]);
+            const __m256 dv = _mm256_set1_ps(d * sc), mv = _mm256_set1_ps(-dmin * mn);
+            for (int l = 0; l < 32; l += 8) store8(codes + l, false, dv, mv, y + l);
+            y += 32;
         }
     }
 }
@@ -112,17 +137,24 @@ inline void q6_k(const uint8_t* b, float* y) {
     const uint8_t *ql = b, *qh = b + 128;
     const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
     const float d = half(b + 208);
+    const __m256i mask = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(3), bias = _mm256_set1_epi8(32);
+    const __m256 zero = _mm256_setzero_ps();
     for (int n = 0; n < 256; n += 128, ql += 64, qh += 32, sc += 8, y += 128) {
-        for (int l = 0; l < 32; ++l) {
-            const int is = l / 16;
-            const int q1 = ((ql[l] & 0x0F) | (((qh[l] >> 0) & 3) << 4)) - 32;
-            const int q2 = ((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) - 32;
-            const int q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
-            const int q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
-            y[l] = d * sc[is] * q1;
-            y[l + 32] = d * sc[is + 2] * q2;
-            y[l + 64] = d * sc[is + 4] * q3;
-            y[l + 96] = d * sc[is + 6] * q4;
+        const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
+        const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32));
+        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh));
+        // the four 32-weight rows of this half: nibble | two high bits << 4, minus 32
+        const __m256i q[4] = {
+            _mm256_and_si256(lo, mask), _mm256_and_si256(hi, mask),
+            _mm256_and_si256(_mm256_srli_epi16(lo, 4), mask), _mm256_and_si256(_mm256_srli_epi16(hi, 4), mask)};
+        for (int k = 0; k < 4; ++k) {
+            const __m256i high = _mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128(2 * k)), two);
+            const __m256i code = _mm256_sub_epi8(_mm256_or_si256(q[k], _mm256_slli_epi16(high, 4)), bias);
+            alignas(32) int8_t codes[32];
+            _mm256_store_si256(reinterpret_cast<__m256i*>(codes), code);
+            for (int l = 0; l < 32; l += 8)
+                store8(reinterpret_cast<const uint8_t*>(codes + l), true, _mm256_set1_ps(d * sc[l / 16 + 2 * k]), zero,
+                       y + 32 * k + l);
         }
     }
 }
