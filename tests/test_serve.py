@@ -244,13 +244,65 @@ def test_errors_in_openai_shape(server):
     assert e.value.body["code"] == "context_length_exceeded"
 
 
-def test_logprobs_and_response_format_are_refused_clearly(server):
+def test_logprobs_are_refused_clearly(server):
     client = server.client()
     name = client.models.list().data[0].id
-    for kw, field in (({"logprobs": True}, "logprobs"), ({"response_format": {"type": "json_object"}}, "response_format")):
+    for kw, field in (({"logprobs": True}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs")):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model=name, messages=CHAT, **kw)
         assert e.value.body["param"] == field and e.value.body["code"] == "unsupported_parameter"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=name, prompt="x", logprobs=2)
+    assert e.value.body["param"] == "logprobs"
+
+
+COLOUR = {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]},
+                                           "count": {"type": "integer", "minimum": 0, "maximum": 9}},
+          "required": ["colour", "count"], "additionalProperties": False}
+
+
+def test_response_format_constrains_rows_in_the_shared_batch(server, lm):
+    """A JSON schema (sampled), a JSON object (greedy) and a plain request at once: each is the
+    text genkit.generate gives with the same constraint, and constrained ones parse."""
+    import jsonschema
+
+    client = server.client()
+    name = client.models.list().data[0].id
+    schema_format = {"type": "json_schema", "json_schema": {"name": "colour", "schema": COLOUR, "strict": True}}
+    asks = {
+        "schema": dict(response_format=schema_format, temperature=0.9, seed=3, n=2, max_tokens=60),
+        "object": dict(response_format={"type": "json_object"}, max_tokens=30),
+        "plain": dict(max_tokens=12, extra_body=NO_EOS),
+    }
+    got: dict = {}
+
+    def ask(key):
+        got[key] = client.chat.completions.create(model=name, messages=CHAT, **asks[key])
+
+    threads = [threading.Thread(target=ask, args=(k,)) for k in asks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    want = expected(lm, CHAT, json_schema=COLOUR, do_sample=True, temperature=0.9, seed=3,
+                    num_return_sequences=2, max_new_tokens=60)
+    texts = [c.message.content for c in got["schema"].choices]
+    assert texts == want.texts
+    for c in got["schema"].choices:
+        if c.finish_reason == "stop":
+            jsonschema.validate(json.loads(c.message.content), COLOUR)
+    assert any(c.finish_reason == "stop" for c in got["schema"].choices)
+    want = expected(lm, CHAT, json_object=True, max_new_tokens=30)
+    assert got["object"].choices[0].message.content == want.text
+    assert got["plain"].choices[0].message.content == expected(lm, CHAT, max_new_tokens=12, suppress_tokens=[2]).text
+
+
+def test_a_bad_response_format_is_400(server):
+    client = server.client()
+    name = client.models.list().data[0].id
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=name, messages=CHAT, response_format={"type": "yaml"})
+    assert e.value.body["param"] == "response_format" and "yaml" in e.value.body["message"]
 
 
 def test_malformed_json_and_wrong_types_are_400(server):

@@ -23,9 +23,8 @@ from typing import Any, Callable
 
 import torch
 
-from genkit import params as P
 from genkit.engine import Generation
-from genkit.engine import continuous
+from genkit.engine import constrain, continuous
 from genkit.engine import processors as procs
 from genkit.engine.core import row_generator
 from genkit.engine.settings import DecodeSettings
@@ -74,10 +73,11 @@ class _Plan:
     warpers: Any
     watermark: Any
     do_sample: bool
+    matchers: Any  # constrain.PerRow: the request's grammar (falsy when unconstrained)
 
     @property
     def plain_greedy(self) -> bool:
-        return not (self.processors or self.warpers or self.watermark or self.do_sample)
+        return not (self.processors or self.warpers or self.watermark or self.do_sample or self.matchers)
 
 
 @dataclass
@@ -114,6 +114,7 @@ class ServingBatcher(continuous.ContinuousBatcher):
             warpers=procs.build_warpers(s, device=self.device),
             watermark=procs.build_watermark(s, vocab_size=self.vocab, device=self.device),
             do_sample=s.do_sample,
+            matchers=constrain.PerRow(self.lm, s, self.vocab),
         )
         return _Job(handle=work, input_ids=work.input_ids, seed=work.seed, max_new_tokens=work.max_new_tokens,
                     stop_strings=s.stop_strings, work=work, plan=plan)
@@ -165,7 +166,9 @@ class ServingBatcher(continuous.ContinuousBatcher):
             active = continuous._Active(job, n, states, started, deadline)
             for k, state in enumerate(states):
                 gen = row_generator(job.seed, k) if s.do_sample else None
-                rows.append(_Row(active, state, gen, list(job.input_ids), index=k))
+                row = _Row(active, state, gen, list(job.input_ids), job.plan.matchers.new(), index=k)
+                active.matchers.append(row.matcher)
+                rows.append(row)
         return rows
 
     def _choose(self, rows, logits):
@@ -182,6 +185,8 @@ class ServingBatcher(continuous.ContinuousBatcher):
             scores = logits.index_select(0, where)
             if plan.processors:
                 scores = torch.cat([plan.processors(self._ids(rows[i]), logits[i:i + 1]) for i in idx])
+            if plan.matchers:
+                scores = plan.matchers.mask([rows[i].matcher for i in idx], scores, logits.index_select(0, where))
             if plan.warpers:
                 scores = plan.warpers(None, scores)
             if plan.watermark:
@@ -204,6 +209,7 @@ class ServingBatcher(continuous.ContinuousBatcher):
                 yield active.job.work, Done(len(active.job.input_ids), tokens)
 
     def _accept(self, rows, tokens, logits):
+        # The base class feeds each row's token to its matcher before the stopping rules.
         done = super()._accept(rows, tokens, logits)
         for row in rows:
             self._emit(row)
@@ -230,11 +236,9 @@ class ServingBatcher(continuous.ContinuousBatcher):
 
 
 def batchable(settings: DecodeSettings) -> bool:
-    """Whether a request's rows can join the shared batch: greedy or sampling, unconstrained
-    (a constrained request runs alone through Generation, which applies its grammar)."""
-    constraint_keys = getattr(P, "CONSTRAINT_KEYS", ())
-    constrained = any(settings.values.get(k) not in (None, False) for k in constraint_keys)
-    return settings.strategy in continuous.STRATEGIES and not constrained
+    """Whether a request's rows can join the shared batch (greedy or sampling, constrained or
+    not: each row holds its own matcher)."""
+    return settings.strategy in continuous.STRATEGIES
 
 
 class Engine:

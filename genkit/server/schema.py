@@ -20,7 +20,7 @@ from genkit.batch.requests import messages_of
 from genkit.errors import GenkitError, did_you_mean
 
 # Fields of the batch files' body that the API shares (genkit.batch maps them).
-SHARED = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop", "seed")
+SHARED = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop", "seed", "response_format")
 # Genkit parameters a request may not set: they would load another model per request.
 NOT_PER_REQUEST = {"assistant_model"}
 
@@ -114,8 +114,6 @@ def _refuse_unsupported(req: _Common) -> None:
     if isinstance(req, ChatRequest):
         if req.logprobs or req.top_logprobs:
             raise _refuse("logprobs" if req.logprobs else "top_logprobs", "log-probabilities are not served yet")
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            raise _refuse("response_format", "only {\"type\": \"text\"} is served yet")
         for field in ("tools", "tool_choice", "functions", "function_call"):
             if getattr(req, field):
                 raise _refuse(field, "genkit runs no tools or functions")
@@ -137,7 +135,8 @@ def generation_params(req: _Common) -> dict:
     try:
         params = P.check_params(openai_params(shared), "body")
     except (ValueError, GenkitError) as e:
-        raise APIError(400, str(e)) from None
+        param = "response_format" if "response_format" in str(e) else None
+        raise APIError(400, str(e), param=param) from None
     if req.logit_bias:
         params["sequence_bias"] = _sequence_bias(req.logit_bias)
     for key, value in (req.model_extra or {}).items():
