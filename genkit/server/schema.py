@@ -131,7 +131,7 @@ def _refuse_unsupported(req: _Common) -> None:
 def generation_params(req: _Common) -> dict:
     """genkit parameters for a request: OpenAI's fields mapped, then the extra fields."""
     _refuse_unsupported(req)
-    shared = {k: getattr(req, k) for k in SHARED if getattr(req, k) is not None}
+    shared = {k: getattr(req, k, None) for k in SHARED if getattr(req, k, None) is not None}
     try:
         params = P.check_params(openai_params(shared), "body")
     except (ValueError, GenkitError) as e:
