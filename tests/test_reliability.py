@@ -287,3 +287,83 @@ def test_config_save_writes_only_inside_the_directory(home, tmp_path, name):
     code, _, err = cli("config", "save", target, "--name", name, "--preset", "greedy")
     assert code == 1 and "a plain file name" in err
     assert list(target.iterdir()) == [] and not (tmp_path / "x.json").exists()
+
+
+# ---------------------------------------------------------------- 8-9. one bad record, one error record
+
+
+def test_every_kind_of_bad_record_fails_alone_and_the_job_goes_on(tiny_dir, home, tmp_path):
+    (home / "braces.yaml").write_text('template: "Say {} please"\n')
+    (home / "spec.yaml").write_text('template: "Say {prompt:>99999999999}"\n')
+    (home / "conv.yaml").write_text('template: "Say {prompt!x}"\n')
+    src = tmp_path / "in.jsonl"
+    lines = [
+        json.dumps({"id": "ok1", "prompt": "Hello there"}),
+        json.dumps({"id": "braces", "prompt": "Hi", "preset": "braces"}),
+        json.dumps({"id": "spec", "prompt": "Hi", "preset": "spec"}),
+        json.dumps({"id": "conv", "prompt": "Hi", "preset": "conv"}),
+        '{"id": "surrogate", "prompt": "A lone \\ud800 here"}',
+        json.dumps({"id": "bias", "prompt": "Hi", "params": {"sequence_bias": [[[10 ** 9], 1.0]]}}),
+        json.dumps({"id": "pad", "prompt": "Hi", "params": {"pad_token_id": 10 ** 9}}),
+        json.dumps({"id": "ok2", "prompt": "The cat sat"}),
+    ]
+    src.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    args = ["--model", tiny_dir, "-n", "2", "--raw", *NO_EOS]
+    for attempt in range(2):  # a re-run retries the failed records and fails them the same way
+        code, _, err = cli("batch", src, "-o", out, *args)
+        assert code == 1 and "internal error" not in err, err
+        got = {r["id"]: r for r in records(out)}
+        assert [r["id"] for r in records(out)] == ["ok1", "braces", "spec", "conv", 5, "bias", "pad", "ok2"]
+        assert "text" in got["ok1"] and "text" in got["ok2"]
+        assert "template field {} is not a plain {name}" in got["braces"]["error"]["message"]
+        assert "template field {prompt:>99999999999}" in got["spec"]["error"]["message"]
+        assert "template field {prompt!x}" in got["conv"]["error"]["message"]
+        assert "lone surrogate" in got[5]["error"]["message"]
+        assert "sequence_bias: token id 1000000000 is outside the vocabulary" in got["bias"]["error"]["message"]
+        assert "pad_token_id: token id 1000000000 is outside the vocabulary" in got["pad"]["error"]["message"]
+        assert ("2 done, 6 failed" if attempt == 0 else "0 done, 6 failed, 2 skipped") in err
+
+
+def test_an_engine_failure_on_one_record_fails_only_that_record(tiny_dir, tmp_path, monkeypatch):
+    """Whatever breaks inside a batch, the records that run fine alone are written."""
+    from genkit.engine import continuous
+
+    src = write_jsonl(tmp_path / "in.jsonl", rows(4))
+    real_run = continuous.ContinuousBatcher.run
+
+    def run(self, jobs):
+        if any(job.handle.req.id == "r2" for job in jobs):
+            raise RuntimeError("simulated kernel failure")
+        return real_run(self, jobs)
+
+    monkeypatch.setattr(continuous.ContinuousBatcher, "run", run)
+    out = tmp_path / "out.jsonl"
+    code, _, err = cli("batch", src, "-o", out, "--model", tiny_dir, "-n", "2", *NO_EOS)
+    assert code == 1 and "3 done, 1 failed" in err
+    got = {r["id"]: r for r in records(out)}
+    assert got["r2"]["error"]["message"] == "generation failed: RuntimeError: simulated kernel failure"
+    assert all("text" in got[k] for k in ("r0", "r1", "r3"))
+
+
+def test_a_bom_is_dropped_and_invalid_utf8_fails_only_its_line(tiny_dir, tmp_path):
+    bom = b"\xef\xbb\xbf"
+    args = ["--model", tiny_dir, "-n", "2", "--raw", *NO_EOS]
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_bytes(bom + b'{"id": "a", "prompt": "Hello"}\n{"id": "b", "prompt": "caf\xe9"}\n'
+                      b'{"id": "c", "prompt": "The cat"}\n')
+    code, out, err = cli("batch", jsonl, *args)
+    assert code == 1 and "internal error" not in err
+    got = records(out)
+    assert [r["id"] for r in got] == ["a", 2, "c"] and "text" in got[0] and "text" in got[2]
+    assert got[1]["error"] == {"message": "line 2 is not valid UTF-8 (byte 0xe9 at column 27): save the input as UTF-8",
+                               "line": 2}
+    txt = tmp_path / "in.txt"
+    txt.write_bytes(bom + b"Hello\r\nThe cat\r\n")
+    code, out, _ = cli("batch", txt, *args)
+    _, plain, _ = cli("batch", write_jsonl(tmp_path / "p.jsonl", [{"id": 1, "prompt": "Hello"}]), *args)
+    first, alone = records(out)[0], records(plain)[0]
+    assert code == 0 and len(records(out)) == 2  # no BOM, no \r inside prompt 1
+    assert (first["prompt_tokens"], first["text"]) == (alone["prompt_tokens"], alone["text"])
+    code, out, _ = cli("batch", "-", *args, input=(bom + b'{"id": "s", "prompt": "Hello"}\n').decode("utf-8"))
+    assert code == 0 and records(out)[0]["id"] == "s"  # stdin with a BOM is still read as JSONL

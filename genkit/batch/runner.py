@@ -153,9 +153,10 @@ class Runner:
                                     max_batch_tokens=self.opts.max_batch_tokens)
         jobs = [EngineJob(it, it.input_ids, it.seed, it.max_new, it.settings.stop_strings) for it in group]
         finished: set[int] = set()
-        results = batcher.run(jobs)
+        results = None
         while True:
             try:
+                results = results or iter(batcher.run(jobs))
                 result = next(results)
             except StopIteration:
                 return
