@@ -27,6 +27,7 @@ def compare(
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for every sampling variant.")] = None,
     system: Annotated[Optional[str], typer.Option("--system")] = None,
     raw: Annotated[bool, typer.Option("--raw")] = False,
+    var: o.Var = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON line per variant (the default when piped).")] = False,
     model: o.Model = None,
     dtype: o.Dtype = "auto",
@@ -47,8 +48,11 @@ def compare(
 
     common = {k: v for k, v in {"max_new_tokens": max_new_tokens, "seed": seed}.items() if v is not None}
     names = [p.strip() for p in presets_.split(",") if p.strip()]
-    todo = cmp.variants(names, variant or [], preset, common)
+    from genkit import presets
+
+    todo = cmp.variants(names, variant or [], preset, common, presets.parse_vars(var or []))
     text = o.prompt_from(prompt)
+    cmp.check_prompts(todo, text)  # a template's missing variable fails before the model loads
     opts = o.load_options(dtype, device_map, load_in_4bit, load_in_8bit, quant_type, compute_dtype, trust_remote_code,
                           native_4bit, native_8bit, int8_activations)
     out = Console(highlight=False)

@@ -48,7 +48,9 @@ def run(
         "--num-return-sequences", rich_help_panel=G, help="Sequences to return.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", rich_help_panel=G, help="Seed for reproducible sampling.")] = None,
     stop: Annotated[Optional[list[str]], typer.Option(
-        "--stop", rich_help_panel=G, help="Stop string (repeatable); cut from the text.")] = None,
+        "--stop", rich_help_panel=G,
+        help="Stop string (repeatable), cut from the text; \\n, \\t, \\r and \\\\ are escapes: --stop '\\n\\n' "
+             "stops at a blank line.")] = None,
     max_time: Annotated[Optional[float], typer.Option("--max-time", rich_help_panel=G, help="Seconds.")] = None,
     watermark: Annotated[bool, typer.Option("--watermark", rich_help_panel=G, help="Watermark the text.")] = False,
     generation_config: o.GenConfig = None,
@@ -81,7 +83,7 @@ def run(
         "length_penalty": length_penalty, "penalty_alpha": penalty_alpha,
         "dola_layers": _dola_flag(dola_layers), "prompt_lookup_num_tokens": prompt_lookup,
         "assistant_model": assistant_model, "num_return_sequences": num_return_sequences, "seed": seed,
-        "stop_strings": stop or None, "max_time": max_time, "watermark": {} if watermark else None,
+        "stop_strings": [o.unescape(s) for s in stop] if stop else None, "max_time": max_time, "watermark": {} if watermark else None,
     }
     overrides = {}
     for key, value in flags.items():
