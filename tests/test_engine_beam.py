@@ -47,6 +47,37 @@ def test_beam_stopping_rules_with_eos_tiny(tiny, early_stopping, length_penalty)
         assert any(row[-1] == 2 and len(row) < 16 for row in ours)
 
 
+@pytest.mark.parametrize("params", [
+    {"length_penalty": 0.0},
+    {"length_penalty": -1.0, "early_stopping": True},
+])
+def test_beam_with_two_end_tokens_keeps_the_one_that_ended(tiny_two_eos, params):
+    """transformers 5's beam search (like 4.x's) returns the end token that ended a
+    hypothesis; only 4.x's group beam search replaced it (test_engine_diverse_fixtures.py)."""
+    from conftest import SECOND_EOS
+
+    params = dict(num_beams=4, num_return_sequences=4, **params)
+    ours = genkit_generate(tiny_two_eos, PROMPTS + ["Hi"], max_new_tokens=10, **params)
+    theirs = hf_generate(tiny_two_eos, PROMPTS + ["Hi"], max_new_tokens=10, **params)
+    assert ours == theirs
+    assert any(row[-1] == SECOND_EOS and len(row) < 10 for row in ours)
+
+
+def test_beam_sampling_with_two_end_tokens_keeps_the_one_that_ended(tiny_two_eos):
+    from conftest import SECOND_EOS
+
+    import genkit
+
+    # A bias on the second end token makes the random model's sampled beams reach it.
+    gen = genkit.stream(tiny_two_eos, PROMPTS + ["Hi"], raw=True, num_beams=4, num_return_sequences=4,
+                        do_sample=True, seed=2, length_penalty=0.0, sequence_bias=[[[SECOND_EOS], 2.0]],
+                        max_new_tokens=10)
+    gen.run()
+    ended = [r for r in gen.results if r.finish_reason == "eos"]
+    assert ended and all(r.token_ids[-1] == SECOND_EOS for r in ended)
+    assert any(r.finish_reason == "length" for r in gen.results)
+
+
 def test_beam_matches_transformers_embedded(embedded):
     # Chat prompts of different lengths, two hypotheses each, with a length and a repetition
     # penalty: one short run, as the embedded model is slow on this machine.

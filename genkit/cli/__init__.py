@@ -18,7 +18,7 @@ app = typer.Typer(
     name="genkit",
     help="Generate text with language models on Hugging Face transformers.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # Typer's own: genkit --install-completion / --show-completion
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -31,7 +31,7 @@ def _register() -> None:
     presets_cmd.register(app)
     models_cmd.register(app)
     config_cmd.register(app)
-    for optional in ("compare_cmd", "detect_cmd", "batch_cmd", "bench_cmd"):
+    for optional in ("compare_cmd", "detect_cmd", "batch_cmd", "bench_cmd", "chat_cmd", "logs_cmd", "serve_cmd"):
         try:
             module = __import__(f"genkit.cli.{optional}", fromlist=["register"])
         except ModuleNotFoundError as e:

@@ -7,13 +7,14 @@ from typing import Annotated, Optional
 
 import typer
 
+from genkit.cli import complete
 from genkit.errors import GenkitError
 
 MODEL_PANEL = "Model"
 GEN_PANEL = "Generation"
 
 Model = Annotated[Optional[str], typer.Option(
-    "--model", "-m", rich_help_panel=MODEL_PANEL,
+    "--model", "-m", rich_help_panel=MODEL_PANEL, autocompletion=complete.model_names,
     help="Model directory, .gguf file or hub id (default: the embedded SmolLM2-135M-Instruct).")]
 Dtype = Annotated[str, typer.Option(
     "--dtype", rich_help_panel=MODEL_PANEL, help="auto, float32, bfloat16 or float16.")]
@@ -41,7 +42,7 @@ Int8Activations = Annotated[bool, typer.Option(
          "(faster; greedy output can drift from the fp32 path).")]
 
 Preset = Annotated[Optional[str], typer.Option(
-    "--preset", "-p", rich_help_panel=GEN_PANEL, help="Preset name or YAML file (`genkit presets list`).")]
+    "--preset", "-p", rich_help_panel=GEN_PANEL, autocompletion=complete.preset_names, help="Preset name or YAML file (`genkit presets list`).")]
 GenConfig = Annotated[Optional[str], typer.Option(
     "--generation-config", rich_help_panel=GEN_PANEL, help="A saved GenerationConfig (.json) or YAML file.")]
 Set = Annotated[Optional[list[str]], typer.Option(

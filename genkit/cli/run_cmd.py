@@ -12,6 +12,13 @@ from genkit.cli import options as o
 G = o.GEN_PANEL
 
 
+def _complete_cids() -> list[str]:
+    """Shell completion of --cid: the latest logged conversations."""
+    from genkit.cli.logs_cmd import _ids
+
+    return _ids()
+
+
 def register(app: typer.Typer) -> None:
     app.command("run")(run)
 
@@ -69,35 +76,76 @@ def run(
     native_4bit: o.Native4 = False,
     native_8bit: o.Native8 = False,
     int8_activations: o.Int8Activations = False,
+    no_log: Annotated[bool, typer.Option(
+        "--no-log", help="Do not log this to genkit's SQLite log (`genkit logs off`: never).")] = False,
+    continue_: Annotated[bool, typer.Option(
+        "--continue", "-c", help="Continue the latest logged conversation (`genkit logs list`).")] = False,
+    cid: Annotated[Optional[str], typer.Option(
+        "--cid", help="Continue the logged conversation with this id.", autocompletion=_complete_cids)] = None,
 ) -> None:
     """Generate from one prompt and stream the answer."""
-    from genkit import params as P
     from genkit import presets
 
     # Everything the user typed is checked before the model loads.
+    args = locals()
+    resolved = presets.resolve(preset, generation_config, generation_overrides(args), presets.parse_vars(var or []))
+    text = presets.render_prompt(resolved, o.prompt_from(prompt))
+    opts = load_options(args)
+    conversation_id, history, logged_system = continued_conversation(args)
+    if system is None:
+        system = logged_system
+
+    lm = o.load_model(model, opts)
+    _generate(lm, resolved, text, system, raw, json_out, stats, logprobs, history=history,
+              log_to=None if no_log else conversation_id)
+
+
+def continued_conversation(a: dict):
+    """(conversation id to log to, earlier messages, its system prompt) for -c / --cid; a new id
+    and no history otherwise. The id is None when logging is off."""
+    from genkit import logs
+
+    history, system, cid = [], None, None
+    if a["continue_"] or a["cid"]:
+        cid, rows = logs.find_conversation(a["cid"])
+        history = logs.messages_of(rows)
+        system = rows[-1]["system"] if rows else None
+    if a["no_log"] or not logs.enabled():
+        return None, history, system
+    return cid or logs.new_conversation_id(), history, system
+
+
+def generation_overrides(a: dict) -> dict:
+    """The generation parameters set by run's flags (shared with `genkit chat`), checked."""
+    from genkit import params as P
+    from genkit import presets
+
     flags = {
-        "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens, "do_sample": sample,
-        "temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p, "typical_p": typical_p,
-        "repetition_penalty": repetition_penalty, "no_repeat_ngram_size": no_repeat_ngram_size,
-        "num_beams": num_beams, "num_beam_groups": num_beam_groups, "diversity_penalty": diversity_penalty,
-        "length_penalty": length_penalty, "penalty_alpha": penalty_alpha,
-        "dola_layers": _dola_flag(dola_layers), "prompt_lookup_num_tokens": prompt_lookup,
-        "assistant_model": assistant_model, "num_return_sequences": num_return_sequences, "seed": seed,
-        "stop_strings": [o.unescape(s) for s in stop] if stop else None, "max_time": max_time, "watermark": {} if watermark else None,
+        "max_new_tokens": a["max_new_tokens"], "min_new_tokens": a["min_new_tokens"], "do_sample": a["sample"],
+        "temperature": a["temperature"], "top_k": a["top_k"], "top_p": a["top_p"], "min_p": a["min_p"],
+        "typical_p": a["typical_p"], "repetition_penalty": a["repetition_penalty"],
+        "no_repeat_ngram_size": a["no_repeat_ngram_size"], "num_beams": a["num_beams"],
+        "num_beam_groups": a["num_beam_groups"], "diversity_penalty": a["diversity_penalty"],
+        "length_penalty": a["length_penalty"], "penalty_alpha": a["penalty_alpha"],
+        "dola_layers": _dola_flag(a["dola_layers"]), "prompt_lookup_num_tokens": a["prompt_lookup"],
+        "assistant_model": a["assistant_model"], "num_return_sequences": a["num_return_sequences"],
+        "seed": a["seed"], "stop_strings": [o.unescape(x) for x in a["stop"]] if a["stop"] else None, "max_time": a["max_time"],
+        "watermark": {} if a["watermark"] else None,
     }
     overrides = {}
     for key, value in flags.items():
         if value is not None:
             k, v = P.check_param(key, value, "--" + key.replace("_", "-"))
             overrides[k] = v
-    overrides.update(presets.parse_set(set_ or []))
-    resolved = presets.resolve(preset, generation_config, overrides, presets.parse_vars(var or []))
-    text = presets.render_prompt(resolved, o.prompt_from(prompt))
-    opts = o.load_options(dtype, device_map, load_in_4bit, load_in_8bit, quant_type, compute_dtype, trust_remote_code,
-                          native_4bit, native_8bit, int8_activations)
+    overrides.update(presets.parse_set(a["set_"] or []))
+    return overrides
 
-    lm = o.load_model(model, opts)
-    _generate(lm, resolved, text, system, raw, json_out, stats, logprobs)
+
+def load_options(a: dict):
+    """The model loading options of run's flags (shared with `genkit chat`)."""
+    return o.load_options(a["dtype"], a["device_map"], a["load_in_4bit"], a["load_in_8bit"], a["quant_type"],
+                          a["compute_dtype"], a["trust_remote_code"], a["native_4bit"], a["native_8bit"],
+                          a["int8_activations"])
 
 
 def _dola_flag(value: Optional[str]):
@@ -111,7 +159,7 @@ def _dola_flag(value: Optional[str]):
         raise GenkitError(f"--dola-layers {value!r}: expected low, high or layer indices like 28,30") from None
 
 
-def _generate(lm, resolved, text, system, raw, json_out, want_stats, logprobs) -> None:
+def _generate(lm, resolved, text, system, raw, json_out, want_stats, logprobs, *, history=(), log_to=None) -> None:
     from rich.console import Console
 
     from genkit import presets, render
@@ -122,10 +170,9 @@ def _generate(lm, resolved, text, system, raw, json_out, want_stats, logprobs) -
     assistant = None
     if settings.assistant_model:
         assistant = o.load_model(settings.assistant_model, _assistant_options(lm))
-    gen = Generation(
-        lm, [text], settings, system=system if system is not None else resolved.system, raw=raw,
-        logprobs=logprobs, assistant=assistant,
-    )
+    system = system if system is not None else resolved.system
+    prompt = [*history, {"role": "user", "content": text}] if history else text
+    gen = Generation(lm, [prompt], settings, system=system, raw=raw, logprobs=logprobs, assistant=assistant)
     err = Console(stderr=True, highlight=False)
     if settings.strategy in ("beam", "beam-sampling", "diverse-beam") and err.is_terminal and not json_out:
         err.print(f"[dim]{settings.strategy}: the text appears once the search has finished[/dim]")
@@ -139,9 +186,14 @@ def _generate(lm, resolved, text, system, raw, json_out, want_stats, logprobs) -
                     view.event(ev)
     except KeyboardInterrupt:
         interrupted = True
+    diff = presets.diff_from_defaults(settings.explicit)
+    diff["max_new_tokens"] = settings.max_new_tokens
+    if log_to is not None:
+        from genkit import logs
+
+        logs.record_generation(log_to, "run", gen, model=lm.name, preset=resolved.name, system=system,
+                               history=list(history), prompt=text, settings=diff)
     if json_out:
-        diff = presets.diff_from_defaults(settings.explicit)
-        diff["max_new_tokens"] = settings.max_new_tokens
         print(render.json_record(gen, model_name=lm.name, preset=resolved, prompt=text, settings_diff=diff))
     if want_stats or interrupted:
         reasons = [r.finish_reason for r in gen.results] or ["cancelled"]

@@ -198,6 +198,10 @@ class ContinuousBatcher:
         free = self.batch_size - len(self.rows)
         return not self.rows or free >= min(self.refill_at * self.n, self.batch_size)
 
+    def rows_of(self, job: Job) -> int:
+        """Rows a job takes in the batch (a subclass may let jobs differ)."""
+        return self.n
+
     def _future_width(self) -> int:
         """The widest the cache can grow for the running rows (prompt + every new token)."""
         return max((r.active.job.max_new_tokens + len(r.active.job.input_ids) for r in self.rows), default=0)
@@ -211,12 +215,13 @@ class ContinuousBatcher:
             job = waiting[0]
             w = max(width, len(job.input_ids) + job.max_new_tokens)
             busy = rows > 0 or group
-            if busy and rows + self.n > self.batch_size:
+            n = self.rows_of(job)
+            if busy and rows + n > self.batch_size:
                 break
-            if busy and self.budget and (rows + self.n) * w > self.budget:
+            if busy and self.budget and (rows + n) * w > self.budget:
                 break
             group.append(waiting.popleft())
-            rows, width = rows + self.n, w
+            rows, width = rows + n, w
         return group
 
     # ------------------------------------------------------------------ admission
@@ -249,9 +254,11 @@ class ContinuousBatcher:
         started = time.perf_counter()
         logits = self._forward(ids, mask, positions, cache)
         rows = self._new_rows(group, started)
-        if self.n > 1:
+        counts = [self.rows_of(job) for job in group]
+        if any(n > 1 for n in counts):
             # Sequences of one prompt share its prefill: repeat the rows after it.
-            index = torch.arange(len(group), device=self.device).repeat_interleave(self.n)
+            index = torch.arange(len(group), device=self.device).repeat_interleave(
+                torch.tensor(counts, device=self.device))
             cache.reorder_cache(index)
             logits, mask = logits.index_select(0, index), mask.index_select(0, index)
         tokens = self._choose(rows, logits)

@@ -84,11 +84,14 @@ class Generation:
         assistant=None,
         seeds: list[int | None] | None = None,
         inputs: tuple | None = None,
+        turn_cache=None,
     ):
         self.lm = lm
         # Pre-tokenized (input_ids, attention_mask), left-padded: used as they are, so a test can
         # feed the exact ids another library saw. `prompts` then only counts the rows.
         self.inputs = inputs
+        # A conversation's KV cache kept between turns (genkit.engine.turns.TurnCache), or None.
+        self.turn_cache = turn_cache
         self.settings = settings
         self.streamer = streamer
         self.want_logprobs = logprobs
@@ -121,8 +124,14 @@ class Generation:
         if s.strategy not in BEAM_STRATEGIES and n > 1:
             input_ids = input_ids.repeat_interleave(n, dim=0)
             mask = mask.repeat_interleave(n, dim=0)
-        runner = make_runner(lm.model, input_ids, mask, s.values.get("decoder_start_token_id"),
-                             capacity=input_ids.shape[1] + max_new)
+        def fresh_runner():
+            return make_runner(lm.model, input_ids, mask, s.values.get("decoder_start_token_id"),
+                               capacity=input_ids.shape[1] + max_new)
+
+        if self.turn_cache is None:
+            runner = fresh_runner()
+        else:
+            runner = self.turn_cache.runner_for(lm.model, input_ids, mask, fresh_runner, strategy=s.strategy, rows=n)
         vocab = lm.model.config.get_text_config().vocab_size
         kw = dict(
             prompt_length=runner.prompt.shape[1], attention_mask=mask if not lm.is_encoder_decoder else None,
@@ -158,11 +167,15 @@ class Generation:
         except (KeyboardInterrupt, GeneratorExit):
             for ev in tracker.finish_all("cancelled"):
                 pass
+            if self.turn_cache is not None:
+                self.turn_cache.drop()
             self._finish()
             raise
         finally:
             if hasattr(runner, "close"):  # a static cache passes its graphs on to the next request
                 runner.close()
+        if self.turn_cache is not None:
+            self.turn_cache.keep(runner)
         self._finish()
 
     def _encode(self):

@@ -62,15 +62,17 @@ class Runner:
         keep = 0 if all_logits else 1
         return self._forward(self.prompt, self.positions, self.attention_mask, hidden, keep)
 
-    def step(self, tokens: torch.Tensor, hidden: bool = False, logits: bool = True) -> StepOutput:
-        """Feed new tokens (batch, n) after what the cache holds; logits for each of them."""
+    def step(self, tokens: torch.Tensor, hidden: bool = False, logits: bool = True,
+             keep: int | None = None) -> StepOutput:
+        """Feed new tokens (batch, n) after what the cache holds; logits for each of them (for
+        the last `keep` only when given: a chat turn's new message needs its last one)."""
         n = tokens.shape[1]
         last = self.positions[:, -1:]
         new_pos = last + torch.arange(1, n + 1, device=self.device)
         self.positions = torch.cat([self.positions, new_pos], dim=-1)
         ones = self.attention_mask.new_ones((self.batch_size, n))
         self.attention_mask = torch.cat([self.attention_mask, ones], dim=-1)
-        return self._forward(tokens, new_pos, self.attention_mask, hidden, n)
+        return self._forward(tokens, new_pos, self.attention_mask, hidden, keep or n)
 
     # -- cache surgery used by beam search, contrastive search and speculative decoding --
 

@@ -2,15 +2,17 @@
 
 Strategies propose tokens; the tracker decides what is kept. Each output sequence has a
 `SequenceState` that appends token ids, stops at an end-of-sequence id, max_new_tokens or a stop
-string, and turns the new ids into a text delta that is right across multi-byte characters and
-tokens that only decode together (a delta is released only once it no longer ends in an
-incomplete character, and text that could be the start of a stop string is held back).
+string, and turns the new ids into a text delta (genkit.engine.detokenize: nothing is shown
+that the next tokens could still change, and the final text is the tokenizer's decoding of the
+ids); text that could be the start of a stop string is held back too.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+
+from genkit.engine.detokenize import IncrementalDecoder
 
 
 @dataclass
@@ -30,35 +32,36 @@ class Event:
 
 class SequenceState:
     def __init__(self, tokenizer, eos_ids, max_new_tokens, stop_strings, skip_special=True):
-        self.tok = tokenizer
         self.eos = set(eos_ids)
         self.max_new = max_new_tokens
         self.stops = list(stop_strings or [])
-        self.skip_special = skip_special
         self.ids: list[int] = []
         self.logprobs: list[float] = []
         self.text = ""  # text released so far (never contains a stop string)
         self.finish_reason: str | None = None
         self._pending = ""  # decoded but held back (possible start of a stop string)
-        self._prefix = 0  # token offsets of the incremental decoder
-        self._read = 0
+        self._decoder = IncrementalDecoder(tokenizer, self.ids, skip_special)
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def _decode(self, ids):
-        return self.tok.decode(ids, skip_special_tokens=self.skip_special)
+    def _text_delta(self, final: bool) -> str:
+        """New text, stop strings applied; at the end the text is the decoding of every id."""
+        delta = self._release(self._decoder.step(final), final)
+        if final and self._decoder.diverged:
+            self._adopt_decoded()
+        return delta
 
-    def _new_text(self, final: bool) -> str:
-        # Decode a short window instead of the whole sequence: the text of ids[prefix:read] is
-        # what was already released; whatever the window adds beyond it is new.
-        before = self._decode(self.ids[self._prefix:self._read])
-        after = self._decode(self.ids[self._prefix:])
-        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
-            self._prefix, self._read = self._read, len(self.ids)
-            return after[len(before):]
-        return ""
+    def _adopt_decoded(self) -> None:
+        """When the stream could not follow the tokenizer (see detokenize), the text still is
+        the exact decoding, cut at the first stop string."""
+        text = self._decoder.released
+        cuts = [text.find(s) for s in self.stops if s in text]
+        if cuts:
+            text = text[: min(cuts)]
+            self.finish_reason = "stop"
+        self.text, self._pending = text, ""
 
     def add(self, ids: list[int], logprobs: list[float] | None = None) -> Event | None:
         """Append proposed tokens; returns the event they make (None if nothing changed)."""
@@ -78,7 +81,7 @@ class SequenceState:
         if logprobs is not None:
             lp = list(logprobs[: len(kept)])
             self.logprobs.extend(lp)
-        delta = self._release(self._new_text(final=reason is not None), final=reason is not None)
+        delta = self._text_delta(final=reason is not None)
         if self.finish_reason is None:
             self.finish_reason = reason
         return Event(index=-1, token_ids=kept, text=delta, logprobs=lp, finish_reason=self.finish_reason)
@@ -109,7 +112,7 @@ class SequenceState:
         if self.done:
             return None
         self.finish_reason = reason
-        tail = self._release(self._new_text(final=True), final=True)
+        tail = self._text_delta(final=True)
         return Event(index=-1, text=tail, finish_reason=reason)
 
 

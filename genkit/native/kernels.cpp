@@ -856,16 +856,21 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tens
     return out;
 }
 
+// Every entry point works on tensors only and lets go of the GIL while it computes: a server's
+// HTTP thread (genkit serve) keeps answering while the engine thread runs a step.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-    m.def("decode_attention", &decode_attention, "rotary embedding, KV write and attention for one new token");
+    m.def("decode_attention", &decode_attention, "rotary embedding, KV write and attention for one new token",
+          py::call_guard<py::gil_scoped_release>());
     m.def("gguf_matmul", &gguf_matmul, "rms_norm(x) @ W.T for W in GGUF Q4_0 (0) / Q4_1 (1) / Q8_0 (2) blocks (+8: byte activations)",
           py::arg("x"), py::arg("blocks"), py::arg("kind"), py::arg("in_features"), py::arg("norm") = py::none(),
-          py::arg("eps") = 0.0, py::arg("glu") = false);
+          py::arg("eps") = 0.0, py::arg("glu") = false, py::call_guard<py::gil_scoped_release>());
     m.def("dense_matmul", &dense_matmul, "rms_norm(x) @ W.T for a contiguous float32 or bfloat16 W, for few rows of x",
-          py::arg("x"), py::arg("w"), py::arg("norm") = py::none(), py::arg("eps") = 0.0, py::arg("glu") = false);
+          py::arg("x"), py::arg("w"), py::arg("norm") = py::none(), py::arg("eps") = 0.0, py::arg("glu") = false,
+          py::call_guard<py::gil_scoped_release>());
     py::class_<DecodeStack>(m, "DecodeStack")
         .def(py::init<int64_t, int64_t, int64_t, double>())
         .def("add_layer", &DecodeStack::add_layer)
         .def("forward", &DecodeStack::forward, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("keys"),
-             py::arg("values"), py::arg("slot"), py::arg("first"), py::arg("states") = py::none());
+             py::arg("values"), py::arg("slot"), py::arg("first"), py::arg("states") = py::none(),
+             py::call_guard<py::gil_scoped_release>());
 }

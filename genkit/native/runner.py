@@ -52,14 +52,15 @@ class NativeRunner:
         n = self.prompt.shape[1]
         return self._run(self.prompt, self.positions, n, 0 if all_logits else 1, hidden, logits)
 
-    def step(self, tokens: torch.Tensor, hidden: bool = False, logits: bool = True) -> StepOutput:
+    def step(self, tokens: torch.Tensor, hidden: bool = False, logits: bool = True,
+             keep: int | None = None) -> StepOutput:
         self._collapse()
         n = tokens.shape[1]
         new_pos = self.positions[:, -1:] + torch.arange(1, n + 1, device=self.device)
         self.positions = torch.cat([self.positions, new_pos], dim=-1)
         ones = self.attention_mask.new_ones((self.batch_size, n))
         self.attention_mask = torch.cat([self.attention_mask, ones], dim=-1)
-        return self._run(tokens, new_pos, n, n, hidden, logits)
+        return self._run(tokens, new_pos, n, keep or n, hidden, logits)
 
     def select(self, index: torch.Tensor) -> None:
         n, self.candidates = self.candidates, None

@@ -28,7 +28,9 @@ time it was chosen (Hamming diversity). transformers 5 no longer ships it, so it
 transformers 4.x exactly: the penalty is applied right after the sequence bias, a group that is
 done feeds padding (which later groups see as chosen tokens), its stopping heuristic uses the
 best candidate of the step, and at the length limit its running beams join its finished list
-unless it is already done. With one group it is the same search as plain beam search.
+unless it is already done. A hypothesis that ends on any end token is returned ending on the
+first one of the list, as 4.x returned it (plain beam search, in transformers 5 as in 4.x,
+keeps the token that ended it). With one group it is the same search as plain beam search.
 
 Beam sampling (do_sample with num_beams) draws the candidates without replacement in
 proportion to the softmax of the candidates' scores, from each prompt's own seeded generator.
@@ -184,7 +186,13 @@ class Group:
             if frozen[p]:
                 continue
             row = p * search.num_beams + self.start + int(beams[p, r])
-            self.finished[p].add(search.hypothesis(row, int(tokens[p, r]), normalised[p][r]))
+            token = int(tokens[p, r])
+            if self.rules.legacy:
+                # Only end tokens end a legacy hypothesis here. 4.x stored the hypothesis
+                # without its end token and appended the first end token of the list when
+                # it returned it, whichever one had ended it.
+                token = int(self.eos[0])
+            self.finished[p].add(search.hypothesis(row, token, normalised[p][r]))
 
     def _update_done(self, values, frozen, generated):
         best_candidate = values.max(dim=1).values.tolist()
