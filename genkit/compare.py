@@ -58,7 +58,8 @@ def run_variant(lm, v: Variant, prompt: str, *, system=None, raw=False, assistan
                      raw=raw, assistant=assistant)
     results = gen.run()
     diff = presets_mod.diff_from_defaults(settings.explicit)
-    diff["seed"] = gen.seed
+    if settings.do_sample:
+        diff["seed"] = gen.seed
     return Row(
         label=v.label, strategy=settings.strategy, settings=diff,
         text=results[0].text, finish_reason=results[0].finish_reason,

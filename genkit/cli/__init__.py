@@ -9,19 +9,56 @@ from __future__ import annotations
 import errno
 import os
 import sys
+from typing import Annotated
 
 import typer
 
+from genkit import threads
+from genkit.cli import messages
 from genkit.errors import GenkitError
 
 app = typer.Typer(
     name="genkit",
     help="Generate text with language models on Hugging Face transformers.",
-    no_args_is_help=True,
     add_completion=True,  # Typer's own: genkit --install-completion / --show-completion
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+# What `genkit --version` reports besides genkit: the libraries whose versions change its output.
+LIBRARIES = ("torch", "transformers", "tokenizers", "gguf", "llguidance")
+
+
+@app.callback(invoke_without_command=True)
+def top(
+    ctx: typer.Context,
+    version: Annotated[bool, typer.Option(
+        "--version", help="Print the versions of genkit and its main libraries, then exit.")] = False,
+    debug: Annotated[bool, typer.Option(
+        "--debug", help="Show the traceback of an error (also GENKIT_DEBUG=1; any position).")] = False,
+) -> None:
+    """Generate text with language models on Hugging Face transformers."""
+    if version:
+        print(versions())
+        raise typer.Exit(0)
+    if ctx.invoked_subcommand is None:
+        print(ctx.get_help())
+        raise typer.Exit(0)
+
+
+def versions() -> str:
+    """genkit's version and its libraries', read from their metadata: nothing is imported."""
+    import importlib.metadata as md
+    import platform
+
+    def version_of(name: str) -> str:
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return "not installed"
+
+    libraries = ", ".join(f"{name} {version_of(name)}" for name in LIBRARIES)
+    return f"genkit {version_of('genkit')}\n{libraries}, python {platform.python_version()}"
 
 
 def _register() -> None:
@@ -73,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     if "--debug" in args:
         args.remove("--debug")
         debug = True
+    messages.setup(debug)
+    threads.prepare_environment()
     try:
         rc = app(args=args, prog_name="genkit", standalone_mode=False)
     except GenkitError as e:

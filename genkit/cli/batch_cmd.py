@@ -16,6 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 from genkit.cli import options as o
+from genkit.models import LoadOptions
 
 G = o.GEN_PANEL
 J = "Batch job"
@@ -25,15 +26,17 @@ def register(app: typer.Typer) -> None:
     app.command("batch")(batch)
 
 
+@o.model_options
 def batch(
     input: Annotated[str, typer.Argument(
         help="Prompts: a .txt file (one per line), a .jsonl file (genkit or OpenAI batch records), or - for stdin.",
         show_default=False)],
     output: Annotated[Optional[str], typer.Option(
-        "--output", "-o", rich_help_panel=J,
-        help="JSONL file to write (default: stdout). Re-running with the same file resumes the job.")] = None,
+        "--output", "-o", rich_help_panel=J, show_default=False,
+        help=o.with_default("JSONL file to write; re-running with the same file resumes the job.", "stdout"))] = None,
     input_format: Annotated[Optional[str], typer.Option(
-        "--format", rich_help_panel=J, help="Input format: txt or jsonl (default: from the extension).")] = None,
+        "--format", rich_help_panel=J, show_default=False,
+        help=o.with_default("Input format: txt or jsonl.", "from the extension"))] = None,
     output_format: Annotated[str, typer.Option(
         "--output-format", rich_help_panel=J, help="genkit, or openai (the OpenAI batch response shape).")] = "genkit",
     unordered: Annotated[bool, typer.Option(
@@ -42,7 +45,8 @@ def batch(
         "--batch-size", rich_help_panel=J, help="Most sequences decoded together.")] = 64,
     max_batch_tokens: Annotated[Optional[int], typer.Option(
         "--max-batch-tokens", rich_help_panel=J,
-        help="Token budget of a batch: rows x (prompt + new tokens) of its longest row.")] = None,
+        show_default=False,
+        help=o.with_default("Token budget of a batch: rows x (prompt + new tokens) of its longest row.", "no limit"))] = None,
     continuous: Annotated[bool, typer.Option(
         "--continuous/--static", rich_help_panel=J,
         help="Refill a finished sequence's slot at once (greedy, sampling), or run fixed padded batches.")] = True,
@@ -54,28 +58,21 @@ def batch(
     preset: o.Preset = None,
     model: o.Model = None,
     system: Annotated[Optional[str], typer.Option(
-        "--system", rich_help_panel=G, help="System prompt for chat models (a record's own wins).")] = None,
-    raw: Annotated[bool, typer.Option("--raw", rich_help_panel=G, help="Send the text as it is, without the chat template.")] = False,
-    max_new_tokens: Annotated[Optional[int], typer.Option(
-        "--max-new-tokens", "-n", rich_help_panel=G, help="Most new tokens per record (a record's params win).")] = None,
-    sample: Annotated[Optional[bool], typer.Option(
-        "--sample/--greedy", rich_help_panel=G, help="Sample, or always take the most likely token.")] = None,
-    temperature: Annotated[Optional[float], typer.Option("--temperature", "-t", rich_help_panel=G)] = None,
-    seed: Annotated[Optional[int], typer.Option(
-        "--seed", rich_help_panel=G, help="Job seed: a record without its own seed samples from one derived from it and its id.")] = None,
+        "--system", rich_help_panel=G, show_default=False,
+        help=o.with_default("System prompt for chat models (a record's own wins).", "the preset's, else none"))] = None,
+    raw: o.Raw = False,
+    max_new_tokens: Annotated[Optional[int], o.gen_option(
+        "max_new_tokens", "--max-new-tokens", "-n", help="Most new tokens per record (a record's params win).",
+        default="the preset's, else 256")] = None,
+    sample: o.Sample = None,
+    temperature: o.Temperature = None,
+    seed: Annotated[Optional[int], o.gen_option(
+        "seed", help="Job seed: a record without its own seed samples from one derived from it and its id.",
+        default="random")] = None,
     generation_config: o.GenConfig = None,
     set_: o.Set = None,
     var: o.Var = None,
-    dtype: o.Dtype = "auto",
-    device_map: o.DeviceMap = None,
-    load_in_4bit: o.Load4 = False,
-    load_in_8bit: o.Load8 = False,
-    quant_type: o.QuantType = "nf4",
-    compute_dtype: o.ComputeDtype = None,
-    trust_remote_code: o.TrustRemote = False,
-    native_4bit: o.Native4 = False,
-    native_8bit: o.Native8 = False,
-    int8_activations: o.Int8Activations = False,
+    load: LoadOptions = None,
 ) -> None:
     """Run every prompt of a file and write one JSON record per prompt (resumable)."""
     from genkit import batch as B
@@ -105,8 +102,7 @@ def batch(
     lead = summary.rank == 0
     lm = None
     if job.needs_model:
-        load = o.load_options(dtype, _device_map(device_map, job.state), load_in_4bit, load_in_8bit,
-                              quant_type, compute_dtype, trust_remote_code, native_4bit, native_8bit, int8_activations)
+        load.device_map = _device_map(load.device_map, job.state)
         lm = o.load_model(model, load, quiet=quiet or not lead)
     view = Progress(summary, enabled=not quiet and lead)
     try:
@@ -157,13 +153,15 @@ def _device_map(device_map: Optional[str], state) -> Optional[str]:
 
 
 def summary_line(job, interrupted: bool = False) -> str:
+    from genkit.render import count
+
     s = job.summary
     who = f"process {s.rank + 1}/{s.world}: " if s.world > 1 else ""
     where = job.opts.output or "stdout"
-    skipped = f", {s.skipped} skipped (already in {where})" if job.opts.output else ""
+    skipped = f", {s.skipped} skipped (already in {where})" if job.opts.output and s.skipped else ""
     parts = [
         f"{s.done} done, {s.failed} failed{skipped}",
-        f"{s.completion_tokens} tokens in {s.elapsed_s:.1f} s ({s.tokens_per_s:.1f} tokens/s)",
+        f"{count(s.completion_tokens, 'token')} in {s.elapsed_s:.1f} s ({s.tokens_per_s:.1f} tokens/s)",
     ]
     if job.final_records is not None and s.world > 1:
         parts.append(f"{where}: {job.final_records} records merged from {s.world} processes")

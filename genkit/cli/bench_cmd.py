@@ -8,32 +8,25 @@ from typing import Annotated, Optional
 import typer
 
 from genkit.cli import options as o
+from genkit.models import LoadOptions
 
 
 def register(app: typer.Typer) -> None:
     app.command("bench")(bench)
 
 
+@o.model_options
 def bench(
     model: o.Model = None,
     new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="Tokens generated per scenario.")] = 64,
     rounds: Annotated[int, typer.Option("--rounds", min=1, help="Alternating rounds; the best counts.")] = 3,
     only: Annotated[Optional[str], typer.Option(
-        "--only", help="Comma-separated scenarios: greedy-b1, sampling-b1, greedy-b8, beam4, prompt-lookup, "
+        "--only", show_default=False, help="Comma-separated scenarios (default: all): greedy-b1, sampling-b1, greedy-b8, beam4, prompt-lookup, "
         "assisted, dola, contrastive.")] = None,
-    assistant_model: Annotated[Optional[str], typer.Option("--assistant-model", help="Draft model: adds 'assisted'.")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads.")] = None,
+    assistant_model: Annotated[Optional[str], typer.Option(
+        "--assistant-model", show_default=False, help="Draft model: adds 'assisted' (default: none).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per scenario.")] = False,
-    dtype: o.Dtype = "auto",
-    device_map: o.DeviceMap = None,
-    load_in_4bit: o.Load4 = False,
-    load_in_8bit: o.Load8 = False,
-    quant_type: o.QuantType = "nf4",
-    compute_dtype: o.ComputeDtype = None,
-    trust_remote_code: o.TrustRemote = False,
-    native_4bit: o.Native4 = False,
-    native_8bit: o.Native8 = False,
-    int8_activations: o.Int8Activations = False,
+    load: LoadOptions = None,
 ) -> None:
     """Tokens/s, time to first token and memory of genkit and plain transformers generate()."""
     import torch
@@ -45,31 +38,27 @@ def bench(
 
     names = [s.strip() for s in only.split(",") if s.strip()] if only else None
     B.check_names(names or [], assistant_model is not None)
-    if threads:
-        torch.set_num_threads(threads)
-    opts = o.load_options(dtype, device_map, load_in_4bit, load_in_8bit, quant_type, compute_dtype,
-                          trust_remote_code, native_4bit, native_8bit, int8_activations)
-    lm = o.load_model(model, opts)
+    lm = o.load_model(model, load)
     reference = None
-    if native_4bit or native_8bit:
+    if load.native_4bit or load.native_8bit:
         # transformers cannot run genkit's 4-bit / 8-bit blocks: its baseline is the same model in fp32.
-        reference = o.load_model(model, o.load_options("auto", None, False, False, "nf4", None, False))
-    assistant = o.load_model(assistant_model, o.load_options(dtype, device_map, False, False, "nf4", None, False)) \
-        if assistant_model else None
+        reference = o.load_model(model, LoadOptions(threads=load.threads))
+    assistant = o.load_model(assistant_model, LoadOptions(dtype=load.dtype, device_map=load.device_map,
+                                                          threads=load.threads)) if assistant_model else None
     err = Console(stderr=True)
     with err.status("benchmarking…") as status:
         rows = B.bench(lm, new_tokens=new_tokens, rounds=rounds, assistant=assistant, only=names,
                        reference=reference, progress=lambda n: status.update(f"benchmarking {n}…"))
     llama = None
-    if native_4bit and (names is None or "greedy-b1" in names):
+    if load.native_4bit and (names is None or "greedy-b1" in names):
         gguf = model or str(models.default_gguf_path())
         with err.status("benchmarking llama.cpp…"):
             llama = B.versus_llama_cpp(lm, gguf, new_tokens=new_tokens, rounds=rounds)
     llama_line = _llama_summary(llama)
     device = str(lm.device) if lm.device.type != "cuda" else torch.cuda.get_device_name(lm.device)
     header = {"model": lm.name, "device": device, "threads": torch.get_num_threads(), "dtype": str(getattr(lm.model, "dtype", "")),
-              "native_4bit": native_4bit, "native_8bit": native_8bit,
-              "int8_activations": int8_activations, "new_tokens": new_tokens, "rounds": rounds}
+              "native_4bit": load.native_4bit, "native_8bit": load.native_8bit,
+              "int8_activations": load.int8_activations, "new_tokens": new_tokens, "rounds": rounds}
     if json_out:
         for r in rows:
             print(json.dumps({**header, "scenario": r.scenario, "genkit_tokens_per_s": round(r.genkit_tps, 2),
@@ -77,7 +66,7 @@ def bench(
                               "ratio": None if r.ratio is None else round(r.ratio, 3),
                               "genkit_ttft_s": r.genkit_ttft, "transformers_ttft_s": r.transformers_ttft,
                               "memory_mb": round(r.memory_mb, 1), "same_tokens": r.same_tokens, **r.extra}))
-        if native_4bit:
+        if load.native_4bit:
             print(json.dumps({**header, "scenario": "llama.cpp greedy-b1", **llama_line}))
         return
     table = Table(title=f"genkit bench · {lm.name} · {device} · {torch.get_num_threads()} threads · "
@@ -91,7 +80,7 @@ def bench(
                       {True: "yes", False: "NO", None: "-"}[r.same_tokens], r.note)
     console = Console(highlight=False, width=max(120, Console().width))
     console.print(table)
-    if native_4bit:
+    if load.native_4bit:
         # the terminal's own width: the table's console is at least 120 wide and would break words
         Console(highlight=False).print("llama.cpp greedy-b1: " + llama_line["note"], markup=False)
 

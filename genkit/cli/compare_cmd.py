@@ -3,43 +3,42 @@
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import asdict
 from typing import Annotated, Optional
 
 import typer
 
 from genkit.cli import options as o
+from genkit.models import LoadOptions
 
 
 def register(app: typer.Typer) -> None:
     app.command("compare")(compare)
 
 
+@o.model_options
 def compare(
-    prompt: Annotated[Optional[str], typer.Argument(help="The prompt; '-' or a pipe reads stdin.")] = None,
+    prompt: Annotated[Optional[str], typer.Argument(
+        help="The prompt; '-' or a pipe reads stdin.", show_default=False)] = None,
     presets_: Annotated[str, typer.Option(
-        "--presets", help="Comma-separated presets, e.g. greedy,creative,contrastive,factual-dola.")] = "",
+        "--presets", show_default=False,
+        help=o.with_default("Comma-separated presets, e.g. greedy,creative,contrastive,factual-dola.", "none"))] = "",
     variant: Annotated[Optional[list[str]], typer.Option(
-        "--variant", help="A --set variant of --preset: 'temperature=0.3,top_p=0.9' (repeatable).")] = None,
+        "--variant", show_default=False,
+        help=o.with_default("A --set variant of --preset: 'temperature=0.3,top_p=0.9' (repeatable).", "none"))] = None,
     preset: o.Preset = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", "-n", help="For every variant.")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for every sampling variant.")] = None,
-    system: Annotated[Optional[str], typer.Option("--system")] = None,
-    raw: Annotated[bool, typer.Option("--raw")] = False,
+    max_new_tokens: Annotated[Optional[int], o.gen_option(
+        "max_new_tokens", "--max-new-tokens", "-n", help="Most new tokens, for every variant.",
+        default="each preset's, else 256")] = None,
+    seed: Annotated[Optional[int], o.gen_option(
+        "seed", help="Seed for every sampling variant.", default="random")] = None,
+    system: o.System = None,
+    raw: o.Raw = False,
     var: o.Var = None,
-    json_out: Annotated[bool, typer.Option("--json", help="One JSON line per variant (the default when piped).")] = False,
+    json_out: Annotated[bool, typer.Option(
+        "--json", help="One JSON line per variant (the default when piped).")] = False,
     model: o.Model = None,
-    dtype: o.Dtype = "auto",
-    device_map: o.DeviceMap = None,
-    load_in_4bit: o.Load4 = False,
-    load_in_8bit: o.Load8 = False,
-    quant_type: o.QuantType = "nf4",
-    compute_dtype: o.ComputeDtype = None,
-    trust_remote_code: o.TrustRemote = False,
-    native_4bit: o.Native4 = False,
-    native_8bit: o.Native8 = False,
-    int8_activations: o.Int8Activations = False,
+    load: LoadOptions = None,
 ) -> None:
     """Run one prompt through several presets on one loaded model and show the answers side by side."""
     from rich.console import Console
@@ -51,13 +50,11 @@ def compare(
     from genkit import presets
 
     todo = cmp.variants(names, variant or [], preset, common, presets.parse_vars(var or []))
-    text = o.prompt_from(prompt)
+    text = o.prompt_from(prompt, "compare")
     cmp.check_prompts(todo, text)  # a template's missing variable fails before the model loads
-    opts = o.load_options(dtype, device_map, load_in_4bit, load_in_8bit, quant_type, compute_dtype, trust_remote_code,
-                          native_4bit, native_8bit, int8_activations)
     out = Console(highlight=False)
     as_json = json_out or not out.is_terminal
-    lm = o.load_model(model, opts)
+    lm = o.load_model(model, load)
     err = Console(stderr=True)
     rows = []
     for i, v in enumerate(todo, 1):
@@ -78,6 +75,8 @@ def _show(console, rows) -> None:
     from rich.panel import Panel
     from rich.text import Text
 
+    from genkit.render import count
+
     width = max(30, console.width // min(len(rows), 3) - 2)
     panels = []
     for r in rows:
@@ -85,6 +84,6 @@ def _show(console, rows) -> None:
         body = Text(r.text or "(empty)")
         body.append(f"\n\n{settings}", style="dim")
         # Speed and finish reason inside the panel: a subtitle gets cut in narrow columns.
-        body.append(f"\n{r.tokens} tokens · {r.tokens_per_s:.1f} tok/s · {r.finish_reason}", style="dim cyan")
+        body.append(f"\n{count(r.tokens, 'token')} · {r.tokens_per_s:.1f} tok/s · {r.finish_reason}", style="dim cyan")
         panels.append(Panel(body, width=width, title=f"[bold]{r.label}[/bold] · {r.strategy}", title_align="left"))
     console.print(Columns(panels, equal=True))

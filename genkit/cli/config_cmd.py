@@ -7,11 +7,13 @@ from typing import Annotated, Optional
 
 import typer
 
+from genkit.cli.groups import group
+
 from genkit.cli import options as o
 
 
 def register(app: typer.Typer) -> None:
-    sub = typer.Typer(help="Save generation configs with a model.", no_args_is_help=True)
+    sub = group("Save generation configs with a model.")
     sub.command("save")(save)
     app.add_typer(sub, name="config")
 

@@ -22,7 +22,7 @@ def _size(n: int) -> str:
 
 
 def list_models(
-    json_out: Annotated[bool, typer.Option("--json")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per model.")] = False,
     check: Annotated[bool, typer.Option(
         "--check", help="Hash every file against its manifest (files unchanged since their last check are "
                         "otherwise trusted).")] = False,
@@ -39,6 +39,8 @@ def list_models(
             print(json.dumps(r))
         return
     console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=1000)  # piped: whole paths, not cut to 80 columns
     if not rows:
         console.print(f"no cached models in {models.models_dir()} (run `genkit pull`)")
         return
@@ -73,11 +75,19 @@ def pull(
                   console=console, transient=False, disable=not console.is_terminal) as progress:
         task = progress.add_task("checking cache", total=len(steps))
 
-        def step(msg):
+        def step(msg):  # the sub-steps in a terminal; genkit's log says the whole step anyway
             progress.update(task, description=msg, completed=steps.index(msg) if msg in steps else 0)
-            if not console.is_terminal:
-                console.print(f"genkit: {msg}")
 
-        entry = models.prepare_gguf(gguf, default=model is None, progress=step)
+        try:
+            entry = models.prepare_gguf(gguf, default=model is None, progress=step)
+        except GenkitError:
+            raise
+        except Exception as e:
+            raise models.load_error(str(gguf), e) from e
+        # the first run's other slow step: a run right after `genkit pull` starts at once
+        progress.update(task, description="checking genkit's CPU kernels", completed=len(steps))
+        from genkit.native import kernels
+
+        kernels.available()
         progress.update(task, description="ready", completed=len(steps))
     print(entry)

@@ -1,7 +1,15 @@
-"""Flags shared by the commands that load a model and generate."""
+"""Flags shared by the commands that load a model and generate, declared once.
+
+`model_options` gives a command every model-loading flag (and --threads) and hands them to it as
+one `LoadOptions` named `load`; the generation flags that several commands share are the
+Annotated aliases below, their help and default taken from genkit/params.py. Nothing here
+imports torch or transformers.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 from typing import Annotated, Optional
 
@@ -9,65 +17,138 @@ import typer
 
 from genkit.cli import complete
 from genkit.errors import GenkitError
+from genkit.params import DEFAULT_MAX_NEW_TOKENS, PARAMS
 
 MODEL_PANEL = "Model"
 GEN_PANEL = "Generation"
 
-Model = Annotated[Optional[str], typer.Option(
-    "--model", "-m", rich_help_panel=MODEL_PANEL, autocompletion=complete.model_names,
-    help="Model directory, .gguf file or hub id (default: the embedded SmolLM2-135M-Instruct).")]
-Dtype = Annotated[str, typer.Option(
-    "--dtype", rich_help_panel=MODEL_PANEL, help="auto, float32, bfloat16 or float16.")]
-DeviceMap = Annotated[Optional[str], typer.Option(
-    "--device-map", rich_help_panel=MODEL_PANEL, help="auto, cpu, cuda, balanced or a JSON map.")]
-Load4 = Annotated[bool, typer.Option(
-    "--load-in-4bit", rich_help_panel=MODEL_PANEL, help="Quantise the weights to 4 bits (bitsandbytes).")]
-Load8 = Annotated[bool, typer.Option(
-    "--load-in-8bit", rich_help_panel=MODEL_PANEL, help="Quantise the weights to 8 bits (bitsandbytes).")]
-QuantType = Annotated[str, typer.Option(
-    "--quant-type", rich_help_panel=MODEL_PANEL, help="4-bit quantisation type: nf4 or fp4.")]
-ComputeDtype = Annotated[Optional[str], typer.Option(
-    "--compute-dtype", rich_help_panel=MODEL_PANEL, help="4-bit compute dtype: float32, bfloat16, float16.")]
-TrustRemote = Annotated[bool, typer.Option(
-    "--trust-remote-code", rich_help_panel=MODEL_PANEL, help="Allow the model's own Python code (off by default).")]
-Native4 = Annotated[bool, typer.Option(
-    "--native-4bit", rich_help_panel=MODEL_PANEL,
-    help="Run a GGUF's Q4_0/Q4_1 weights as they are on the CPU (fast; Llama models).")]
-Native8 = Annotated[bool, typer.Option(
-    "--native-8bit", rich_help_panel=MODEL_PANEL,
-    help="Quantise the weights to 8 bits (Q8_0 blocks) and run them with genkit's CPU kernels (Llama models).")]
-Int8Activations = Annotated[bool, typer.Option(
-    "--int8-activations", rich_help_panel=MODEL_PANEL,
-    help="With --native-4bit: quantise activations to 8 bits per block of 32, as llama.cpp does "
-         "(faster; greedy output can drift from the fp32 path).")]
+
+def gen_option(param: str, *decls: str, help: str | None = None, default: str | None = None):
+    """A generation flag: its help line is the parameter's own, its default the one that
+    applies when neither the preset, a --generation-config nor the model's generation config
+    sets a value."""
+    p = PARAMS[param]
+    text = help or (p.help[0].upper() + p.help[1:] + ".")
+    shown = default if default is not None else ("none" if p.default is None else str(p.default).lower())
+    return typer.Option(*(decls or ("--" + param.replace("_", "-"),)), rich_help_panel=GEN_PANEL,
+                        help=with_default(text, shown), show_default=False)
+
+
+def with_default(help: str, default: str | None) -> str:
+    """A flag's one help line, its default at the end (click would put a described default in
+    parentheses inside brackets)."""
+    return help if default is None else f"{help.rstrip('.')} (default: {default})."
+
+
+# ---------------------------------------------------------------- generation flags shared by commands
 
 Preset = Annotated[Optional[str], typer.Option(
-    "--preset", "-p", rich_help_panel=GEN_PANEL, autocompletion=complete.preset_names, help="Preset name or YAML file (`genkit presets list`).")]
+    "--preset", "-p", rich_help_panel=GEN_PANEL, show_default=False, autocompletion=complete.preset_names,
+    help=with_default("Preset name or YAML file (`genkit presets list`).", "none"))]
 GenConfig = Annotated[Optional[str], typer.Option(
-    "--generation-config", rich_help_panel=GEN_PANEL, help="A saved GenerationConfig (.json) or YAML file.")]
+    "--generation-config", rich_help_panel=GEN_PANEL, show_default=False,
+    help=with_default("A saved GenerationConfig (.json) or YAML file.", "none"))]
 Set = Annotated[Optional[list[str]], typer.Option(
-    "--set", "-s", rich_help_panel=GEN_PANEL, help="Any generation parameter: --set key=value (repeatable).")]
+    "--set", "-s", rich_help_panel=GEN_PANEL, show_default=False,
+    help=with_default("Any generation parameter (`genkit presets params`): --set key=value, repeatable.", "none"))]
 Var = Annotated[Optional[list[str]], typer.Option(
-    "--var", rich_help_panel=GEN_PANEL, help="Template variable of the preset: --var target=French.")]
+    "--var", rich_help_panel=GEN_PANEL, show_default=False,
+    help=with_default("A variable of the preset's template: --var target=French, repeatable.", "the preset's vars"))]
+System = Annotated[Optional[str], typer.Option(
+    "--system", rich_help_panel=GEN_PANEL, show_default=False,
+    help=with_default("System prompt for chat models.", "the preset's, else none"))]
+Raw = Annotated[bool, typer.Option(
+    "--raw", rich_help_panel=GEN_PANEL, help="Send the text as it is, without the chat template.")]
+MaxNewTokens = Annotated[Optional[int], gen_option(
+    "max_new_tokens", "--max-new-tokens", "-n", help="Most new tokens to generate.",
+    default=f"the preset's, else {DEFAULT_MAX_NEW_TOKENS}")]
+Sample = Annotated[Optional[bool], gen_option(
+    "do_sample", "--sample/--greedy", help="Sample, or always take the most likely token.",
+    default="the preset's, else greedy")]
+Temperature = Annotated[Optional[float], gen_option("temperature", "--temperature", "-t")]
+Seed = Annotated[Optional[int], gen_option(
+    "seed", "--seed", help="Seed for sampling: the same seed gives the same text.", default="random")]
+
+# ---------------------------------------------------------------- model-loading flags
 
 
-def load_options(dtype, device_map, load_in_4bit, load_in_8bit, quant_type, compute_dtype, trust_remote_code,
-                 native_4bit=False, native_8bit=False, int8_activations=False):
+def _model_flag(*decls: str, help: str, default: str | None = None, **more):
+    return typer.Option(*decls, rich_help_panel=MODEL_PANEL, help=with_default(help, default), show_default=False,
+                        **more)
+
+
+Model = Annotated[Optional[str], _model_flag(
+    "--model", "-m", help="Model directory, .gguf file or hub id.", default="the embedded SmolLM2-135M-Instruct",
+    autocompletion=complete.model_names)]
+
+# name -> (annotation, default) of every flag `model_options` adds, in LoadOptions' field order.
+LOAD_FLAGS: dict[str, tuple] = {
+    "dtype": (Annotated[str, _model_flag("--dtype", help="auto, float32, bfloat16 or float16.", default="auto")], "auto"),
+    "device_map": (Annotated[Optional[str], _model_flag(
+        "--device-map", help="auto, cpu, cuda, balanced or a JSON map.",
+        default="none: the whole model on the CPU")], None),
+    "load_in_4bit": (Annotated[bool, _model_flag(
+        "--load-in-4bit", help="Quantise the weights to 4 bits (bitsandbytes).")], False),
+    "load_in_8bit": (Annotated[bool, _model_flag(
+        "--load-in-8bit", help="Quantise the weights to 8 bits (bitsandbytes).")], False),
+    "quant_type": (Annotated[str, _model_flag("--quant-type", help="4-bit quantisation type: nf4 or fp4.", default="nf4")], "nf4"),
+    "compute_dtype": (Annotated[Optional[str], _model_flag(
+        "--compute-dtype", help="4-bit compute dtype: float32, bfloat16 or float16.",
+        default="bitsandbytes'")], None),
+    "trust_remote_code": (Annotated[bool, _model_flag(
+        "--trust-remote-code", help="Allow the model's own Python code to run.")], False),
+    "native_4bit": (Annotated[bool, _model_flag(
+        "--native-4bit", help="Run a GGUF's Q4_0/Q4_1 weights as they are on the CPU (fast; Llama models).")], False),
+    "native_8bit": (Annotated[bool, _model_flag(
+        "--native-8bit",
+        help="Quantise the weights to Q8_0 blocks for genkit's CPU kernels (fast; Llama models).")], False),
+    "int8_activations": (Annotated[bool, _model_flag(
+        "--int8-activations",
+        help="With --native-4bit: activations as bytes per block of 32, as llama.cpp does "
+             "(faster; greedy output can drift).")], False),
+    "threads": (Annotated[Optional[int], _model_flag(
+        "--threads", min=1, help="CPU threads for torch and genkit's kernels.",
+        default="OMP_NUM_THREADS, else every usable core")], None),
+}
+
+
+def model_options(command):
+    """Give `command` every model-loading flag; it receives them as one LoadOptions `load`
+    (the flag values as typed: --threads None means genkit's default)."""
+    signature = inspect.signature(command, eval_str=True)
+    own = [p for p in signature.parameters.values() if p.name != "load"]
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+             for name, (annotation, default) in LOAD_FLAGS.items()]
+
+    @functools.wraps(command)
+    def with_load_options(*args, **kwargs):
+        load = load_options(kwargs)
+        for name in LOAD_FLAGS:
+            del kwargs[name]
+        return command(*args, load=load, **kwargs)
+
+    params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + added
+    with_load_options.__signature__ = signature.replace(parameters=params)
+    with_load_options.__annotations__ = {p.name: p.annotation for p in params}
+    return with_load_options
+
+
+def load_options(values: dict):
+    """A LoadOptions of the loading flags' values, by flag name (a command built on another's
+    signature, as `genkit chat` is on run's, receives them one by one)."""
     from genkit.models import LoadOptions
 
-    return LoadOptions(
-        dtype=dtype, device_map=device_map, load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
-        quant_type=quant_type, compute_dtype=compute_dtype, trust_remote_code=trust_remote_code,
-        native_4bit=native_4bit, native_8bit=native_8bit, int8_activations=int8_activations,
-    )
+    return LoadOptions(**{name: values[name] for name in LOAD_FLAGS})
 
 
 def load_model(model, opts, quiet: bool = False):
-    """Load with a spinner on stderr when it is a terminal."""
+    """Load with a spinner on stderr in a terminal. The slow first-run steps (converting a GGUF
+    file, building the kernels) say themselves through genkit's log, terminal or not."""
     from rich.console import Console
 
-    from genkit import models
+    from genkit import models, threads
 
+    threads.configure(opts.threads)
     console = Console(stderr=True)
     if quiet or not console.is_terminal:
         return models.load(model, opts)
@@ -129,12 +210,12 @@ def read_stdin() -> str:
     return data.rstrip("\n")
 
 
-def prompt_from(arg: Optional[str]) -> str:
+def prompt_from(arg: Optional[str], command: str = "run") -> str:
     """The prompt from the argument, or stdin when the argument is '-' or stdin is a pipe."""
     if arg == "-" or (arg is None and sys.stdin is not None and not sys.stdin.isatty()):
         return read_stdin()
     if arg is None:
-        raise GenkitError('no prompt: pass one as an argument (genkit run "...") or pipe it on stdin')
+        raise GenkitError(f'no prompt: pass one as an argument (genkit {command} "...") or pipe it on stdin')
     if not arg.strip():
         raise GenkitError("the prompt is empty: pass some text")
     return argument_text(arg, "the prompt argument")

@@ -7,9 +7,11 @@ from typing import Annotated
 
 import typer
 
+from genkit.cli.groups import group
+
 
 def register(app: typer.Typer) -> None:
-    sub = typer.Typer(help="List and inspect generation presets.", no_args_is_help=True)
+    sub = group("List and inspect generation presets.")
     sub.command("list")(list_presets)
     sub.command("show")(show)
     sub.command("params")(params)
@@ -50,7 +52,7 @@ def list_presets(
 def show(
     name: Annotated[str, typer.Argument(help="Preset name or YAML file.")],
     set_: Annotated[list[str], typer.Option("--set", "-s", help="Override: key=value.")] = [],
-    json_out: Annotated[bool, typer.Option("--json")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object instead of text.")] = False,
 ) -> None:
     """The resolved preset: only the settings that differ from the defaults."""
     from genkit import presets
@@ -74,8 +76,11 @@ def show(
 
 def params() -> None:
     """Every generation parameter genkit understands, with its default."""
-    from genkit.params import PARAMS
+    from genkit.params import DEFAULT_MAX_NEW_TOKENS, PARAMS
 
+    # genkit's own default where transformers' would be none: max_new_tokens never falls back
+    # to transformers' 20-token max_length
+    applied = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS}
     width = max(len(n) for n in PARAMS)
     for p in PARAMS.values():
-        print(f"{p.name:<{width}}  {str(p.default):<10}  {p.help}")
+        print(f"{p.name:<{width}}  {str(applied.get(p.name, p.default)):<10}  {p.help}")

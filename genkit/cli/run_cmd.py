@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from genkit.cli import options as o
+from genkit.models import LoadOptions
 
 G = o.GEN_PANEL
 
@@ -23,65 +24,60 @@ def register(app: typer.Typer) -> None:
     app.command("run")(run)
 
 
+@o.model_options
 def run(
-    prompt: Annotated[Optional[str], typer.Argument(help="The prompt; '-' or a pipe reads stdin.")] = None,
+    prompt: Annotated[Optional[str], typer.Argument(
+        help="The prompt; '-' or a pipe reads stdin.", show_default=False)] = None,
     preset: o.Preset = None,
     model: o.Model = None,
-    system: Annotated[Optional[str], typer.Option("--system", help="System prompt for chat models.")] = None,
-    raw: Annotated[bool, typer.Option("--raw", help="Send the text as it is, without the chat template.")] = False,
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", "-n", rich_help_panel=G)] = None,
-    min_new_tokens: Annotated[Optional[int], typer.Option("--min-new-tokens", rich_help_panel=G)] = None,
-    sample: Annotated[Optional[bool], typer.Option(
-        "--sample/--greedy", rich_help_panel=G, help="Sample, or always take the most likely token.")] = None,
-    temperature: Annotated[Optional[float], typer.Option("--temperature", "-t", rich_help_panel=G)] = None,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", rich_help_panel=G)] = None,
-    top_p: Annotated[Optional[float], typer.Option("--top-p", rich_help_panel=G)] = None,
-    min_p: Annotated[Optional[float], typer.Option("--min-p", rich_help_panel=G)] = None,
-    typical_p: Annotated[Optional[float], typer.Option("--typical-p", rich_help_panel=G)] = None,
-    repetition_penalty: Annotated[Optional[float], typer.Option("--repetition-penalty", rich_help_panel=G)] = None,
-    no_repeat_ngram_size: Annotated[Optional[int], typer.Option("--no-repeat-ngram-size", rich_help_panel=G)] = None,
-    num_beams: Annotated[Optional[int], typer.Option("--num-beams", rich_help_panel=G)] = None,
-    num_beam_groups: Annotated[Optional[int], typer.Option("--num-beam-groups", rich_help_panel=G)] = None,
-    diversity_penalty: Annotated[Optional[float], typer.Option("--diversity-penalty", rich_help_panel=G)] = None,
-    length_penalty: Annotated[Optional[float], typer.Option("--length-penalty", rich_help_panel=G)] = None,
-    penalty_alpha: Annotated[Optional[float], typer.Option("--penalty-alpha", rich_help_panel=G)] = None,
-    dola_layers: Annotated[Optional[str], typer.Option(
-        "--dola-layers", rich_help_panel=G, help="low, high or comma-separated layer indices.")] = None,
-    prompt_lookup: Annotated[Optional[int], typer.Option(
-        "--prompt-lookup-num-tokens", rich_help_panel=G, help="Prompt-lookup decoding draft length.")] = None,
-    assistant_model: Annotated[Optional[str], typer.Option(
-        "--assistant-model", rich_help_panel=G, help="Draft model for assisted decoding.")] = None,
-    num_return_sequences: Annotated[Optional[int], typer.Option(
-        "--num-return-sequences", rich_help_panel=G, help="Sequences to return.")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", rich_help_panel=G, help="Seed for reproducible sampling.")] = None,
-    stop: Annotated[Optional[list[str]], typer.Option(
-        "--stop", rich_help_panel=G,
-        help="Stop string (repeatable), cut from the text; \\n, \\t, \\r and \\\\ are escapes: --stop '\\n\\n' "
+    system: o.System = None,
+    raw: o.Raw = False,
+    max_new_tokens: o.MaxNewTokens = None,
+    min_new_tokens: Annotated[Optional[int], o.gen_option("min_new_tokens", default="0")] = None,
+    sample: o.Sample = None,
+    temperature: o.Temperature = None,
+    top_k: Annotated[Optional[int], o.gen_option("top_k")] = None,
+    top_p: Annotated[Optional[float], o.gen_option("top_p")] = None,
+    min_p: Annotated[Optional[float], o.gen_option("min_p")] = None,
+    typical_p: Annotated[Optional[float], o.gen_option("typical_p")] = None,
+    repetition_penalty: Annotated[Optional[float], o.gen_option("repetition_penalty")] = None,
+    no_repeat_ngram_size: Annotated[Optional[int], o.gen_option("no_repeat_ngram_size")] = None,
+    num_beams: Annotated[Optional[int], o.gen_option("num_beams")] = None,
+    num_beam_groups: Annotated[Optional[int], o.gen_option("num_beam_groups")] = None,
+    diversity_penalty: Annotated[Optional[float], o.gen_option("diversity_penalty")] = None,
+    length_penalty: Annotated[Optional[float], o.gen_option("length_penalty")] = None,
+    penalty_alpha: Annotated[Optional[float], o.gen_option(
+        "penalty_alpha", help="Degeneration penalty of contrastive search (with --top-k).")] = None,
+    dola_layers: Annotated[Optional[str], o.gen_option(
+        "dola_layers", help="DoLa: low, high or comma-separated layer indices.")] = None,
+    prompt_lookup: Annotated[Optional[int], o.gen_option(
+        "prompt_lookup_num_tokens", help="Prompt-lookup decoding: draft tokens per step.")] = None,
+    assistant_model: Annotated[Optional[str], o.gen_option(
+        "assistant_model", help="Draft model for assisted decoding (same tokenizer).")] = None,
+    num_return_sequences: Annotated[Optional[int], o.gen_option("num_return_sequences")] = None,
+    seed: o.Seed = None,
+    stop: Annotated[Optional[list[str]], o.gen_option(
+        "stop_strings", "--stop",
+        help="Stop string, cut from the text (repeatable); \\n, \\t, \\r and \\\\ are escapes: --stop '\\n\\n' "
              "stops at a blank line.")] = None,
-    max_time: Annotated[Optional[float], typer.Option("--max-time", rich_help_panel=G, help="Seconds.")] = None,
-    watermark: Annotated[bool, typer.Option("--watermark", rich_help_panel=G, help="Watermark the text.")] = False,
+    max_time: Annotated[Optional[float], o.gen_option(
+        "max_time", help="Seconds after which generation stops.")] = None,
+    watermark: Annotated[bool, o.gen_option(
+        "watermark", help="Watermark the text (`genkit detect` finds it).", default="off")] = False,
     generation_config: o.GenConfig = None,
     set_: o.Set = None,
     var: o.Var = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print a summary line on stderr.")] = False,
     logprobs: Annotated[bool, typer.Option("--logprobs", help="Include token log-probabilities in --json.")] = False,
-    dtype: o.Dtype = "auto",
-    device_map: o.DeviceMap = None,
-    load_in_4bit: o.Load4 = False,
-    load_in_8bit: o.Load8 = False,
-    quant_type: o.QuantType = "nf4",
-    compute_dtype: o.ComputeDtype = None,
-    trust_remote_code: o.TrustRemote = False,
-    native_4bit: o.Native4 = False,
-    native_8bit: o.Native8 = False,
-    int8_activations: o.Int8Activations = False,
     no_log: Annotated[bool, typer.Option(
         "--no-log", help="Do not log this to genkit's SQLite log (`genkit logs off`: never).")] = False,
     continue_: Annotated[bool, typer.Option(
         "--continue", "-c", help="Continue the latest logged conversation (`genkit logs list`).")] = False,
     cid: Annotated[Optional[str], typer.Option(
-        "--cid", help="Continue the logged conversation with this id.", autocompletion=_complete_cids)] = None,
+        "--cid", autocompletion=_complete_cids, show_default=False,
+        help=o.with_default("Continue the logged conversation with this id.", "a new conversation"))] = None,
+    load: LoadOptions = None,
 ) -> None:
     """Generate from one prompt and stream the answer."""
     from genkit import presets
@@ -90,12 +86,11 @@ def run(
     args = locals()
     resolved = presets.resolve(preset, generation_config, generation_overrides(args), presets.parse_vars(var or []))
     text = presets.render_prompt(resolved, o.prompt_from(prompt))
-    opts = load_options(args)
     conversation_id, history, logged_system = continued_conversation(args)
     if system is None:
         system = logged_system
 
-    lm = o.load_model(model, opts)
+    lm = o.load_model(model, load)
     _generate(lm, resolved, text, system, raw, json_out, stats, logprobs, history=history,
               log_to=None if no_log else conversation_id)
 
@@ -142,10 +137,9 @@ def generation_overrides(a: dict) -> dict:
 
 
 def load_options(a: dict):
-    """The model loading options of run's flags (shared with `genkit chat`)."""
-    return o.load_options(a["dtype"], a["device_map"], a["load_in_4bit"], a["load_in_8bit"], a["quant_type"],
-                          a["compute_dtype"], a["trust_remote_code"], a["native_4bit"], a["native_8bit"],
-                          a["int8_activations"])
+    """The model loading options of run's flags (shared with `genkit chat`, whose signature is
+    run's: it receives the loading flags one by one)."""
+    return o.load_options(a)
 
 
 def _dola_flag(value: Optional[str]):

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from genkit.cli import options as o
+from genkit.models import LoadOptions
 
 S = "Server"
 
@@ -16,6 +17,7 @@ def register(app: typer.Typer) -> None:
     app.command("serve")(serve)
 
 
+@o.model_options
 def serve(
     model: o.Model = None,
     host: Annotated[str, typer.Option(
@@ -35,16 +37,7 @@ def serve(
     shutdown_timeout: Annotated[float, typer.Option(
         "--shutdown-timeout", rich_help_panel=S,
         help="Seconds SIGTERM / Ctrl-C lets running requests finish before cancelling them.")] = 30.0,
-    dtype: o.Dtype = "auto",
-    device_map: o.DeviceMap = None,
-    load_in_4bit: o.Load4 = False,
-    load_in_8bit: o.Load8 = False,
-    quant_type: o.QuantType = "nf4",
-    compute_dtype: o.ComputeDtype = None,
-    trust_remote_code: o.TrustRemote = False,
-    native_4bit: o.Native4 = False,
-    native_8bit: o.Native8 = False,
-    int8_activations: o.Int8Activations = False,
+    load: LoadOptions = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions)."""
     from genkit import presets
@@ -60,9 +53,7 @@ def serve(
     from genkit.server.app import bind
 
     sock = bind(host, port)  # a taken port too
-    opts = o.load_options(dtype, device_map, load_in_4bit, load_in_8bit, quant_type, compute_dtype,
-                          trust_remote_code, native_4bit, native_8bit, int8_activations)
-    lm = o.load_model(model, opts)
+    lm = o.load_model(model, load)
 
     from genkit.engine import settings as settings_mod
     from genkit.server import app as server_app

@@ -29,7 +29,7 @@ from transformers.cache_utils import DynamicLayer
 
 from genkit.engine import processors as procs
 from genkit.engine.core import row_generator
-from genkit.engine.runner import fast_decoder
+from genkit.engine.runner import fast_decoder, with_cache
 from genkit.engine.settings import DecodeSettings
 from genkit.engine.strategies.base import sample_rows, token_logprobs
 from genkit.engine.tracker import SequenceState
@@ -336,7 +336,7 @@ class ContinuousBatcher:
         if fast is not None:
             return fast.forward_transformers(ids, mask, positions, cache)[:, -1, :]
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+                         **with_cache(self.model, cache), use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :].to(torch.float32)
 
     def _processors(self, prompt_length: int):

@@ -11,9 +11,10 @@ the logits (and therefore greedy tokens) are the same.
 
 from __future__ import annotations
 
+import inspect
 import os
-
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 from transformers import DynamicCache, EncoderDecoderCache
@@ -23,6 +24,19 @@ from transformers import DynamicCache, EncoderDecoderCache
 class StepOutput:
     logits: torch.Tensor  # (batch, new_positions, vocab), float32
     hidden_states: tuple | None = None  # per layer (batch, new_positions, hidden) when asked
+
+
+@cache
+def _cache_argument(model_class) -> str:
+    """The name a model's forward takes its KV cache by: `cache` from transformers 5.24 on,
+    `past_key_values` before (5.24 warns that this name goes in 5.40)."""
+    params = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def with_cache(model, cache) -> dict:
+    """The keyword argument that hands `cache` to `model`'s forward."""
+    return {_cache_argument(type(model)): cache}
 
 
 class Runner:
@@ -47,7 +61,7 @@ class Runner:
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=self.cache,
+            **with_cache(self.model, self.cache),
             use_cache=True,
             output_hidden_states=hidden,
             logits_to_keep=keep,
@@ -119,7 +133,7 @@ class EncoderDecoderRunner(Runner):
             encoder_outputs=self.encoder_out,
             attention_mask=self.encoder_mask,
             decoder_input_ids=ids,
-            past_key_values=self.cache,
+            **with_cache(self.model, self.cache),
             use_cache=True,
             output_hidden_states=hidden,
         )

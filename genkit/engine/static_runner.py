@@ -12,8 +12,8 @@ and DoLa's and contrastive search's steps return hidden states from their graphs
 prompt runs eagerly. The same runner works on any device (the tests run it on the CPU, graphs
 off): the code a graph captures is `_step_forward`, which runs as it is when graphs are off.
 
-The cache is handed to the model as its `past_key_values`: transformers' attention layers call
-`update(keys, values, layer)` and attend over what it returns. The attention mask is passed
+The cache is handed to the model as its cache argument (runner.with_cache): transformers'
+attention layers call `update(keys, values, layer)` and attend over what it returns. The attention mask is passed
 ready-made in 4-D, so transformers builds none (its builder would read the cache's length on
 the host, which a graph cannot do). Only models whose every layer attends to the whole context
 qualify (no sliding windows: the ready-made mask would drop them).
@@ -25,10 +25,10 @@ import os
 
 import torch
 
-from genkit.engine.runner import StepOutput
+from genkit.engine.runner import StepOutput, with_cache
 
 # Decoder-only architectures whose attention layers store keys and values through
-# `past_key_values.update(k, v, layer)` and attend to the whole context.
+# `cache.update(k, v, layer)` and attend to the whole context.
 FULL_ATTENTION_TYPES = ("llama", "mistral", "qwen2", "qwen3", "granite", "olmo2", "phi3")
 ROUND = 64  # capacity grows in multiples of this (keeps the mask's rows aligned for SDPA)
 
@@ -206,7 +206,7 @@ class StaticRunner:
         mask = mask | (k[None, :] == slots[:, None])
         self.cache.slots, self.cache.visible = slots, end
         out = self.model(input_ids=ids, attention_mask=self._mask(mask), position_ids=positions,
-                         past_key_values=self.cache, use_cache=True, output_hidden_states=hidden,
+                         **with_cache(self.model, self.cache), use_cache=True, output_hidden_states=hidden,
                          logits_to_keep=keep_logits)
         return out.logits.float(), tuple(out.hidden_states) if hidden else None
 

@@ -4,15 +4,17 @@ torch has no product that streams fp32 or GGUF 4-bit weights at memory speed for
 activation rows of a decode step (DESIGN.md has the measurements), so genkit compiles a small
 AVX2 extension with torch's own toolchain the first time it is needed and keeps the build in its
 cache. Where that cannot work (no AVX2, no compiler) `available()` is False and callers use
-torch's products instead: slower, never wrong.
+torch's products instead: slower, never wrong. GENKIT_REQUIRE_KERNELS=1 (the tests set it where
+a compiler and AVX2 are present, CI always) turns that fallback into an error, so a broken
+kernels.cpp cannot pass unnoticed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
-import sys
 from functools import cache
 from pathlib import Path
 
@@ -26,6 +28,8 @@ INT8_ACTIVATIONS = 8  # added to a GGUF kind: the same blocks times activations 
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 # no-tree-loop-distribute-patterns: GCC would turn the zeroing of a register tile's accumulators
 # into a memset and then keep them in memory, a store per FMA (kernels.cpp, panel_tile).
+BUILD_NOTICE = "building genkit's CPU kernels (once, 1-2 min)"
+log = logging.getLogger("genkit")
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fno-tree-loop-distribute-patterns"]
 
 
@@ -33,9 +37,15 @@ def _cpu_ok() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and os.environ.get("GENKIT_NO_KERNELS") != "1"
 
 
+def _required() -> bool:
+    return os.environ.get("GENKIT_REQUIRE_KERNELS") == "1"
+
+
 @cache
 def _module():
     if not _cpu_ok():
+        if _required():
+            raise RuntimeError("GENKIT_REQUIRE_KERNELS=1, but this CPU lacks AVX2 or GENKIT_NO_KERNELS=1 is set")
         return None
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:12]
     name = f"genkit_kernels_{digest}"
@@ -53,7 +63,7 @@ def _module():
     # only a build needs torch's toolchain: importing it pulls in setuptools (0.3 s of a run's start)
     from torch.utils import cpp_extension
 
-    print("genkit: building its CPU kernels (once, about a minute)...", file=sys.stderr, flush=True)
+    log.info(BUILD_NOTICE)
     try:
         return cpp_extension.load(
             name,
@@ -64,13 +74,21 @@ def _module():
             verbose=False,
         )
     except Exception as exc:  # no compiler, no ninja, a broken toolchain: fall back, say why once
+        if _required():
+            raise RuntimeError(f"genkit's CPU kernels failed to build in {build}: {exc}") from exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"genkit: CPU kernels unavailable ({first}); using torch's slower products", file=sys.stderr)
+        log.warning("CPU kernels unavailable (%s); using torch's slower products", first)
         return None
 
 
 def available() -> bool:
     return _module() is not None
+
+
+def library() -> Path | None:
+    """The built library in use (under genkit's cache), or None without the kernels."""
+    module = _module()
+    return None if module is None else Path(module.__file__)
 
 
 def kind_code(kind: str, byte_activations: bool = False) -> int:
