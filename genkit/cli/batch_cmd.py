@@ -92,8 +92,7 @@ def batch(
         vars=presets.parse_vars(var or []), system=system, raw=raw, batch_size=batch_size,
         max_batch_tokens=max_batch_tokens, unordered=unordered, strict=strict, overwrite=overwrite,
         continuous=continuous,
-        model_key=_model_key(model, dtype, load_in_4bit, load_in_8bit, quant_type, compute_dtype, native_4bit,
-                             native_8bit, int8_activations),
+        model_key=_model_key(model, load),
     )
     job = B.prepare(opts)
     for note in job.notes:
@@ -117,12 +116,14 @@ def batch(
         raise SystemExit(1)
 
 
-def _model_key(model, *load_flags) -> str:
+def _model_key(model, load) -> str:
     """The model and the load options that change its text: part of every record's fingerprint,
     so that resuming with another model recomputes nothing silently."""
     import json
 
-    return json.dumps([model or "embedded", *load_flags])
+    changes_text = ("dtype", "load_in_4bit", "load_in_8bit", "quant_type", "compute_dtype", "native_4bit",
+                    "native_8bit", "int8_activations")
+    return json.dumps([model or "embedded", *(getattr(load, k, None) for k in changes_text)])
 
 
 class Terminated(KeyboardInterrupt):
