@@ -121,7 +121,7 @@ class ChatSession:
         if not text.strip():
             raise GenkitError("the message is empty: type some text")
         self.messages.append({"role": "user", "content": presets.render_prompt(self.resolved, text)})
-        return self._answer()
+        return self._answer(added=True)
 
     def retry(self):
         """Answer the last message again (sampling gives a new answer; greedy the same one)."""
@@ -129,7 +129,7 @@ class ChatSession:
             self.messages.pop()
         if not self.messages or self.messages[-1]["role"] != "user":
             raise GenkitError("nothing to retry: send a message first")
-        return self._answer()
+        return self._answer(added=False)
 
     def undo(self) -> int:
         """Forget the last exchange (the answer and the message it answered); how many went."""
@@ -154,7 +154,7 @@ class ChatSession:
 
             self.conversation_id = logs.new_conversation_id()
 
-    def _answer(self):
+    def _answer(self, added: bool):
         from genkit.engine import Generation
 
         gen = Generation(self.lm, [list(self.messages)], self.settings, system=self.system, raw=self.raw,
@@ -163,11 +163,12 @@ class ChatSession:
             yield from gen
         finally:
             # Also on Ctrl-C: what was shown of the answer stays in the conversation.
-            self._commit(gen)
+            self._commit(gen, added)
 
-    def _commit(self, gen) -> None:
+    def _commit(self, gen, added: bool) -> None:
         if not gen.results:  # stopped before the engine started (a prompt too long for the context)
-            self.messages.pop()
+            if added:
+                self.messages.pop()
             return
         result = self.last_result = gen.results[0]
         self.messages.append({"role": "assistant", "content": result.text})

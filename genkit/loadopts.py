@@ -32,6 +32,7 @@ class LoadOptions:
     native_8bit: bool = False  # quantise to Q8_0 blocks for genkit's kernels (genkit/native/int8.py)
     int8_activations: bool = False  # native 4-bit: activations as bytes in the layers' products
     threads: int | None = None  # CPU threads (genkit/threads.py); None: leave torch's setting alone
+    dequantize: bool = False  # a .gguf through transformers (fp32 copy in the cache), not natively
 
 
 def check(model: str | None, opts: LoadOptions) -> None:

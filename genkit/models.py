@@ -116,6 +116,8 @@ def cached_entries(full: bool = False) -> list[dict]:
             "size": size,
             "path": str(entry),
             "state": "ok" if problem is None else f"broken: {problem}",
+            # a native GGUF entry (index, config, tokenizer): what the file holds
+            **({"architecture": info["architecture"], "types": info.get("types", {})} if "architecture" in info else {}),
         })
     return rows
 
@@ -253,6 +255,10 @@ def load(model: str | None = None, options: LoadOptions | None = None, progress=
 
 
 def _load_checked(model, opts: LoadOptions, progress) -> LoadedModel:
+    if (gguf := _native_gguf(model, opts)) is not None:
+        from genkit.native.gguf_load import load_native
+
+        return load_native(gguf, progress)
     name, source, location = resolve_source(model, progress)
     if opts.native_4bit:
         return _load_native(model, name, source, location, opts, progress)
@@ -278,6 +284,24 @@ def _load_checked(model, opts: LoadOptions, progress) -> LoadedModel:
             progress("quantising to 8 bits")
         lm.model, lm.info = Int8Llama(lm.model), {**lm.info, "mode": "native-8bit"}
     return lm
+
+
+def _native_gguf(model: str | None, opts: LoadOptions) -> Path | None:
+    """The .gguf file to run natively (the default for .gguf files on the CPU), or None: the
+    embedded model, --dequantize, the other native modes, a GPU or bitsandbytes take the
+    dequantised transformers path."""
+    if not model or not model.endswith(".gguf") or opts.dequantize or opts.native_4bit or opts.native_8bit:
+        return None
+    if opts.load_in_4bit or opts.load_in_8bit or opts.device_map not in (None, "cpu"):
+        return None
+    if opts.dtype not in ("auto", "float32", "fp32"):
+        return None
+    path = Path(model).expanduser()
+    if not path.is_file():
+        raise GenkitError(f"GGUF file {model} does not exist; check the path")
+    from genkit.native import kernels
+
+    return path if kernels.available() else None
 
 
 def _is_damage(e: BaseException) -> bool:

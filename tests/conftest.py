@@ -53,6 +53,15 @@ def kernels_built(genkit_home) -> bool:
         pytest.exit(f"genkit's CPU kernels must build on this machine: {exc}", returncode=1)
 
 
+@pytest.fixture
+def needs_kernels(kernels_built):
+    """For tests of the kernels themselves (`pytestmark = pytest.mark.usefixtures(...)`): decided
+    once the session's GENKIT_HOME is set, never at collection, when a build would land in the
+    user's cache. Skipped only without a toolchain; with one, a failed build stopped the run."""
+    if not kernels_built:
+        pytest.skip("genkit's CPU kernels need AVX2, a C++ compiler and ninja")
+
+
 @pytest.fixture(scope="session")
 def embedded_dir(genkit_home) -> Path:
     """The embedded SmolLM2 converted into the cache (a transformers directory)."""

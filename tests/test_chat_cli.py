@@ -212,3 +212,14 @@ def test_interactive_chat_in_a_terminal(tiny_dir, slow_tiny_dir, genkit_home, tm
         term.wait_for(lambda s: "EXITED=0" in s)
     finally:
         term.close()
+
+
+def test_piped_message_too_long_is_dropped(tiny_dir):
+    long = "word " * 400  # the tiny model's context holds 256 positions
+    r = run_cli("chat", "--model", str(tiny_dir), "-n", "4", *NO_EOS, input=f"{long}\nHello there\n/undo\n/undo\n")
+    assert r.returncode == 1
+    errors = r.stderr.splitlines()
+    assert errors[0].startswith("genkit: error: line 1: the prompt is ") and "shorten the prompt" in errors[0]
+    # the long message left the conversation: one exchange to undo, then nothing
+    assert errors[1:] == ["forgot 2 messages", "genkit: error: line 4: nothing to undo: the conversation is empty"]
+    assert len(r.stdout.splitlines()) == 1

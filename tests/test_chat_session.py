@@ -108,3 +108,16 @@ def test_save_and_load(tiny, tmp_path):
     with pytest.raises(GenkitError, match="message 1"):
         other.load(str(tmp_path / "wrong.json"))
     assert other.messages == session.messages  # a failed /load keeps the conversation
+
+
+@pytest.mark.slow
+def test_kept_cache_on_the_embedded_model(embedded):
+    """A real model's answers re-tokenise as they were generated, so each turn prefills only the
+    new message's few tokens, and the tokens stay those of a generation from scratch."""
+    session = ChatSession(embedded, overrides={"max_new_tokens": 12})
+    for i, text in enumerate(["What is the capital of France?", "And of Italy?", "And of Spain?"]):
+        for _ in session.ask(text):
+            pass
+        assert session.last_result.token_ids == from_scratch(session), f"turn {i + 1}"
+        if i:
+            assert session.last.prompt_tokens - session.last.reused_tokens < 20

@@ -10,14 +10,7 @@ import torch.nn.functional as F
 from genkit import models
 from genkit.native import kernels
 
-
-@pytest.fixture(scope="module", autouse=True)
-def needs_kernels(kernels_built):
-    # Decided when the session's GENKIT_HOME is set (conftest), not at collection: a build
-    # started while collecting would land in the user's cache. Skipped only without a
-    # toolchain; where one is present a failed build has already stopped the run.
-    if not kernels_built:
-        pytest.skip("genkit's CPU kernels need AVX2, a C++ compiler and ninja")
+pytestmark = pytest.mark.usefixtures("needs_kernels")
 
 
 def test_the_build_lands_in_the_tests_genkit_home(genkit_home):

@@ -294,12 +294,25 @@ def test_a_client_that_disconnects_frees_its_row(server):
     assert _health(server)["running_rows"] == 0
 
 
+def test_a_waiting_client_that_gives_up_frees_its_row(server):
+    """Not streamed: the server notices the closed connection while it waits for the answer."""
+    name = server.client().models.list().data[0].id
+    body = {"model": name, "prompt": "Go on", "max_tokens": 4000, **NO_EOS}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=1.5)
+    deadline = time.monotonic() + 5
+    while _health(server)["running_rows"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _health(server)["running_rows"] == 0
+
+
 def test_overload_is_429_and_sigterm_finishes_running_requests(long_dir):
-    srv = Server(long_dir, "--max-batch", "1", "--max-queue", "1")
+    srv = Server(long_dir, "--max-batch", "1", "--max-queue", "1", "--shutdown-timeout", "300")
     try:
         client = srv.client()
         name = client.models.list().data[0].id
-        stream = client.completions.create(model=name, prompt="Go on", max_tokens=300, stream=True,
+        # Long enough to still be running while the other two arrive, on a slow machine too.
+        stream = client.completions.create(model=name, prompt="Go on", max_tokens=2000, stream=True,
                                            extra_body=NO_EOS)
         first = next(iter(stream))
         assert first.choices[0].text is not None
@@ -319,8 +332,8 @@ def test_overload_is_429_and_sigterm_finishes_running_requests(long_dir):
     finally:
         code, err = srv.stop()
     texts = [c.choices[0].finish_reason for c in rest if c.choices and c.choices[0].finish_reason]
-    assert texts == ["length"]  # the running stream finished, all 300 tokens
-    assert rest[-1].usage.completion_tokens == 300
+    assert texts == ["length"]  # the running stream finished, all 2000 tokens
+    assert rest[-1].usage.completion_tokens == 2000
     assert queued["r"].usage.completion_tokens == 5  # the waiting one ran too
     assert code == 0, err
     assert "Traceback" not in err

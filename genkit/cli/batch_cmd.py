@@ -118,12 +118,12 @@ def batch(
 
 def _model_key(model, load) -> str:
     """The model and the load options that change its text: part of every record's fingerprint,
-    so that resuming with another model recomputes nothing silently."""
+    so that resuming with another model recomputes nothing silently (device map and threads
+    do not change it)."""
     import json
 
-    changes_text = ("dtype", "load_in_4bit", "load_in_8bit", "quant_type", "compute_dtype", "native_4bit",
-                    "native_8bit", "int8_activations")
-    return json.dumps([model or "embedded", *(getattr(load, k, None) for k in changes_text)])
+    return json.dumps([model or "embedded", load.dtype, load.load_in_4bit, load.load_in_8bit, load.quant_type,
+                       load.compute_dtype, load.native_4bit, load.native_8bit, load.int8_activations])
 
 
 class Terminated(KeyboardInterrupt):

@@ -8,7 +8,7 @@ import sys
 from rich.console import Console
 
 from genkit import paths, render
-from genkit.cli.chat_cmd import BLOCK, run_command, stats_line
+from genkit.cli.chat_commands import BLOCK, run_command, stats_line
 from genkit.errors import GenkitError
 
 # readline counts the prompt's width: its escape codes go between \001 and \002.

@@ -27,7 +27,8 @@ def list_models(
         "--check", help="Hash every file against its manifest (files unchanged since their last check are "
                         "otherwise trusted).")] = False,
 ) -> None:
-    """Models in genkit's cache: name, source, size, state."""
+    """Models in genkit's cache: name, source, size, state, and what each holds (a native GGUF
+    entry: the file's architecture and tensor types)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -45,11 +46,19 @@ def list_models(
         console.print(f"no cached models in {models.models_dir()} (run `genkit pull`)")
         return
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for col in ("name", "source", "size", "state"):
+    for col in ("name", "source", "size", "state", "holds"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["name"], r["source"], _size(r["size"]), r["state"])
+        table.add_row(r["name"], r["source"], _size(r["size"]), r["state"], _holds(r))
     console.print(table)
+
+
+def _holds(row: dict) -> str:
+    """A native GGUF entry: the file's architecture and tensor types; a converted one: float weights."""
+    if "architecture" not in row:
+        return "transformers weights"
+    types = ", ".join(f"{kind} x{n}" for kind, n in row["types"].items())
+    return f"{row['architecture']} GGUF, run natively: {types}"
 
 
 def pull(

@@ -109,6 +109,9 @@ LOAD_FLAGS: dict[str, tuple] = {
     "threads": (Annotated[Optional[int], _model_flag(
         "--threads", min=1, help="CPU threads for torch and genkit's kernels.",
         default="OMP_NUM_THREADS, else every usable core")], None),
+    "dequantize": (Annotated[bool, _model_flag(
+        "--dequantize", help="Load a .gguf through transformers as a float copy in genkit's cache, instead of "
+                             "running its blocks natively on the CPU.")], False),
 }
 
 

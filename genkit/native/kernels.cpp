@@ -13,6 +13,8 @@
 //   gguf Q4_1   blocks of 32 weights: f16 d, f16 m, 16 bytes of nibbles;   w = q * d + m
 //   gguf Q4_0   blocks of 32 weights: f16 d, 16 bytes of nibbles;          w = (q - 8) * d
 //   gguf Q8_0   blocks of 32 weights: f16 d, 32 signed bytes;              w = q * d
+//   F16, Q5_0, Q5_1, Q2_K .. Q6_K: rows decoded to floats (blocks.h), then the float loops
+// (formats.def lists every format with its code and block size, for this file and kernels.py).
 // In a Q4 block, byte j holds weight j in its low nibble and weight j + 16 in its high one.
 
 #include <torch/extension.h>
@@ -24,6 +26,8 @@
 #include <optional>
 #include <type_traits>
 #include <vector>
+
+#include "blocks.h"
 
 namespace {
 
@@ -539,72 +543,174 @@ constexpr int64_t kMaxStreamRows = 8, kMaxPanelRows = 256;
 // (measured, embedded model's Q4_1 layers: 16 rows 91-97 GFLOPS against 65-71, 64 rows 120 against 65).
 constexpr int64_t kMinGgufPanelRows = 16;
 
-// A weight as the products see it. kind: the Format values 0..2 (GGUF blocks), 3 fp32, 4 bf16;
-// a GGUF kind plus kInt8Activations multiplies the same blocks with byte activations.
-constexpr int64_t kF32 = 3, kBF16 = 4, kInt8Activations = 8;
-struct Weight {
-    torch::Tensor data;
-    int64_t kind, in, out;
+// The weight formats (formats.def): each one's code, weights and bytes per block.
+struct FormatInfo {
+    const char* name;
+    int64_t code, weights, bytes;
+};
+constexpr FormatInfo kFormats[] = {
+#define GENKIT_FORMAT(name, code, weights, bytes) {#name, code, weights, bytes},
+#include "formats.def"
+#undef GENKIT_FORMAT
 };
 
-Weight make_weight(torch::Tensor data, int64_t kind, int64_t in_features) {
+const FormatInfo* find_format(int64_t code) {
+    for (const auto& f : kFormats)
+        if (f.code == code) return &f;
+    return nullptr;
+}
+
+// A weight as the products see it: one or more parts stacked by output rows (fused q/k/v or
+// gate/up, whose parts a GGUF file may keep in different formats). A part's kind is its
+// format's code; a Q4_0 / Q4_1 / Q8_0 kind plus kInt8Activations multiplies the same blocks with
+// byte activations.
+constexpr int64_t kF32 = 3, kBF16 = 4, kInt8Activations = 32;
+struct Part {
+    torch::Tensor data;
+    int64_t kind, out;
+};
+struct Weight {
+    std::vector<Part> parts;
+    int64_t in, out;
+};
+
+Part make_part(torch::Tensor data, int64_t kind, int64_t in_features) {
     TORCH_CHECK(data.is_contiguous(), "weights must be contiguous");
     if (kind == kF32 || kind == kBF16) {
         TORCH_CHECK(data.dim() == 2 && data.size(1) == in_features &&
                         data.scalar_type() == (kind == kF32 ? torch::kFloat32 : torch::kBFloat16),
                     "a dense weight must be (out, in) float32 or bfloat16");
-        return {data, kind, in_features, data.size(0)};
+        return {data, kind, data.size(0)};
     }
-    const int64_t format = kind & ~kInt8Activations;
-    TORCH_CHECK(format >= 0 && format <= 2 && data.scalar_type() == torch::kUInt8, "unknown weight kind ", kind);
-    TORCH_CHECK(in_features % kGroup == 0, "in_features must be a multiple of 32");
-    const int64_t row_bytes = in_features / kGroup * block_bytes(static_cast<Format>(format));
+    const int64_t format = kind >= kInt8Activations ? kind - kInt8Activations : kind;
+    const FormatInfo* f = find_format(format);
+    TORCH_CHECK(f && data.scalar_type() == torch::kUInt8 && (kind < kInt8Activations || format <= 2),
+                "unknown weight kind ", kind);
+    TORCH_CHECK(in_features % f->weights == 0, "in_features must be a multiple of ", f->weights, " for ", f->name);
+    const int64_t row_bytes = in_features / f->weights * f->bytes;
     TORCH_CHECK(data.numel() % row_bytes == 0, "blocks do not match in_features");
-    return {data, kind, in_features, data.numel() / row_bytes};
+    return {data, kind, data.numel() / row_bytes};
+}
+
+Weight make_weight(const std::vector<torch::Tensor>& data, const std::vector<int64_t>& kinds, int64_t in_features) {
+    TORCH_CHECK(!data.empty() && data.size() == kinds.size(), "one kind per weight part");
+    Weight w{{}, in_features, 0};
+    for (size_t i = 0; i < data.size(); ++i) {
+        w.parts.push_back(make_part(data[i], kinds[i], in_features));
+        w.out += w.parts.back().out;
+    }
+    return w;
+}
+
+Weight make_weight(torch::Tensor data, int64_t kind, int64_t in_features) {
+    return make_weight(std::vector<torch::Tensor>{data}, std::vector<int64_t>{kind}, in_features);
+}
+
+// Decoded formats (blocks.h), a few activation rows: each weight row is decoded to floats once
+// and multiplied with every activation row by the dense loop.
+template <int64_t Code>
+void decoded_rows(const float* x, const uint8_t* w, float* y, int64_t M, int64_t I, int64_t O, int64_t o_begin,
+                  int64_t o_end, bool add) {
+    const FormatInfo* f = find_format(Code);
+    const int64_t row_bytes = I / f->weights * f->bytes;
+    std::vector<float> row(I);
+    for (int64_t o = o_begin; o < o_end; ++o) {
+        blocks::decode_row<Code>(w + o * row_bytes, I, row.data());
+        int64_t m0 = 0;
+        for (; m0 + 4 <= M; m0 += 4) dense_row<4>(x, m0, row.data(), I, y + o, O, add);
+        with_count<3>(M - m0, [&](auto r) { dense_row<decltype(r)::value>(x, m0, row.data(), I, y + o, O, add); });
+    }
+}
+
+// Decoded formats, many activation rows: a tile of weight rows decoded, then the panels.
+template <int64_t Code>
+void decoded_panel_block(const float* panels, const uint8_t* w, float* y, int64_t M, int64_t I, int64_t O,
+                         int64_t o_begin, int64_t o_end, bool add) {
+    const FormatInfo* f = find_format(Code);
+    const int64_t row_bytes = I / f->weights * f->bytes;
+    std::vector<float> rows(kPanelRowsO * I);
+    for (int64_t o = o_begin; o < o_end; o += kPanelRowsO) {
+        const int64_t n = std::min<int64_t>(kPanelRowsO, o_end - o);
+        for (int64_t r = 0; r < n; ++r) blocks::decode_row<Code>(w + (o + r) * row_bytes, I, rows.data() + r * I);
+        if (n == kPanelRowsO) panel_tiles<kPanelRowsO>(panels, M, rows.data(), I, y, o, O, add);
+        else with_count<kPanelRowsO - 1>(n, [&](auto c) { panel_tiles<decltype(c)::value>(panels, M, rows.data(), I, y, o, O, add); });
+    }
+}
+
+// The activation rows in the forms the loops take, each made once per product on first need.
+struct Activations {
+    const float* rows;
+    int64_t M, I;
+    std::optional<QuantizedRows> q16;
+    std::optional<QuantizedRows8> q8;
+    std::vector<float> panels;
+    const QuantizedRows& int16() { if (!q16) q16 = quantize_rows(rows, M, I); return *q16; }
+    const QuantizedRows8& int8() { if (!q8) q8 = quantize_rows8(rows, M, I); return *q8; }
+    const float* panel() { if (panels.empty()) panels = pack_panels(rows, M, I); return panels.data(); }
+};
+
+// y[:, 0 .. part.out) (=, or += with `add`) rows @ part.T; y's rows are O apart.
+void part_product(Activations& a, const Part& p, float* y, int64_t O, bool add) {
+    const int64_t M = a.M, I = a.I, P = p.out;
+    const float* rows = a.rows;
+    const int64_t format = p.kind >= kInt8Activations ? p.kind - kInt8Activations : p.kind;
+    if (blocks::decoded(format)) {
+        const uint8_t* wp = p.data.data_ptr<uint8_t>();
+        const float* panels = M >= kMinGgufPanelRows ? a.panel() : nullptr;
+        at::parallel_for(0, P, kGrain, [&](int64_t b, int64_t e) {
+            blocks::with_decoded(format, [&](auto K) {
+                if (panels) decoded_panel_block<decltype(K)::value>(panels, wp, y, M, I, O, b, e, add);
+                else decoded_rows<decltype(K)::value>(rows, wp, y, M, I, O, b, e, add);
+            });
+        });
+    } else if (format < kF32) {  // Q4_0, Q4_1, Q8_0: integer dot products
+        const Format f = static_cast<Format>(format);
+        const uint8_t* wp = p.data.data_ptr<uint8_t>();
+        if (M >= kMinGgufPanelRows) {
+            const float* panels = a.panel();
+            at::parallel_for(0, P, kGrain, [&](int64_t b, int64_t e) {
+                with_format(f, [&](auto F) { gguf_panel_block<decltype(F)::value>(panels, wp, y, M, I, O, b, e, add); });
+            });
+        } else if (p.kind >= kInt8Activations) {
+            const QuantizedRows8& xq = a.int8();
+            at::parallel_for(0, P, kGrain, [&](int64_t b, int64_t e) {
+                with_format(f, [&](auto F) { gguf_rows8<decltype(F)::value>(xq, wp, y, M, I, O, b, e, add); });
+            });
+        } else {
+            const QuantizedRows& xq = a.int16();
+            at::parallel_for(0, P, kGrain, [&](int64_t b, int64_t e) {
+                with_format(f, [&](auto F) { gguf_rows<decltype(F)::value>(xq, wp, y, M, I, O, b, e, add); });
+            });
+        }
+    } else if (M <= kMaxStreamRows) {
+        at::parallel_for(0, P, kGrain, [&](int64_t b, int64_t e) {
+            if (p.kind == kF32) dense_rows(rows, p.data.data_ptr<float>(), y, M, I, O, b, e, add);
+            else dense_rows(rows, reinterpret_cast<const uint16_t*>(p.data.data_ptr<at::BFloat16>()), y, M, I, O, b, e, add);
+        });
+    } else if (M <= kMaxPanelRows) {
+        const float* panels = a.panel();
+        at::parallel_for(0, P, kGrain, [&](int64_t b, int64_t e) {
+            if (p.kind == kF32) panel_block(panels, p.data.data_ptr<float>(), y, M, I, O, b, e, add);
+            else panel_block(panels, reinterpret_cast<const uint16_t*>(p.data.data_ptr<at::BFloat16>()), y, M, I, O, b, e, add);
+        });
+    } else {  // many rows (a large batch): torch's product, then the same y = / += as above
+        auto xt = torch::from_blob(const_cast<float*>(rows), {M, I}, torch::kFloat32);
+        auto result = p.kind == kF32 ? torch::mm(xt, p.data.t()) : torch::mm(xt.to(torch::kBFloat16), p.data.t()).to(torch::kFloat32);
+        auto out = torch::from_blob(y, {M, O}, torch::kFloat32).narrow(1, 0, P);
+        if (add) out.add_(result);
+        else out.copy_(result);
+    }
 }
 
 // y (M, w.out) = or += prepare_rows(x) @ W.T, for x (M, w.in) or (M, 2 w.in) with `glu`.
 void product(const float* x, int64_t M, const Weight& w, const float* norm, float eps, bool glu, float* y,
              bool add) {
     std::vector<float> buffer;
-    const float* rows = prepare_rows(x, M, w.in, norm, eps, glu, buffer);
-    const int64_t I = w.in, O = w.out;
-    if (w.kind < kF32 || w.kind >= kInt8Activations) {  // GGUF blocks
-        const Format f = static_cast<Format>(w.kind & ~kInt8Activations);
-        const uint8_t* wp = w.data.data_ptr<uint8_t>();
-        if (M >= kMinGgufPanelRows) {
-            const std::vector<float> panels = pack_panels(rows, M, I);
-            at::parallel_for(0, O, kGrain, [&](int64_t b, int64_t e) {
-                with_format(f, [&](auto F) { gguf_panel_block<decltype(F)::value>(panels.data(), wp, y, M, I, O, b, e, add); });
-            });
-        } else if (w.kind >= kInt8Activations) {
-            const QuantizedRows8 xq = quantize_rows8(rows, M, I);
-            at::parallel_for(0, O, kGrain, [&](int64_t b, int64_t e) {
-                with_format(f, [&](auto F) { gguf_rows8<decltype(F)::value>(xq, wp, y, M, I, O, b, e, add); });
-            });
-        } else {
-            const QuantizedRows xq = quantize_rows(rows, M, I);
-            at::parallel_for(0, O, kGrain, [&](int64_t b, int64_t e) {
-                with_format(f, [&](auto F) { gguf_rows<decltype(F)::value>(xq, wp, y, M, I, O, b, e, add); });
-            });
-        }
-    } else if (M <= kMaxStreamRows) {
-        at::parallel_for(0, O, kGrain, [&](int64_t b, int64_t e) {
-            if (w.kind == kF32) dense_rows(rows, w.data.data_ptr<float>(), y, M, I, O, b, e, add);
-            else dense_rows(rows, reinterpret_cast<const uint16_t*>(w.data.data_ptr<at::BFloat16>()), y, M, I, O, b, e, add);
-        });
-    } else if (M <= kMaxPanelRows) {
-        const std::vector<float> panels = pack_panels(rows, M, I);
-        at::parallel_for(0, O, kGrain, [&](int64_t b, int64_t e) {
-            if (w.kind == kF32) panel_block(panels.data(), w.data.data_ptr<float>(), y, M, I, O, b, e, add);
-            else panel_block(panels.data(), reinterpret_cast<const uint16_t*>(w.data.data_ptr<at::BFloat16>()), y, M, I, O, b, e, add);
-        });
-    } else {  // many rows (a large batch): torch's product, then the same y = / += as above
-        auto xt = torch::from_blob(const_cast<float*>(rows), {M, I}, torch::kFloat32);
-        auto result = w.kind == kF32 ? torch::mm(xt, w.data.t()) : torch::mm(xt.to(torch::kBFloat16), w.data.t()).to(torch::kFloat32);
-        auto out = torch::from_blob(y, {M, O}, torch::kFloat32);
-        if (add) out.add_(result);
-        else out.copy_(result);
+    Activations a{prepare_rows(x, M, w.in, norm, eps, glu, buffer), M, w.in, {}, {}, {}};
+    int64_t column = 0;
+    for (const Part& p : w.parts) {
+        part_product(a, p, y + column, w.out, add);
+        column += p.out;
     }
 }
 
@@ -771,9 +877,11 @@ class DecodeStack {
     DecodeStack(int64_t hq, int64_t hk, int64_t head_dim, double eps)
         : hq_(hq), hk_(hk), d_(head_dim), eps_(static_cast<float>(eps)) {}
 
-    void add_layer(torch::Tensor attn_norm, torch::Tensor ffn_norm, torch::Tensor qkv, int64_t qkv_kind,
-                   torch::Tensor o, int64_t o_kind, torch::Tensor gate_up, int64_t gate_up_kind, torch::Tensor down,
-                   int64_t down_kind) {
+    // Each weight as its parts (stacked by output rows) and their kinds.
+    using Parts = std::vector<torch::Tensor>;
+    using Kinds = std::vector<int64_t>;
+    void add_layer(torch::Tensor attn_norm, torch::Tensor ffn_norm, Parts qkv, Kinds qkv_kind, Parts o, Kinds o_kind,
+                   Parts gate_up, Kinds gate_up_kind, Parts down, Kinds down_kind) {
         const int64_t hidden = attn_norm.numel(), qkv_out = (hq_ + 2 * hk_) * d_;
         Layer L{attn_norm, ffn_norm, make_weight(qkv, qkv_kind, hidden), make_weight(o, o_kind, hq_ * d_),
                 make_weight(gate_up, gate_up_kind, hidden), {}};
@@ -831,9 +939,18 @@ class DecodeStack {
 
 torch::Tensor gguf_matmul(torch::Tensor x, torch::Tensor blocks, int64_t kind, int64_t in_features,
                           std::optional<torch::Tensor> norm, double eps, bool glu) {
-    TORCH_CHECK((kind & ~kInt8Activations) >= 0 && (kind & ~kInt8Activations) <= 2,
-                "gguf_matmul: kind must be Q4_0 (0), Q4_1 (1) or Q8_0 (2), plus 8 for byte activations");
     return matmul(x, make_weight(blocks, kind, in_features), norm, eps, glu);
+}
+
+torch::Tensor parts_matmul(torch::Tensor x, std::vector<torch::Tensor> parts, std::vector<int64_t> kinds,
+                           int64_t in_features, std::optional<torch::Tensor> norm, double eps, bool glu) {
+    return matmul(x, make_weight(parts, kinds, in_features), norm, eps, glu);
+}
+
+std::vector<std::tuple<std::string, int64_t, int64_t, int64_t>> formats() {
+    std::vector<std::tuple<std::string, int64_t, int64_t, int64_t>> out;
+    for (const auto& f : kFormats) out.emplace_back(f.name, f.code, f.weights, f.bytes);
+    return out;
 }
 
 torch::Tensor dense_matmul(torch::Tensor x, torch::Tensor w, std::optional<torch::Tensor> norm, double eps, bool glu) {
@@ -861,9 +978,13 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tens
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("decode_attention", &decode_attention, "rotary embedding, KV write and attention for one new token",
           py::call_guard<py::gil_scoped_release>());
-    m.def("gguf_matmul", &gguf_matmul, "rms_norm(x) @ W.T for W in GGUF Q4_0 (0) / Q4_1 (1) / Q8_0 (2) blocks (+8: byte activations)",
+    m.def("gguf_matmul", &gguf_matmul, "rms_norm(x) @ W.T for W in GGUF blocks of a kind from formats.def (Q4_0 / Q4_1 / Q8_0 +32: byte activations)",
           py::arg("x"), py::arg("blocks"), py::arg("kind"), py::arg("in_features"), py::arg("norm") = py::none(),
           py::arg("eps") = 0.0, py::arg("glu") = false, py::call_guard<py::gil_scoped_release>());
+    m.def("parts_matmul", &parts_matmul, "rms_norm(x) @ W.T for W stacked by rows from parts of any kinds",
+          py::arg("x"), py::arg("parts"), py::arg("kinds"), py::arg("in_features"), py::arg("norm") = py::none(),
+          py::arg("eps") = 0.0, py::arg("glu") = false, py::call_guard<py::gil_scoped_release>());
+    m.def("formats", &formats, "(name, code, weights per block, bytes per block) of every weight format");
     m.def("dense_matmul", &dense_matmul, "rms_norm(x) @ W.T for a contiguous float32 or bfloat16 W, for few rows of x",
           py::arg("x"), py::arg("w"), py::arg("norm") = py::none(), py::arg("eps") = 0.0, py::arg("glu") = false,
           py::call_guard<py::gil_scoped_release>());

@@ -15,6 +15,8 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -23,9 +25,33 @@ import torch
 from genkit import paths
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
-GGUF_KINDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}
-INT8_ACTIVATIONS = 8  # added to a GGUF kind: the same blocks times activations quantised to bytes
-BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+# Sources besides SOURCE that the build includes: part of the build's digest.
+HEADERS = [Path(__file__).with_name("blocks.h"), Path(__file__).with_name("formats.def")]
+
+
+@dataclass(frozen=True)
+class Format:
+    """A weight format the kernels multiply: its code and block size (formats.def)."""
+
+    name: str
+    code: int
+    weights: int  # per block
+    bytes: int  # per block
+
+
+def _read_formats() -> dict[str, Format]:
+    """formats.def, the table kernels.cpp includes too, parsed here (no build needed)."""
+    rows = re.findall(r"^GENKIT_FORMAT\((\w+), (\d+), (\d+), (\d+)\)$", HEADERS[1].read_text(), re.M)
+    return {name: Format(name, int(code), int(w), int(b)) for name, code, w, b in rows}
+
+
+FORMATS = _read_formats()
+DENSE = ("F32", "BF16")  # multiplied as torch tensors of that dtype, not as raw bytes
+# GGUF block formats the kernels multiply as raw bytes (every format but the dense ones).
+GGUF_KINDS = {name: f.code for name, f in FORMATS.items() if name not in DENSE}
+BLOCK_BYTES = {name: f.bytes for name, f in FORMATS.items()}
+INTEGER_KINDS = ("Q4_0", "Q4_1", "Q8_0")  # with integer dot products, and byte activations as an option
+INT8_ACTIVATIONS = 32  # added to an integer kind: the same blocks times activations quantised to bytes
 # no-tree-loop-distribute-patterns: GCC would turn the zeroing of a register tile's accumulators
 # into a memset and then keep them in memory, a store per FMA (kernels.cpp, panel_tile).
 BUILD_NOTICE = "building genkit's CPU kernels (once, 1-2 min)"
@@ -47,7 +73,8 @@ def _module():
         if _required():
             raise RuntimeError("GENKIT_REQUIRE_KERNELS=1, but this CPU lacks AVX2 or GENKIT_NO_KERNELS=1 is set")
         return None
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:12]
+    sources = SOURCE.read_bytes() + b"".join(h.read_bytes() for h in HEADERS)
+    digest = hashlib.sha256(sources + " ".join(CFLAGS).encode()).hexdigest()[:12]
     name = f"genkit_kernels_{digest}"
     build = paths.cache_dir() / "kernels" / f"torch-{torch.__version__.split('+')[0]}-{digest}"
     build.mkdir(parents=True, exist_ok=True)
@@ -92,8 +119,17 @@ def library() -> Path | None:
 
 
 def kind_code(kind: str, byte_activations: bool = False) -> int:
-    """The kernels' code for a GGUF block type, multiplied with int16 or (faster, coarser) byte activations."""
-    return GGUF_KINDS[kind] + (INT8_ACTIVATIONS if byte_activations else 0)
+    """The kernels' code for a GGUF block type; Q4_0 / Q4_1 / Q8_0 are multiplied with int16 or
+    (faster, coarser) byte activations, the other formats with their rows decoded to floats."""
+    return GGUF_KINDS[kind] + (INT8_ACTIVATIONS if byte_activations and kind in INTEGER_KINDS else 0)
+
+
+def parts_matmul(x: torch.Tensor, parts: list[torch.Tensor], kinds: list[int], in_features: int,
+                 norm: torch.Tensor | None = None, eps: float = 0.0, glu: bool = False) -> torch.Tensor:
+    """x (M, in) float32 times a weight stacked by output rows from parts of any kinds (kernel
+    codes: a GGUF kind's raw bytes, or a float32 / bfloat16 (out, in) tensor); `norm` and
+    `glu` as for gguf_matmul."""
+    return _module().parts_matmul(x, parts, kinds, in_features, norm, eps, glu)
 
 
 def gguf_matmul(x: torch.Tensor, blocks: torch.Tensor, kind: str, in_features: int,
@@ -123,7 +159,7 @@ def dense_kind(w: torch.Tensor) -> int:
 
 
 def decode_stack(n_heads: int, n_kv: int, head_dim: int, eps: float):
-    """An empty C++ DecodeStack: add_layer(attn_norm, ffn_norm, qkv, kind, o, kind, gate_up, kind,
-    down, kind) per layer, then forward(x, cos, sin, keys, values, slot, first) runs one decode
+    """An empty C++ DecodeStack: add_layer(attn_norm, ffn_norm, qkv parts, their kinds, o parts,
+    kinds, gate_up parts, kinds, down parts, kinds) per layer, then forward(x, cos, sin, keys, values, slot, first) runs one decode
     step through every layer (kernels.cpp)."""
     return _module().DecodeStack(n_heads, n_kv, head_dim, eps)

@@ -189,8 +189,8 @@ class DenseLinear:
         return y.reshape(*shape[:-1], y.shape[-1])
 
     def kernel_weight(self):
-        """(weight, kind) as kernels.decode_stack's layers take them."""
-        return self.weight, kernels.dense_kind(self.weight)
+        """([weight], [kind]) as kernels.decode_stack's layers take them."""
+        return [self.weight], [kernels.dense_kind(self.weight)]
 
 
 def glu_input(x: torch.Tensor) -> torch.Tensor:

@@ -146,7 +146,7 @@ class GGUFLinear:
             order = row_orders[i] if row_orders else None
             rows.append(b[order] if order is not None else b)
         b = np.concatenate(rows)
-        return cls(torch.from_numpy(b.reshape(-1)), kind, b.shape[1] * GROUP, b.shape[0])
+        return cls(torch.from_numpy(b.reshape(-1)), kind, b.shape[1] * kernels.FORMATS[kind].weights, b.shape[0])
 
     def __call__(self, x: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0,
                  glu: bool = False) -> torch.Tensor:
@@ -158,8 +158,8 @@ class GGUFLinear:
         return y.reshape(*shape[:-1], self.out_features)
 
     def kernel_weight(self):
-        """(blocks, kind) as kernels.decode_stack's layers take them."""
-        return self.blocks, kernels.kind_code(self.kind, self.byte_activations)
+        """([blocks], [kind]) as kernels.decode_stack's layers take them."""
+        return [self.blocks], [kernels.kind_code(self.kind, self.byte_activations)]
 
 
 def _rms(x: torch.Tensor, norm: torch.Tensor | None, eps: float) -> torch.Tensor:

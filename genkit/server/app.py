@@ -119,15 +119,23 @@ async def _complete(request: Request, kind, svc: S.Service, engine: Engine):
 
 async def _events(p: S.Prepared, request: Request | None) -> AsyncIterator[tuple[int, object]]:
     """(prompt index, Event or Done) until every prompt is done; stops early when the client
-    of a non-streaming request has gone (a stream learns that from Starlette's cancellation)."""
-    left = len(p.works)
+    of a non-streaming request has gone (a stream learns that from Starlette's cancellation).
+    The client is looked at every DISCONNECT_POLL_S, whether events are flowing or not."""
+    loop = asyncio.get_running_loop()
+    left, next_look = len(p.works), loop.time() + DISCONNECT_POLL_S
+    queue = p.channel.queue
     while left:
         try:
-            item = await asyncio.wait_for(p.channel.queue.get(), DISCONNECT_POLL_S)
+            item = queue.get_nowait() if not queue.empty() else await asyncio.wait_for(
+                queue.get(), max(0.01, next_look - loop.time()))
         except asyncio.TimeoutError:
+            item = None
+        if loop.time() >= next_look:
+            next_look = loop.time() + DISCONNECT_POLL_S
             if request is not None and await request.is_disconnected():
                 p.cancel()
                 return
+        if item is None:
             continue
         if isinstance(item[1], Done):
             left -= 1

@@ -1,0 +1,150 @@
+"""genkit's native GGUF decoder (genkit/native/decoder.py) against transformers' own forward on
+the same file: tiny random models of each architecture, written as GGUF files the way
+llama.cpp writes them (tests/gguf_writer.py), in the block formats of llama.cpp's mixes.
+transformers dequantises the file to fp32 and runs its model; genkit multiplies the blocks as
+they are. Logits agree to 1e-4 of their largest magnitude (float32 rounding of two different
+summation orders) and greedy tokens are the same."""
+
+import warnings
+
+import pytest
+import torch
+
+from genkit.errors import GenkitError
+from genkit.native import kernels
+
+import gguf_writer
+
+pytestmark = pytest.mark.usefixtures("needs_kernels")
+
+Q4_K_M = {"*": "Q4_K", "attn_v.weight": "Q6_K", "ffn_down.weight": "Q6_K", "token_embd.weight": "Q8_0"}
+GEMMA_MIX = {"*": "Q5_0", "attn_v.weight": "Q8_0", "attn_output.weight": "Q4_K", "ffn_down.weight": "Q6_K",
+             "token_embd.weight": "Q8_0"}
+CASES = {
+    "llama": ("llama", {}, "Q4_0"),
+    "llama-q4_k_m": ("llama", {"tie_word_embeddings": True}, Q4_K_M),
+    "qwen2": ("qwen2", {}, {"*": "Q5_1", "attn_q.weight": "Q3_K", "ffn_gate.weight": "Q2_K"}),
+    "qwen3": ("qwen3", {"head_dim": 128}, {"*": "Q5_K", "attn_output.weight": "F16", "ffn_up.weight": "Q4_1"}),
+    "gemma2": ("gemma2", {}, "Q8_0"),
+    "gemma3": ("gemma3_text", {"num_hidden_layers": 6}, GEMMA_MIX),  # five sliding layers, one global
+    "phi3": ("phi3", {}, {"*": "Q4_K", "attn_qkv.weight": "Q5_0", "ffn_down.weight": "Q6_K"}),  # fused qkv, gate/up
+}
+
+
+def load_both(path):
+    """(transformers' model from the dequantised file, genkit's native model of the file)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers.utils import logging
+
+    from genkit.native.decoder import GGUFDecoder
+
+    logging.set_verbosity_error()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    return ref, GGUFDecoder(path, config, GenerationConfig.from_model_config(config))
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def pair(request, tmp_path_factory):
+    model_type, overrides, types = CASES[request.param]
+    model = gguf_writer.random_model(gguf_writer.tiny_config(model_type, **overrides))
+    path = gguf_writer.write(model, tmp_path_factory.mktemp("gguf") / f"{request.param}.gguf", types)
+    return load_both(path)
+
+
+def prompts():
+    """Two left-padded rows of 24 and 17 tokens: longer than gemma's sliding window of 8."""
+    torch.manual_seed(0)
+    ids = torch.randint(3, 320, (2, 24))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    ids[1, :7] = 0
+    return ids, mask
+
+
+def test_logits_equal_transformers(pair):
+    from genkit.native.llama import StaticKV
+
+    ref, native = pair
+    ids, mask = prompts()
+    with torch.no_grad():
+        want = ref(ids, attention_mask=mask).logits
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    got = native.forward(ids, positions, StaticKV(native, 2, 64), 0, mask, 0)
+    real = mask.bool()
+    assert (got - want)[real].abs().max() <= 1e-4 * want[real].abs().max()
+
+
+def test_greedy_tokens_equal_transformers(pair):
+    """Prompt, then one token per step through genkit's runner (the KV cache, the decode path)."""
+    ref, native = pair
+    ids, mask = prompts()
+    with torch.no_grad():
+        want = ref.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=12, min_new_tokens=12,
+                            pad_token_id=0)[:, ids.shape[1]:]
+    runner = native.native_runner(ids, mask)
+    token = runner.prefill().logits[:, -1].argmax(-1, keepdim=True)
+    got = [token]
+    for _ in range(11):
+        token = runner.step(token).logits[:, -1].argmax(-1, keepdim=True)
+        got.append(token)
+    assert torch.equal(torch.cat(got, 1), want)
+
+
+def test_unsupported_block_type_names_the_tensor(tmp_path):
+    import gguf
+    import numpy as np
+
+    from genkit.native.gguf_file import GGUFFile
+
+    path = tmp_path / "iq.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("blk.0.attn_q.weight", np.zeros((4, 136), dtype=np.uint8), raw_dtype=gguf.GGMLQuantizationType.IQ4_XS)
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    with pytest.raises(GenkitError, match=r"iq.gguf: tensor blk.0.attn_q.weight is IQ4_XS, which genkit cannot run "
+                                          r"natively; .*Q4_K_M"):
+        GGUFFile(path).check_types(["blk.0.attn_q.weight"])
+
+
+def test_unknown_architecture_is_refused(tmp_path):
+    import gguf
+
+    from genkit.native.decoder import GGUFDecoder
+
+    path = tmp_path / "other.gguf"
+    writer = gguf.GGUFWriter(str(path), "mamba")
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    with pytest.raises(GenkitError, match="architecture 'mamba' does not run natively"):
+        GGUFDecoder(path, None, None)
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory):
+    model = gguf_writer.random_model(gguf_writer.tiny_config("qwen3", head_dim=128, num_hidden_layers=1))
+    return gguf_writer.write(model, tmp_path_factory.mktemp("bad") / "tiny.gguf", "Q8_0")
+
+
+def _native_entries(home):
+    return sorted((home / "cache" / "models").glob("*native*")) if (home / "cache" / "models").is_dir() else []
+
+
+def test_file_without_tokenizer_fails_cleanly(tiny_file, genkit_home):
+    from conftest import run_cli
+
+    before = _native_entries(genkit_home)
+    r = run_cli("run", "--model", str(tiny_file), "Hi")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "tiny.gguf has no tokenizer in its metadata" in r.stderr
+    assert _native_entries(genkit_home) == before  # nothing half-written left in the cache
+
+
+def test_truncated_file_fails_cleanly(tiny_file, tmp_path, genkit_home):
+    from conftest import run_cli
+
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny_file.read_bytes()[: tiny_file.stat().st_size // 2])
+    r = run_cli("run", "--model", str(cut), "Hi")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "cut.gguf" in r.stderr and ("corrupt GGUF" in r.stderr or "truncated" in r.stderr)
