@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from genkit import params as P
 from genkit import presets as presets_mod
 from genkit.engine import Generation
 from genkit.engine.settings import build
@@ -38,7 +39,7 @@ def variants(preset_names: list[str], set_variants: list[str], base: str | None,
     out = [Variant(name, presets_mod.resolve(name, None, common, vars)) for name in preset_names]
     for spec in set_variants:
         items = [s.strip() for s in spec.split(",") if s.strip()]
-        overrides = {**common, **presets_mod.parse_set(items)}
+        overrides = P.merge(common, presets_mod.parse_set(items))
         out.append(Variant(spec, presets_mod.resolve(base, None, overrides, vars)))
     if not out:
         raise GenkitError("nothing to compare: pass --presets a,b,c and/or --variant key=value,...")

@@ -83,6 +83,12 @@ PARAMS: dict[str, Param] = {
         _p("sequence_bias", "sequence_bias", None, "bias added to token sequences: [[[ids], bias], ...]"),
         _p("suppress_tokens", "int_list", None, "token ids that are never generated"),
         _p("watermark", "watermark", None, "watermark settings: bias, greenlist_ratio, seeding_scheme, context_width"),
+        # constrained output (genkit/constraints.py): at most one of these
+        _p("json_schema", "json_schema", None, "output follows this JSON Schema (mapping, JSON text or file path)"),
+        _p("json_object", "bool", False, "output is one JSON object"),
+        _p("regex", "str", None, "output matches this regular expression"),
+        _p("choice", "choice", None, "output is one of these strings (a list, or a,b,c)"),
+        _p("grammar", "str", None, "output follows this Lark or GBNF grammar (text or file path)"),
         # genkit's own
         _p("seed", "nonneg_int", None, "random seed: the same seed gives the same sampled text"),
     ]
@@ -155,6 +161,16 @@ def _check(kind: str, v: Any) -> Any:
         if isinstance(v, list) and v and all(_int_list(x) for x in v):
             return v
         raise ValueError("expected a list of token id lists, e.g. [[12, 7], [99]]")
+    if kind == "json_schema":
+        if isinstance(v, dict) or isinstance(v, str) and v.strip():
+            return v
+        raise ValueError("expected a JSON Schema mapping, JSON text or a file path")
+    if kind == "choice":
+        from genkit.constraints import choices
+
+        if isinstance(v, (str, list)) and all(isinstance(c, str) for c in v) and choices(v):
+            return choices(v)
+        raise ValueError("expected a list of strings or a comma-separated string")
     if kind == "early_stopping":
         if isinstance(v, bool) or v == "never":
             return v
@@ -221,6 +237,18 @@ def check_params(values: dict, where: str) -> dict:
     return dict(check_param(str(k), v, where) for k, v in values.items())
 
 
+CONSTRAINT_KEYS = ("json_schema", "json_object", "regex", "choice", "grammar")
+
+
+def merge(base: dict, top: dict) -> dict:
+    """`top`'s parameters over `base`'s (None values in `top` ignored). A layer that constrains
+    the output replaces the constraint below it rather than adding a second one."""
+    top = {k: v for k, v in top.items() if v is not None}
+    if any(top.get(k) not in (None, False) for k in CONSTRAINT_KEYS):
+        base = {k: v for k, v in base.items() if k not in CONSTRAINT_KEYS}
+    return {**base, **top}
+
+
 def effective(values: dict) -> dict:
     """The defaults overlaid with `values`: what generation will actually use."""
     out = {name: p.default for name, p in PARAMS.items()}
@@ -276,6 +304,10 @@ def check_combination(values: dict, where: str) -> None:
         bad(f"{special[0]} cannot be combined with beam search (num_beams > 1)")
     if len(special) > 1:
         bad(f"{special[0]} and {special[1]} select different strategies: choose one")
+    if any(v[k] not in (None, False) for k in CONSTRAINT_KEYS):
+        from genkit import constraints
+
+        constraints.check(values, strategy_of(values), where)
     if v["penalty_alpha"] and v["do_sample"]:
         bad("contrastive search (penalty_alpha) does not sample: set do_sample to false")
     if v["penalty_alpha"] and v["top_k"] < 2:

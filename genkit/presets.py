@@ -210,7 +210,7 @@ def _overlay(base: Preset, top: Preset) -> Preset:
         system=top.system if top.system is not None else base.system,
         template=top.template if top.template is not None else base.template,
         vars={**base.vars, **top.vars},
-        generation={**base.generation, **top.generation},
+        generation=P.merge(base.generation, top.generation),
     )
 
 
@@ -281,8 +281,8 @@ def resolve(
     base = load(preset) if preset else Preset(name="default", source="defaults")
     gen = dict(base.generation)
     if generation_config:
-        gen.update(read_generation_config(generation_config))
-    gen.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        gen = P.merge(gen, read_generation_config(generation_config))
+    gen = P.merge(gen, overrides or {})
     where = f"preset '{base.name}'" if not overrides and not generation_config else "settings"
     P.check_combination(gen, where)
     _check_vars(base, vars or {})

@@ -89,6 +89,11 @@ class TextView:
 
 def json_record(gen, *, model_name: str, preset, prompt: str, settings_diff: dict) -> str:
     results = gen.results
+    texts = None
+    if any(r.logprobs is not None for r in results):
+        from genkit.logprobs import TokenText
+
+        texts = TokenText(gen.lm.tokenizer)
     record = {
         "model": model_name,
         "preset": preset.name,
@@ -96,9 +101,11 @@ def json_record(gen, *, model_name: str, preset, prompt: str, settings_diff: dic
         "prompt": prompt,
         "text": results[0].text if results else "",
         "finish_reason": results[0].finish_reason if results else None,
+        **({"incomplete": not results[0].complete} if results and results[0].complete is not None else {}),
         "sequences": [
             {"text": r.text, "finish_reason": r.finish_reason, "completion_tokens": len(r.token_ids),
-             **({"logprobs": r.logprobs} if r.logprobs is not None else {})}
+             **({"incomplete": not r.complete} if r.complete is not None else {}),
+             **({"logprobs": _token_records(texts, r)} if r.logprobs is not None else {})}
             for r in results
         ],
         "usage": {
@@ -110,3 +117,9 @@ def json_record(gen, *, model_name: str, preset, prompt: str, settings_diff: dic
         "timings": gen.stats.as_dict(),
     }
     return json.dumps(record, ensure_ascii=False)
+
+
+def _token_records(texts, r) -> list[dict]:
+    from genkit.logprobs import token_records
+
+    return token_records(texts, r.token_ids, r.logprobs, r.alternatives)

@@ -13,7 +13,7 @@ from genkit.errors import GenkitError
 # OpenAI batch request bodies: keys genkit maps onto its parameters, and keys that change
 # nothing about the text (accepted so that existing files run unchanged).
 OPENAI_URLS = ("/v1/chat/completions", "/v1/completions")
-OPENAI_IGNORED = {"model", "user", "metadata", "stream", "store", "service_tier", "logprobs", "top_logprobs"}
+OPENAI_IGNORED = {"model", "user", "metadata", "stream", "store", "service_tier"}
 OPENAI_FINISH = {"eos": "stop", "stop": "stop", "length": "length", "time": "length", "cancelled": "length"}
 
 
@@ -33,6 +33,9 @@ def request_from_openai(line: int, obj: dict) -> Request:
         else:
             req.prompt = prompt_of(body.get("prompt"), None)
         req.params = P.check_params(openai_params(body), "body")
+        from genkit.logprobs import from_openai
+
+        req.logprobs = from_openai(body)
     except (ValueError, GenkitError) as e:
         req.error = str(e)
         if not isinstance(req.id, (str, int)) or isinstance(req.id, bool):
@@ -43,7 +46,8 @@ def request_from_openai(line: int, obj: dict) -> Request:
 def openai_params(body: dict) -> dict:
     """OpenAI's options in genkit's terms. A temperature of 0 means greedy decoding, above 0
     sampling; without temperature, top_p or n the job's preset decides."""
-    known = {"messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop", "seed"}
+    known = {"messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop", "seed",
+             "response_format", "logprobs", "top_logprobs"}
     for key in body:
         if key not in known and key not in OPENAI_IGNORED:
             raise ValueError(f"body.{key} is not supported by genkit; remove it or set it in 'params' of a genkit record")
@@ -71,6 +75,10 @@ def openai_params(body: dict) -> dict:
         out["stop_strings"] = body["stop"]
     if body.get("seed") is not None:
         out["seed"] = body["seed"]
+    if body.get("response_format") is not None:
+        from genkit import constraints
+
+        out.update(constraints.from_response_format(body["response_format"], "body"))
     return out
 
 
@@ -79,11 +87,13 @@ def openai_id(prefix: str, key: str) -> str:
     return f"{prefix}_{hashlib.sha256(key.encode()).hexdigest()[:24]}"
 
 
-def openai_result(req, texts, finish, prompt_tokens, completion_tokens, model) -> dict:
+def openai_result(req, texts, finish, prompt_tokens, completion_tokens, model, logprobs=None) -> dict:
+    from genkit.logprobs import openai_content
+
     chat = isinstance(req.prompt, list)
     choices = [
         {"index": i, **({"message": {"role": "assistant", "content": t}} if chat else {"text": t}),
-         "logprobs": None, "finish_reason": OPENAI_FINISH.get(f, "stop")}
+         "logprobs": openai_content(logprobs[i]) if logprobs else None, "finish_reason": OPENAI_FINISH.get(f, "stop")}
         for i, (t, f) in enumerate(zip(texts, finish))
     ]
     body = {

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from genkit import params as P
 from genkit import presets as presets_mod
 from genkit import seeding
 from genkit.batch.requests import Request
@@ -26,6 +27,7 @@ class JobOptions:
     preset: str | None = None
     generation_config: str | None = None
     params: dict = field(default_factory=dict)  # validated job-level parameters (flags, --set)
+    logprobs: int | None = None  # --logprobs N: every record's token log-probabilities
     vars: dict = field(default_factory=dict)
     system: str | None = None
     raw: bool = False
@@ -46,7 +48,7 @@ def resolve_requests(requests: list[Request], opts: JobOptions) -> None:
     for req in requests:
         if req.error:
             continue
-        overrides = {**opts.params, **req.params}
+        overrides = P.merge(opts.params, req.params)  # a record's constraint replaces the job's
         key = json.dumps([req.preset, overrides, req.vars], sort_keys=True, default=str)
         if key not in cache:
             try:

@@ -14,9 +14,9 @@ OUTPUT_FORMATS = ("genkit", "openai")
 
 def format_result(req: Request, fmt: str, *, texts: list[str], finish: list[str], prompt_tokens: int,
                   completion_tokens: int, model: str, strategy: str, params: dict, seed: int,
-                  timings: dict) -> dict:
+                  timings: dict, complete: list | None = None, logprobs: list | None = None) -> dict:
     if fmt == "openai":
-        return openai_result(req, texts, finish, prompt_tokens, completion_tokens, model)
+        return openai_result(req, texts, finish, prompt_tokens, completion_tokens, model, logprobs)
     many = len(texts) > 1
     record = {
         "id": req.id,
@@ -32,6 +32,11 @@ def format_result(req: Request, fmt: str, *, texts: list[str], finish: list[str]
         "timings": timings,
         "fingerprint": req.fingerprint,
     }
+    if complete and complete[0] is not None:  # constrained output: was the grammar satisfied
+        incomplete = [not c for c in complete]
+        record["incomplete"] = incomplete if many else incomplete[0]
+    if logprobs is not None:  # per sequence, per token: genkit.logprobs.token_records
+        record["logprobs"] = logprobs if many else logprobs[0]
     if req.metadata is not None:
         record["metadata"] = req.metadata
     return record

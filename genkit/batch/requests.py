@@ -24,6 +24,7 @@ class Request:
     prompt_text: Any = None  # the prompt after the preset's template (or the chat as it is)
     seed: int | None = None  # the seed it samples with
     fingerprint: str | None = None  # what its output line is made from (plan.fingerprint_of)
+    logprobs: int | None = None  # alternatives per token to report (OpenAI's top_logprobs); None: off
 
     @property
     def key(self) -> str:

@@ -36,6 +36,7 @@ class Runner:
         self._settings: dict[str, Any] = {}
         self._assistants: dict[str, Any] = {}
         self._continuous: dict[str, bool] = {}  # strategy -> continuous batching possible
+        self._token_text = None  # genkit.logprobs.TokenText, made on first use
 
     # -------------------------------------------------------------- bookkeeping
 
@@ -46,12 +47,13 @@ class Runner:
         self.job.summary.failed += 1
         self.on_update(self.job.summary)
 
-    def succeed(self, item: Item, texts, finish, completion_tokens, timings) -> None:
+    def succeed(self, item: Item, texts, finish, completion_tokens, timings, seqs=()) -> None:
         s = item.settings
         record = format_result(
             item.req, self.opts.output_format, texts=texts, finish=finish,
             prompt_tokens=len(item.input_ids), completion_tokens=completion_tokens, model=self.lm.name,
             strategy=s.strategy, params=item.params, seed=item.seed, timings=timings,
+            complete=[q.complete for q in seqs], logprobs=self.logprob_records(item.req, seqs),
         )
         self.job.sink.write(record)
         summary = self.job.summary
@@ -59,6 +61,26 @@ class Runner:
         summary.prompt_tokens += len(item.input_ids)
         summary.completion_tokens += completion_tokens
         self.on_update(summary)
+
+    def wanted_logprobs(self, req: Request) -> int | None:
+        """Alternatives per token this record reports (None: no log-probabilities)."""
+        return req.logprobs if req.logprobs is not None else self.opts.logprobs
+
+    def group_logprobs(self, items: list[Item]):
+        """What the engine computes for a group: the most alternatives any record wants."""
+        wanted = [n for n in (self.wanted_logprobs(it.req) for it in items) if n is not None]
+        return max(wanted) if wanted else False
+
+    def logprob_records(self, req: Request, seqs) -> list | None:
+        n = self.wanted_logprobs(req)
+        if n is None:
+            return None
+        from genkit.logprobs import TokenText, token_records
+
+        if self._token_text is None:
+            self._token_text = TokenText(self.lm.tokenizer)
+        return [token_records(self._token_text, q.token_ids, q.logprobs or [],
+                              [a[:n] for a in q.alternatives or []] if n else None) for q in seqs]
 
     # -------------------------------------------------------------- the plan
 
@@ -150,7 +172,7 @@ class Runner:
         from genkit.engine.continuous import ContinuousBatcher, Job as EngineJob
 
         batcher = ContinuousBatcher(self.lm, settings, batch_size=self.opts.batch_size,
-                                    max_batch_tokens=self.opts.max_batch_tokens)
+                                    max_batch_tokens=self.opts.max_batch_tokens, logprobs=self.group_logprobs(group))
         jobs = [EngineJob(it, it.input_ids, it.seed, it.max_new, it.settings.stop_strings) for it in group]
         finished: set[int] = set()
         results = None
@@ -169,7 +191,8 @@ class Runner:
             ttft = None if result.first_token_at is None else result.first_token_at - result.started_at
             self.succeed(result.handle, [s.text for s in seqs], [s.finish_reason for s in seqs],
                          result.completion_tokens,
-                         timing_record(result.finished_at - result.started_at, ttft, result.completion_tokens))
+                         timing_record(result.finished_at - result.started_at, ttft, result.completion_tokens),
+                         seqs)
 
     def isolate(self, items: list[Item], error: Exception, run_alone) -> None:
         """A batch failed: run each of its records alone, so that only the records that fail
@@ -203,7 +226,7 @@ class Runner:
         try:
             gen = Generation(
                 self.lm, [it.engine_prompt for it in batch], s, raw=self.opts.raw,
-                seeds=[it.seed for it in batch], assistant=self.assistant(s),
+                seeds=[it.seed for it in batch], assistant=self.assistant(s), logprobs=self.group_logprobs(batch),
             )
             gen.run()
         except Exception as e:  # an engine failure must not lose the other records
@@ -215,7 +238,7 @@ class Runner:
             seqs = gen.results[i * per:(i + 1) * per]
             tokens = sum(len(r.token_ids) for r in seqs)
             self.succeed(it, [r.text for r in seqs], [r.finish_reason for r in seqs], tokens,
-                         timing_record(stats.elapsed_s, stats.time_to_first_token_s, tokens))
+                         timing_record(stats.elapsed_s, stats.time_to_first_token_s, tokens), seqs)
 
     def assistant(self, s):
         if not s.assistant_model:

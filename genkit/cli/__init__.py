@@ -68,7 +68,8 @@ def _register() -> None:
     presets_cmd.register(app)
     models_cmd.register(app)
     config_cmd.register(app)
-    for optional in ("compare_cmd", "detect_cmd", "batch_cmd", "bench_cmd", "chat_cmd", "logs_cmd", "serve_cmd"):
+    for optional in ("compare_cmd", "detect_cmd", "batch_cmd", "bench_cmd", "chat_cmd", "logs_cmd", "serve_cmd",
+                     "score_cmd"):
         try:
             module = __import__(f"genkit.cli.{optional}", fromlist=["register"])
         except ModuleNotFoundError as e:

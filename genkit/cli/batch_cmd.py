@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from genkit.cli import constraint_opts as c
 from genkit.cli import options as o
 from genkit.models import LoadOptions
 
@@ -72,6 +73,14 @@ def batch(
     generation_config: o.GenConfig = None,
     set_: o.Set = None,
     var: o.Var = None,
+    logprobs: Annotated[Optional[int], typer.Option(
+        "--logprobs", metavar="N", min=0, max=20, rich_help_panel=J,
+        help="Each token's log-probability and its N (0-20) most likely alternatives in every record.")] = None,
+    json_schema: c.JsonSchema = None,
+    json_object: c.JsonObject = False,
+    regex: c.Regex = None,
+    choice: c.Choice = None,
+    grammar: c.Grammar = None,
     load: LoadOptions = None,
 ) -> None:
     """Run every prompt of a file and write one JSON record per prompt (resumable)."""
@@ -86,12 +95,13 @@ def batch(
             k, v = P.check_param(key, value, "--" + key.replace("_", "-"))
             params[k] = v
     params.update(presets.parse_set(set_ or []))
+    params = P.merge(params, c.params(json_schema, json_object, regex, choice, grammar))
     opts = B.JobOptions(
         input=input, output=output, input_format=input_format, output_format=output_format,
         preset=preset, generation_config=generation_config, params=params,
         vars=presets.parse_vars(var or []), system=system, raw=raw, batch_size=batch_size,
         max_batch_tokens=max_batch_tokens, unordered=unordered, strict=strict, overwrite=overwrite,
-        continuous=continuous,
+        continuous=continuous, logprobs=logprobs,
         model_key=_model_key(model, load),
     )
     job = B.prepare(opts)

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from genkit.cli import constraint_opts as c
 from genkit.cli import options as o
 from genkit.models import LoadOptions
 
@@ -37,6 +38,11 @@ def compare(
     var: o.Var = None,
     json_out: Annotated[bool, typer.Option(
         "--json", help="One JSON line per variant (the default when piped).")] = False,
+    json_schema: c.JsonSchema = None,
+    json_object: c.JsonObject = False,
+    regex: c.Regex = None,
+    choice: c.Choice = None,
+    grammar: c.Grammar = None,
     model: o.Model = None,
     load: LoadOptions = None,
 ) -> None:
@@ -46,6 +52,7 @@ def compare(
     from genkit import compare as cmp
 
     common = {k: v for k, v in {"max_new_tokens": max_new_tokens, "seed": seed}.items() if v is not None}
+    common.update(c.params(json_schema, json_object, regex, choice, grammar))
     names = [p.strip() for p in presets_.split(",") if p.strip()]
     from genkit import presets
 

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from genkit.cli import constraint_opts as c
 from genkit.cli import options as o
 from genkit.models import LoadOptions
 
@@ -67,9 +68,16 @@ def run(
     generation_config: o.GenConfig = None,
     set_: o.Set = None,
     var: o.Var = None,
+    json_schema: c.JsonSchema = None,
+    json_object: c.JsonObject = False,
+    regex: c.Regex = None,
+    choice: c.Choice = None,
+    grammar: c.Grammar = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print a summary line on stderr.")] = False,
-    logprobs: Annotated[bool, typer.Option("--logprobs", help="Include token log-probabilities in --json.")] = False,
+    logprobs: Annotated[Optional[int], typer.Option(
+        "--logprobs", metavar="N", min=0, max=20,
+        help="With --json: each token's log-probability and its N (0-20) most likely alternatives.")] = None,
     no_log: Annotated[bool, typer.Option(
         "--no-log", help="Do not log this to genkit's SQLite log (`genkit logs off`: never).")] = False,
     continue_: Annotated[bool, typer.Option(
@@ -133,7 +141,9 @@ def generation_overrides(a: dict) -> dict:
             k, v = P.check_param(key, value, "--" + key.replace("_", "-"))
             overrides[k] = v
     overrides.update(presets.parse_set(a["set_"] or []))
-    return overrides
+    constrained = c.params(a.get("json_schema"), a.get("json_object", False), a.get("regex"), a.get("choice"),
+                           a.get("grammar"))
+    return P.merge(overrides, constrained)
 
 
 def load_options(a: dict):

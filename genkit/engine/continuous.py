@@ -27,11 +27,12 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from genkit.engine import constrain
 from genkit.engine import processors as procs
 from genkit.engine.core import row_generator
 from genkit.engine.runner import fast_decoder, with_cache
 from genkit.engine.settings import DecodeSettings
-from genkit.engine.strategies.base import sample_rows, token_logprobs
+from genkit.engine.strategies.base import processed_logprobs, sample_rows
 from genkit.engine.tracker import SequenceState
 
 STRATEGIES = ("greedy", "sampling")
@@ -58,6 +59,8 @@ class Sequence:
     token_ids: list[int]
     finish_reason: str
     logprobs: list[float] | None = None
+    complete: bool | None = None  # constrained output: whether the grammar accepts the text
+    alternatives: list | None = None  # per token, its best alternatives [(id, logprob)] (top_logprobs)
 
 
 @dataclass
@@ -84,6 +87,8 @@ class _Active:
     started_at: float
     deadline: float | None
     first_token_at: float | None = None
+    matchers: list = field(default_factory=list)  # each sequence's matcher (None: unconstrained)
+    alternatives: list = field(default_factory=list)  # each sequence's list of per-token alternatives
 
 
 @dataclass
@@ -92,6 +97,8 @@ class _Row:
     state: SequenceState
     generator: torch.Generator | None
     history: list[int] = field(default_factory=list)  # prompt + generated, for the processors
+    matcher: Any = None  # the row's llguidance matcher when the output is constrained
+    alternatives: list = field(default_factory=list)
 
 
 class _Layer(DynamicLayer):
@@ -158,14 +165,17 @@ class ContinuousBatcher:
     """
 
     def __init__(self, lm, settings: DecodeSettings, *, batch_size: int = 32,
-                 max_batch_tokens: int | None = None, logprobs: bool = False):
+                 max_batch_tokens: int | None = None, logprobs: bool | int = False):
         self.lm = lm
         self.model = lm.model
         self.s = settings
         self.n = settings.num_return_sequences
         self.batch_size = max(1, batch_size)
         self.budget = max_batch_tokens
-        self.want_logprobs = logprobs
+        # logprobs: False, True, or N: each token's log-probability and its N best alternatives
+        self.want_logprobs = logprobs is not None and logprobs is not False
+        self.top_logprobs = 0 if isinstance(logprobs, bool) or not logprobs else int(logprobs)
+        self._scores: torch.Tensor | None = None  # the last step's processed scores
         self.device = lm.device
         vocab = self.model.config.get_text_config().vocab_size
         self._proc_kw = dict(attention_mask=None, vocab_size=vocab, device=self.device)
@@ -173,6 +183,7 @@ class ContinuousBatcher:
         self.warpers = procs.build_warpers(settings, device=self.device)
         self.watermark = procs.build_watermark(settings, vocab_size=vocab, device=self.device)
         self.uses_history = bool(self._processors(0)) or bool(self.watermark)
+        self.matchers = constrain.PerRow(lm, settings, vocab)
         # Refilling one slot at a time costs a prefill pass per job; wait for a few free slots.
         self.refill_at = max(1, self.batch_size // 8)
         self.rows: list[_Row] = []
@@ -285,7 +296,9 @@ class ContinuousBatcher:
             for k, state in enumerate(states):
                 gen = row_generator(job.seed, k) if self.s.do_sample else None
                 history = list(job.input_ids) if self.uses_history else []
-                rows.append(_Row(active, state, gen, history))
+                rows.append(_Row(active, state, gen, history, self.matchers.new()))
+                active.matchers.append(rows[-1].matcher)
+                active.alternatives.append(rows[-1].alternatives)
         return rows
 
     def _merge(self, cache, mask, next_pos, last, rows) -> None:
@@ -355,10 +368,13 @@ class ContinuousBatcher:
                 self._processors(len(r.active.job.input_ids))(self._ids(r), logits[i:i + 1])
                 for i, r in enumerate(rows)
             ])
+        if self.matchers:
+            scores = self.matchers.mask([r.matcher for r in rows], scores, logits)
         if self.warpers:
             scores = self.warpers(None, scores)
         if self.watermark:
             scores = torch.cat([self.watermark(self._ids(r), scores[i:i + 1]) for i, r in enumerate(rows)])
+        self._scores = scores
         if self.s.do_sample:
             return sample_rows(torch.softmax(scores, dim=-1), [r.generator for r in rows])
         return scores.argmax(dim=-1)
@@ -369,11 +385,17 @@ class ContinuousBatcher:
     def _accept(self, rows: list[_Row], tokens: torch.Tensor, logits: torch.Tensor) -> set[int]:
         """Feed each row's token to its SequenceState; the indices of rows that finished."""
         ids = tokens.tolist()
-        lps = token_logprobs(logits, tokens) if self.want_logprobs else None
+        lps, top = None, None
+        if self.want_logprobs:
+            lps, top = processed_logprobs(self._scores, tokens, self.top_logprobs)
         now = time.perf_counter()
         done = set()
         for i, (row, t) in enumerate(zip(rows, ids)):
+            if row.matcher is not None:
+                self.matchers.consume(row.matcher, t)
             row.state.add([t], [lps[i]] if lps is not None else None)
+            if top is not None:
+                row.alternatives.append(top[i])
             if row.active.first_token_at is None:
                 row.active.first_token_at = now
             if self.uses_history:
@@ -420,8 +442,10 @@ class ContinuousBatcher:
                 continue
             seqs = [
                 Sequence(st.text, list(st.ids), st.finish_reason or "cancelled",
-                         list(st.logprobs) if self.want_logprobs else None)
-                for st in active.states
+                         list(st.logprobs) if self.want_logprobs else None,
+                         self.matchers.complete(m, st.finish_reason),
+                         list(alt) if self.top_logprobs else None)
+                for st, m, alt in zip(active.states, active.matchers, active.alternatives)
             ]
             yield JobResult(active.job.handle, seqs, len(active.job.input_ids), active.started_at,
                             active.first_token_at, now)

@@ -38,6 +38,8 @@ class SequenceResult:
     finish_reason: str
     prompt_tokens: int
     logprobs: list[float] | None = None
+    complete: bool | None = None  # constrained output: whether the grammar accepts the text
+    alternatives: list[list[tuple[int, float]]] | None = None  # per token, with top_logprobs
 
 
 @dataclass
@@ -94,7 +96,10 @@ class Generation:
         self.turn_cache = turn_cache
         self.settings = settings
         self.streamer = streamer
-        self.want_logprobs = logprobs
+        # logprobs: False / None, True (each token's), or N >= 0: each token's and its N best alternatives
+        self.want_logprobs = logprobs is not None and logprobs is not False
+        self.top_logprobs = 0 if isinstance(logprobs, bool) or not logprobs else int(logprobs)
+        self.alternatives: dict[int, list] = {}
         self.assistant = assistant
         self.templated = prompts_mod.uses_chat(lm, raw)
         self.texts = [prompts_mod.to_text(lm, p, system=system, raw=raw) for p in prompts]
@@ -108,6 +113,7 @@ class Generation:
         self.stats = Stats()
         self.tracker: Tracker | None = None
         self.prompt_lengths: list[int] = []
+        self.constraint = None
 
     @property
     def num_return_sequences(self) -> int:
@@ -147,8 +153,11 @@ class Generation:
             warpers=procs.build_warpers(s, device=input_ids.device, beams=s.num_beams > 1),
             watermark=procs.build_watermark(s, vocab_size=vocab, device=input_ids.device),
             tracker=tracker, generators=generators, num_prompts=len(self.texts),
-            want_logprobs=self.want_logprobs, extras={"assistant": self.assistant},
+            want_logprobs=bool(self.want_logprobs), extras={"assistant": self.assistant},
+            top_logprobs=self.top_logprobs,
         )
+        ctx.constraint = self._constraint(input_ids.shape[0], vocab)
+        self.constraint = ctx.constraint
         if self.streamer is not None:
             self.streamer.put(input_ids[:1].cpu())
         strategy = strategies.get(s.strategy)
@@ -156,6 +165,9 @@ class Generation:
             with torch.inference_mode():
                 for proposal in strategy(ctx):
                     for ev in tracker.add(proposal.tokens, proposal.logprobs):
+                        if proposal.alternatives is not None and ev.token_ids:
+                            kept = proposal.alternatives[ev.index][:len(ev.token_ids)]
+                            self.alternatives.setdefault(ev.index, []).extend(kept)
                         self._stream(ev)
                         yield ev
                     if tracker.all_done:
@@ -178,6 +190,17 @@ class Generation:
             self.turn_cache.keep(runner)
         self._finish()
 
+    def _constraint(self, rows: int, vocab: int):
+        """One matcher per output row when the settings constrain the output."""
+        from genkit import constraints
+
+        grammar = constraints.grammar_for(self.settings.values, "settings")
+        if grammar is None:
+            return None
+        from genkit.engine.constrain import RowMatchers
+
+        return RowMatchers.start(self.lm, grammar, rows, self.settings.eos_ids, vocab)
+
     def _encode(self):
         if self.inputs is None:
             return prompts_mod.encode(
@@ -198,6 +221,8 @@ class Generation:
                 index=i, prompt_index=i // n, text=seq.text, token_ids=list(seq.ids),
                 finish_reason=seq.finish_reason or "cancelled", prompt_tokens=self.prompt_lengths[i // n],
                 logprobs=list(seq.logprobs) if self.want_logprobs else None,
+                complete=self._complete(i, seq.finish_reason),
+                alternatives=self.alternatives.get(i, []) if self.top_logprobs else None,
             )
             for i, seq in enumerate(tr.seqs)
         ]
@@ -210,6 +235,13 @@ class Generation:
         )
         if self.streamer is not None:
             self.streamer.end()
+
+    def _complete(self, row: int, reason: str | None) -> bool | None:
+        """Constrained rows: complete when the grammar accepts and no stop string cut the text."""
+        c = self.constraint
+        if c is None:
+            return None
+        return reason != "stop" and row < len(c) and c.accepting(row)
 
     def run(self) -> list[SequenceResult]:
         """Generate to the end without looking at the events."""

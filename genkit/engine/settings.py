@@ -14,7 +14,9 @@ from genkit import params as P
 from genkit.errors import GenkitError
 
 # Parameters of the model's generation_config.json that genkit takes as the model's defaults.
-MODEL_CONFIG_KEYS = set(P.PARAMS) - {"seed", "assistant_model", "watermark"}
+# Constraints are the request's, never the model's.
+MODEL_CONFIG_KEYS = set(P.PARAMS) - {"seed", "assistant_model", "watermark", "json_schema", "json_object", "regex",
+                                     "choice", "grammar"}
 
 
 @dataclass

@@ -19,6 +19,8 @@ class Proposal:
 
     tokens: list[list[int]]
     logprobs: list[list[float]] | None = None
+    # per row, per token: the top alternatives [(id, logprob)] (with top_logprobs > 0)
+    alternatives: list[list[list[tuple[int, float]]]] | None = None
 
 
 @dataclass
@@ -36,6 +38,8 @@ class Context:
     num_prompts: int
     want_logprobs: bool = False
     extras: dict = field(default_factory=dict)
+    constraint: Any = None  # genkit.engine.constrain.RowMatchers, one matcher per row, or None
+    top_logprobs: int = 0  # alternatives reported per token with want_logprobs
 
     @property
     def model(self):
@@ -51,8 +55,10 @@ class Context:
         return torch.tensor([not d for d in done], device=self.input_ids.device)
 
     def score(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Processors, warpers and watermark in generate()'s order."""
+        """Processors, the constraint's mask, warpers and watermark in generate()'s order."""
         scores = self.processors(input_ids, logits)
+        if self.constraint is not None:
+            scores = self.constraint.mask(scores, fallback=logits)
         scores = self.warpers(input_ids, scores)
         return self.watermark(input_ids, scores)
 
@@ -70,3 +76,20 @@ def sample_rows(probs: torch.Tensor, generators: list[torch.Generator] | None) -
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> list[float]:
     """The model's log-probability of each chosen token (raw logits, before processing)."""
     return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1).tolist()
+
+
+def processed_logprobs(scores: torch.Tensor, tokens: torch.Tensor, top: int):
+    """(log-probability of each row's chosen token, its `top` most likely alternatives as
+    [(id, logprob)] per row or None) under the processed distribution the token was chosen from:
+    after the penalties, the constraint, the warpers and the watermark. Tokens the processing
+    removed (-inf) are never listed as alternatives."""
+    logp = torch.log_softmax(scores.float(), dim=-1)
+    chosen = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).tolist()
+    if not top:
+        return chosen, None
+    values, ids = logp.topk(min(top, logp.shape[-1]), dim=-1)
+    alternatives = [
+        [(i, v) for i, v in zip(row_ids, row_values) if v != float("-inf")]
+        for row_ids, row_values in zip(ids.tolist(), values.tolist())
+    ]
+    return chosen, alternatives

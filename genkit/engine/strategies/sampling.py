@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from genkit.engine.strategies.base import Context, Proposal, sample_rows, token_logprobs
+from genkit.engine.strategies.base import Context, Proposal, processed_logprobs, sample_rows
 
 
 def choose(ctx: Context, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """The next token of every row from the last position's logits."""
-    scores = ctx.score(input_ids, logits)
+    return pick(ctx, ctx.score(input_ids, logits))
+
+
+def pick(ctx: Context, scores: torch.Tensor) -> torch.Tensor:
     if ctx.settings.do_sample:
         return sample_rows(torch.softmax(scores, dim=-1), ctx.generators)
     return scores.argmax(dim=-1)
@@ -21,12 +24,17 @@ def decode(ctx: Context):
     out = ctx.runner.prefill()
     while True:
         logits = out.logits[:, -1, :]
-        tokens = choose(ctx, input_ids, logits)
+        scores = ctx.score(input_ids, logits)
+        tokens = pick(ctx, scores)
         # Finished rows keep receiving padding, as in generate(), so the batch stays rectangular.
-        tokens = torch.where(ctx.unfinished(), tokens, torch.full_like(tokens, pad))
-        lps = token_logprobs(logits, tokens) if ctx.want_logprobs else None
+        live = ctx.unfinished()
+        tokens = torch.where(live, tokens, torch.full_like(tokens, pad))
+        lps, top = processed_logprobs(scores, tokens, ctx.top_logprobs) if ctx.want_logprobs else (None, None)
         ids = tokens.tolist()
-        yield Proposal([[t] for t in ids], [[x] for x in lps] if lps is not None else None)
+        if ctx.constraint is not None:
+            ctx.constraint.consume_rows(ids, live.tolist())
+        yield Proposal([[t] for t in ids], [[x] for x in lps] if lps is not None else None,
+                       [[a] for a in top] if top is not None else None)
         if ctx.tracker.all_done:
             return
         input_ids = torch.cat([input_ids, tokens[:, None]], dim=-1)

@@ -1,0 +1,186 @@
+"""Running a grammar inside the decode loop: one llguidance matcher per output row.
+
+Each step the strategy asks for the rows' allowed tokens, masks everything else to -inf after
+the penalties and before the warpers (so top-k, top-p and temperature only ever see allowed
+tokens), and hands every accepted token back to its row's matcher. End-of-sequence ids are
+allowed only where the grammar accepts, and once the grammar is complete they are the only
+tokens left, so a constrained row ends by `eos` with a text the grammar accepts, or by `length`.
+
+The masks are computed by llguidance's executor (all rows in parallel, outside the GIL) into
+one int32 bitmask, then unpacked with a handful of vectorised tensor operations on the scores'
+device. Wrapping a tokenizer for llguidance takes seconds on a 49k vocabulary, so the wrap is
+kept on the loaded model and reused by every later request.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from genkit.errors import GenkitError
+
+_EXECUTOR = None
+_TABLES: dict = {}  # device -> (256, 8) bool: the flags of each byte's bits
+
+
+def _executor():
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        import llguidance
+
+        _EXECUTOR = llguidance.LLExecutor()
+    return _EXECUTOR
+
+
+def _byte_table(device) -> torch.Tensor:
+    if device not in _TABLES:
+        byte = torch.arange(256, dtype=torch.int32)[:, None]
+        _TABLES[device] = ((byte >> torch.arange(8, dtype=torch.int32)) & 1).bool().to(device)
+    return _TABLES[device]
+
+
+def ll_tokenizer(lm, eos_ids: Sequence[int], vocab_size: int):
+    """llguidance's view of `lm`'s tokenizer with these eos ids, cached on the loaded model."""
+    key = (tuple(eos_ids), vocab_size)
+    cache = lm.__dict__.setdefault("_ll_tokenizers", {})
+    if key not in cache:
+        import llguidance.hf
+
+        size = len(lm.tokenizer)
+        try:
+            cache[key] = llguidance.hf.from_tokenizer(
+                lm.tokenizer, n_vocab=max(vocab_size, size), eos_token=list(eos_ids) or None)
+        except ValueError as e:
+            raise GenkitError(f"constrained output needs a fast (Rust) tokenizer: {e}") from None
+    return cache[key]
+
+
+def new_matcher(lm, grammar: str, eos_ids: Sequence[int], vocab: int):
+    """(a fresh matcher for `grammar`, the vocabulary size its masks cover)."""
+    from llguidance import LLMatcher
+
+    tokenizer = ll_tokenizer(lm, eos_ids, vocab)
+    matcher = LLMatcher(tokenizer, grammar, log_level=0)
+    if matcher.is_error():
+        raise GenkitError(f"constraint: {matcher.get_error().strip().splitlines()[0]}")
+    return matcher, tokenizer.vocab_size
+
+
+class RowMatchers:
+    """One matcher per row of the scores a strategy processes."""
+
+    def __init__(self, matchers: list, vocab: int, eos_ids: Sequence[int] = ()):
+        self.matchers = matchers
+        self.vocab = vocab
+        self.eos = set(eos_ids)
+        self.words = (vocab + 31) // 32
+
+    @classmethod
+    def start(cls, lm, grammar: str, rows: int, eos_ids: Sequence[int], vocab: int) -> "RowMatchers":
+        first, size = new_matcher(lm, grammar, eos_ids, vocab)
+        return cls([first] + [first.deep_copy() for _ in range(rows - 1)], size, eos_ids)
+
+    def __len__(self) -> int:
+        return len(self.matchers)
+
+    # ------------------------------------------------------------------ masks
+
+    def allowed(self, rows: Sequence[int], width: int, device) -> torch.Tensor:
+        """Bool (len(rows), width): the tokens each of `rows` may take next. A row whose matcher
+        has nothing left (finished, or failed) allows everything: the strategy pads it anyway."""
+        from llguidance.torch import fill_next_token_bitmask_par
+
+        bits = torch.empty((len(rows), self.words), dtype=torch.int32)
+        fill_next_token_bitmask_par(_executor(), [(self.matchers[r], i) for i, r in enumerate(rows)], bits)
+        empty = ~bits.ne(0).any(dim=-1)
+        # Token t is bit t % 8 of byte t // 8 (little-endian words): one table lookup unpacks a
+        # byte into its 8 flags, on the scores' device, instead of 32 shifts per word.
+        table = _byte_table(device)
+        flags = table[bits.view(torch.uint8).to(device).long()].view(len(rows), -1)
+        if flags.shape[1] >= width:
+            flags = flags[:, :width]
+        else:
+            flags = torch.nn.functional.pad(flags, (0, width - flags.shape[1]))
+        if bool(empty.any()):
+            flags[empty.to(device)] = True
+        return flags
+
+    def mask(self, scores: torch.Tensor, rows: Sequence[int] | None = None,
+             fallback: torch.Tensor | None = None) -> torch.Tensor:
+        """`scores` with every token the grammar forbids at -inf. Where the processors already
+        removed every allowed token (min_new_tokens against a complete grammar), the grammar
+        wins: that row's `fallback` scores (the raw logits) are masked instead."""
+        rows = range(len(self.matchers)) if rows is None else rows
+        allowed = self.allowed(rows, scores.shape[-1], scores.device)
+        out = torch.where(allowed, scores, scores.new_full((), -math.inf))
+        if fallback is not None and fallback is not scores:
+            dead = torch.isneginf(out.max(dim=-1).values)
+            if bool(dead.any()):
+                out[dead] = fallback[dead].to(out.dtype).masked_fill(~allowed[dead], -math.inf)
+        return out
+
+    # ------------------------------------------------------------------ state
+
+    def consume(self, row: int, tokens: Sequence[int]) -> None:
+        """Advance `row`'s matcher over accepted tokens."""
+        m = self.matchers[row]
+        if m.is_stopped() and not m.is_error() and all(t in self.eos for t in tokens):
+            return  # a complete grammar stops by itself; the eos that ends the row is not its token
+        if not m.consume_tokens(list(tokens)):
+            raise GenkitError(f"constraint: token(s) {list(tokens)} rejected by the grammar: {m.get_error()}")
+
+    def consume_rows(self, tokens: Sequence[int], active: Sequence[bool]) -> None:
+        """One token per row, for the rows still generating."""
+        for row, (t, live) in enumerate(zip(tokens, active)):
+            if live:
+                self.consume(row, [t])
+
+    def rollback(self, row: int, count: int) -> None:
+        if count and not self.matchers[row].rollback(count):
+            raise GenkitError(f"constraint: could not roll back {count} token(s): {self.matchers[row].get_error()}")
+
+    def accepting(self, row: int) -> bool:
+        m = self.matchers[row]
+        return bool(m.is_accepting()) and not m.is_error()
+
+    def reorder(self, index: Sequence[int]) -> None:
+        """Rows become the rows at `index` (beams reordering): a row taken twice is copied."""
+        seen, matchers = set(), []
+        for i in index:
+            matchers.append(self.matchers[i].deep_copy() if i in seen else self.matchers[i])
+            seen.add(i)
+        self.matchers = matchers
+
+
+class PerRow:
+    """The constraint of a request's settings for callers that keep each row's matcher
+    themselves (continuous batching: rows join and leave the batch): a fresh matcher per row,
+    masks over any list of matchers. False when the settings constrain nothing."""
+
+    def __init__(self, lm, settings, vocab: int):
+        from genkit import constraints
+
+        grammar = constraints.grammar_for(settings.values, "settings")
+        self.template, self.size, self.eos_ids = None, vocab, settings.eos_ids
+        if grammar is not None:
+            self.template, self.size = new_matcher(lm, grammar, settings.eos_ids, vocab)
+
+    def __bool__(self) -> bool:
+        return self.template is not None
+
+    def new(self):
+        return self.template.deep_copy() if self.template is not None else None
+
+    def mask(self, matchers: list, scores: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return RowMatchers(matchers, self.size, self.eos_ids).mask(scores, fallback=logits)
+
+    def consume(self, matcher, token: int) -> None:
+        RowMatchers([matcher], self.size, self.eos_ids).consume(0, [token])
+
+    @staticmethod
+    def complete(matcher, reason: str | None) -> bool | None:
+        if matcher is None:
+            return None
+        return reason != "stop" and bool(matcher.is_accepting()) and not matcher.is_error()
