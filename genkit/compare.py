@@ -33,16 +33,23 @@ class Row:
     seconds: float
 
 
-def variants(preset_names: list[str], set_variants: list[str], base: str | None, common: dict) -> list[Variant]:
+def variants(preset_names: list[str], set_variants: list[str], base: str | None, common: dict,
+             vars: dict | None = None) -> list[Variant]:
     """Resolve every variant before the model loads, so a typo fails fast."""
-    out = [Variant(name, presets_mod.resolve(name, None, common)) for name in preset_names]
+    out = [Variant(name, presets_mod.resolve(name, None, common, vars)) for name in preset_names]
     for spec in set_variants:
         items = [s.strip() for s in spec.split(",") if s.strip()]
         overrides = P.merge(common, presets_mod.parse_set(items))
-        out.append(Variant(spec, presets_mod.resolve(base, None, overrides)))
+        out.append(Variant(spec, presets_mod.resolve(base, None, overrides, vars)))
     if not out:
         raise GenkitError("nothing to compare: pass --presets a,b,c and/or --variant key=value,...")
     return out
+
+
+def check_prompts(todo: list[Variant], prompt: str) -> None:
+    """Fill every variant's template now, so a missing variable fails before the model loads."""
+    for v in todo:
+        presets_mod.render_prompt(v.preset, prompt)
 
 
 def run_variant(lm, v: Variant, prompt: str, *, system=None, raw=False, assistant=None) -> Row:

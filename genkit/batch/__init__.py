@@ -21,7 +21,7 @@ process 0 merges the parts into OUTPUT once all are done.
 """
 
 from genkit.batch.job import distributed, execute, prepare
-from genkit.batch.plan import Job, JobOptions, Summary, derive_seed, resolve_requests
+from genkit.batch.plan import Job, JobOptions, Summary, resolve_requests
 from genkit.batch.reading import FORMATS, RECORD_KEYS, input_format, parse_jsonl, read_requests
 from genkit.batch.records import OUTPUT_FORMATS, format_error, format_result
 from genkit.batch.requests import Request, record_key
@@ -29,6 +29,6 @@ from genkit.batch.store import OutputStore, StdoutSink
 
 __all__ = [
     "FORMATS", "OUTPUT_FORMATS", "RECORD_KEYS", "Job", "JobOptions", "OutputStore", "Request", "StdoutSink",
-    "Summary", "derive_seed", "distributed", "execute", "format_error", "format_result", "input_format",
+    "Summary", "distributed", "execute", "format_error", "format_result", "input_format",
     "parse_jsonl", "prepare", "read_requests", "record_key", "resolve_requests",
 ]

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from genkit import params as P
 from genkit import presets as presets_mod
+from genkit import seeding
 from genkit.batch.requests import Request
 from genkit.errors import GenkitError
 
@@ -69,10 +70,11 @@ def resolve_requests(requests: list[Request], opts: JobOptions) -> None:
 def _settle(req: Request, opts: JobOptions) -> None:
     resolved = req.resolved
     req.prompt_text = presets_mod.render_prompt(resolved, req.prompt) if isinstance(req.prompt, str) else req.prompt
-    if "seed" in req.params:
+    if "seed" in req.params:  # the record's own seed: its text is `genkit run --seed S`'s
         req.seed = req.params["seed"]
-    else:
-        req.seed = derive_seed(resolved.generation.get("seed") or 0, req.key)
+    else:  # genkit/seeding.py's rule, the record's id as the row's identity (0 without --seed, so
+        # that a resumed or re-sharded job samples exactly what an uninterrupted one does)
+        req.seed = seeding.row_seed(resolved.generation.get("seed") or 0, req.id)
     req.fingerprint = fingerprint_of(req, opts)
 
 
@@ -92,13 +94,6 @@ def fingerprint_of(req: Request, opts: JobOptions) -> str:
     }
     text = json.dumps(made_from, sort_keys=True, ensure_ascii=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def derive_seed(job_seed: int, key: str) -> int:
-    """A record's seed when it sets none: fixed by the job's seed and the record's id, so a
-    resumed or re-sharded job samples exactly what an uninterrupted one does."""
-    digest = hashlib.sha256(f"{job_seed}:{key}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
 
 
 @dataclass

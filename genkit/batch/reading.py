@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import sys
 from pathlib import Path
@@ -32,21 +33,21 @@ def input_format(path: str, fmt: str | None, first_line: str = "") -> str:
 
 
 def read_requests(path: str, fmt: str | None = None, stdin: TextIO | None = None) -> list[Request]:
-    """Every record of INPUT (a file, or '-' for stdin), blank lines skipped."""
-    if path == "-":
-        lines = (stdin or sys.stdin).read().splitlines()
-    else:
-        try:
-            lines = Path(path).read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            raise GenkitError(f"input file {path} does not exist; pass a .txt or .jsonl file, or - for stdin") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise GenkitError(f"cannot read input file {path}: {e}") from None
-    first = next((ln for ln in lines if ln.strip()), "")
+    """Every record of INPUT (a file, or '-' for stdin), blank lines skipped. A line that is not
+    valid UTF-8 becomes that record's error; a UTF-8 byte order mark is dropped."""
+    lines = read_lines(path, stdin)
+    first = next((ln for ln in lines if ln.strip()), b"").decode("utf-8", "replace")
     fmt = input_format(path, fmt, first)
     requests = []
-    for number, text in enumerate(lines, start=1):
-        if not text.strip():
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            requests.append(Request(number, number, error=(
+                f"line {number} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}): "
+                "save the input as UTF-8")))
             continue
         requests.append(Request(number, number, prompt=text) if fmt == "txt" else parse_jsonl(number, text))
     if not requests:
@@ -54,6 +55,43 @@ def read_requests(path: str, fmt: str | None = None, stdin: TextIO | None = None
         raise GenkitError(f"{where} holds no prompts: one prompt per line (.txt) or one JSON record per line (.jsonl)")
     check_unique_ids(requests, path)
     return requests
+
+
+def read_lines(path: str, stdin: TextIO | None = None) -> list[bytes]:
+    """INPUT's lines as bytes (split on \\n only: a prompt may hold U+2028 or a form feed),
+    without a leading byte order mark or the \\r of Windows line ends."""
+    if path == "-":
+        data = _read_stdin(stdin)
+    else:
+        try:
+            data = Path(path).read_bytes()
+        except FileNotFoundError:
+            raise GenkitError(f"input file {path} does not exist; pass a .txt or .jsonl file, or - for stdin") from None
+        except OSError as e:
+            raise GenkitError(f"cannot read input file {path}: {e.strerror}") from None
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    return [line[:-1] if line.endswith(b"\r") else line for line in data.split(b"\n")]
+
+
+def _read_stdin(stdin: TextIO | None) -> bytes:
+    stream = stdin or sys.stdin
+    if stream is None or stream.closed:
+        raise GenkitError("stdin is closed: pipe the prompts in, or pass the input file instead of -")
+    buffer = getattr(stream, "buffer", None)
+    if buffer is not None:
+        return buffer.read()
+    return stream.read().encode("utf-8", "surrogateescape")
+
+
+def _is_text(obj) -> bool:
+    """Whether every string in a parsed record is valid Unicode (JSON's \\u escapes can
+    name half of a surrogate pair, which no tokenizer or UTF-8 file can hold)."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_unique_ids(requests: list[Request], path: str) -> None:
@@ -73,6 +111,9 @@ def parse_jsonl(line: int, text: str) -> Request:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         return Request(line, line, error=f"invalid JSON: {e.msg} at column {e.colno}")
+    if not _is_text(obj):
+        return Request(line, line, error="the record holds a lone surrogate escape (like \\ud800), which is not "
+                                         "text: fix the string's \\u escapes")
     if not isinstance(obj, dict):
         return Request(line, line, error="a record must be a JSON object, e.g. {\"prompt\": \"...\"}")
     if "custom_id" in obj and "body" in obj:

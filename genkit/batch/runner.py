@@ -175,9 +175,10 @@ class Runner:
                                     max_batch_tokens=self.opts.max_batch_tokens, logprobs=self.group_logprobs(group))
         jobs = [EngineJob(it, it.input_ids, it.seed, it.max_new, it.settings.stop_strings) for it in group]
         finished: set[int] = set()
-        results = batcher.run(jobs)
+        results = None
         while True:
             try:
+                results = results or iter(batcher.run(jobs))
                 result = next(results)
             except StopIteration:
                 return

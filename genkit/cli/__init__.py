@@ -6,6 +6,7 @@ transformers at import time: `genkit --help` and the preset commands stay instan
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from typing import Annotated
@@ -86,6 +87,24 @@ def error(message: str) -> None:
     print(f"genkit: error: {message}", file=sys.stderr)
 
 
+# What to do about the file-system errors a person can meet (a full disk, a read-only mount).
+OS_ADVICE = {
+    errno.ENOSPC: "the disk is full: free some space and run again (genkit batch resumes where it stopped)",
+    errno.EDQUOT: "the disk quota is used up: free some space and run again (genkit batch resumes where it stopped)",
+    errno.EROFS: "the file system is read-only: write somewhere else (-o, or GENKIT_HOME for genkit's cache)",
+    errno.EACCES: "permission denied: write somewhere you may (-o, or GENKIT_HOME for genkit's cache)",
+    errno.EPERM: "operation not permitted: write somewhere you may (-o, or GENKIT_HOME for genkit's cache)",
+}
+
+
+def os_error_line(e: OSError) -> str:
+    where = f"{e.filename}: " if e.filename else ""
+    advice = OS_ADVICE.get(e.errno)
+    if advice:
+        return f"{where}{advice}"
+    return f"{where}{e.strerror or e} (run with --debug for the traceback)"
+
+
 def main(argv: list[str] | None = None) -> None:
     debug = os.environ.get("GENKIT_DEBUG") == "1"
     args = list(sys.argv[1:] if argv is None else argv)
@@ -106,6 +125,11 @@ def main(argv: list[str] | None = None) -> None:
     except BrokenPipeError:
         # The reader went away (e.g. `| head`): not an error worth a traceback.
         sys.stderr.close()
+        sys.exit(1)
+    except OSError as e:
+        if debug:
+            raise
+        error(os_error_line(e))
         sys.exit(1)
     except Exception as e:
         # Usage errors come from click (vendored inside newer Typer releases): they know how

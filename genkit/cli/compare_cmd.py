@@ -35,6 +35,7 @@ def compare(
         "seed", help="Seed for every sampling variant.", default="random")] = None,
     system: o.System = None,
     raw: o.Raw = False,
+    var: o.Var = None,
     json_out: Annotated[bool, typer.Option(
         "--json", help="One JSON line per variant (the default when piped).")] = False,
     json_schema: c.JsonSchema = None,
@@ -53,8 +54,11 @@ def compare(
     common = {k: v for k, v in {"max_new_tokens": max_new_tokens, "seed": seed}.items() if v is not None}
     common.update(c.params(json_schema, json_object, regex, choice, grammar))
     names = [p.strip() for p in presets_.split(",") if p.strip()]
-    todo = cmp.variants(names, variant or [], preset, common)
+    from genkit import presets
+
+    todo = cmp.variants(names, variant or [], preset, common, presets.parse_vars(var or []))
     text = o.prompt_from(prompt, "compare")
+    cmp.check_prompts(todo, text)  # a template's missing variable fails before the model loads
     out = Console(highlight=False)
     as_json = json_out or not out.is_terminal
     lm = o.load_model(model, load)

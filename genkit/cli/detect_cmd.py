@@ -127,8 +127,8 @@ def read_records(source: Optional[str], fmt: str) -> list[tuple[object, str]]:
     """(id or None, text) for every text of the input."""
     if fmt not in ("auto", "jsonl", "txt", "single"):
         raise GenkitError(f"--format {fmt}: expected auto, jsonl, txt or single")
-    if source == "-" or (source is None and not sys.stdin.isatty()):
-        return _parse(sys.stdin.read(), fmt, "stdin")
+    if source == "-" or (source is None and sys.stdin is not None and not sys.stdin.isatty()):
+        return _parse(o.stdin_text(), fmt, "stdin")
     if source is None:
         raise GenkitError("nothing to check: pass a text, a .jsonl/.txt file, or pipe JSONL on stdin")
     path = Path(source).expanduser()
@@ -136,15 +136,15 @@ def read_records(source: Optional[str], fmt: str) -> list[tuple[object, str]]:
         if fmt == "auto" and path.suffix in (".jsonl", ".json"):
             fmt = "jsonl"
         try:
-            data = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise GenkitError(f"cannot read {source}: {getattr(e, 'strerror', None) or e}") from None
+            data = o.decode_utf8(path.read_bytes(), source)
+        except OSError as e:
+            raise GenkitError(f"cannot read {source}: {e.strerror}") from None
         return _parse(data, fmt, source)
     if _looks_like_file(source):
         raise GenkitError(f"file {source} does not exist; pass an existing file, a text, or '-' for stdin")
     if not source.strip():
         raise GenkitError("the text is empty: pass some text")
-    return [(None, source)]
+    return [(None, o.argument_text(source, "the text argument"))]
 
 
 def _looks_like_file(source: str) -> bool:

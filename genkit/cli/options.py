@@ -159,8 +159,55 @@ def load_model(model, opts, quiet: bool = False):
         return models.load(model, opts, progress=lambda msg: status.update(f"{msg}…"))
 
 
+def stdin_text() -> str:
+    """All of stdin as text: a closed stdin or bytes that are not UTF-8 are one clear line, and
+    a UTF-8 byte order mark is dropped."""
+    stream = sys.stdin
+    if stream is None or stream.closed:
+        raise GenkitError("stdin is closed: pass the text as an argument, or pipe it in")
+    buffer = getattr(stream, "buffer", None)
+    data = buffer.read() if buffer is not None else stream.read().encode("utf-8", "surrogateescape")
+    return decode_utf8(data, "stdin")
+
+
+def decode_utf8(data: bytes, where: str) -> str:
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise GenkitError(f"{where}: line {line} is not valid UTF-8 (byte 0x{data[e.start]:02x}): "
+                          "send UTF-8 text") from None
+
+
+def argument_text(value: str, what: str) -> str:
+    """A command-line argument as text: Python hands bytes that are not UTF-8 over as lone
+    surrogates, which no tokenizer takes."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise GenkitError(f"{what} is not valid UTF-8: pass UTF-8 text (check the terminal's encoding)") from None
+    return value
+
+
+def unescape(text: str) -> str:
+    """\\n, \\t, \\r and \\\\ in a flag's value as the characters they name (a shell passes
+    `--stop "\\n"` as a backslash and an n)."""
+    table = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in table:
+            out.append(table[text[i + 1]])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
 def read_stdin() -> str:
-    data = sys.stdin.read()
+    data = stdin_text()
     if not data.strip():
         raise GenkitError("stdin was empty: pipe a prompt in, or pass it as an argument")
     return data.rstrip("\n")
@@ -168,10 +215,10 @@ def read_stdin() -> str:
 
 def prompt_from(arg: Optional[str], command: str = "run") -> str:
     """The prompt from the argument, or stdin when the argument is '-' or stdin is a pipe."""
-    if arg == "-" or (arg is None and not sys.stdin.isatty()):
+    if arg == "-" or (arg is None and sys.stdin is not None and not sys.stdin.isatty()):
         return read_stdin()
     if arg is None:
         raise GenkitError(f'no prompt: pass one as an argument (genkit {command} "...") or pipe it on stdin')
     if not arg.strip():
         raise GenkitError("the prompt is empty: pass some text")
-    return arg
+    return argument_text(arg, "the prompt argument")

@@ -58,7 +58,9 @@ def run(
     num_return_sequences: Annotated[Optional[int], o.gen_option("num_return_sequences")] = None,
     seed: o.Seed = None,
     stop: Annotated[Optional[list[str]], o.gen_option(
-        "stop_strings", "--stop", help="Stop string, cut from the text (repeatable).")] = None,
+        "stop_strings", "--stop",
+        help="Stop string, cut from the text (repeatable); \\n, \\t, \\r and \\\\ are escapes: --stop '\\n\\n' "
+             "stops at a blank line.")] = None,
     max_time: Annotated[Optional[float], o.gen_option(
         "max_time", help="Seconds after which generation stops.")] = None,
     watermark: Annotated[bool, o.gen_option(
@@ -130,7 +132,7 @@ def generation_overrides(a: dict) -> dict:
         "length_penalty": a["length_penalty"], "penalty_alpha": a["penalty_alpha"],
         "dola_layers": _dola_flag(a["dola_layers"]), "prompt_lookup_num_tokens": a["prompt_lookup"],
         "assistant_model": a["assistant_model"], "num_return_sequences": a["num_return_sequences"],
-        "seed": a["seed"], "stop_strings": a["stop"] or None, "max_time": a["max_time"],
+        "seed": a["seed"], "stop_strings": [o.unescape(x) for x in a["stop"]] if a["stop"] else None, "max_time": a["max_time"],
         "watermark": {} if a["watermark"] else None,
     }
     overrides = {}

@@ -12,13 +12,13 @@ forwards tokens to a `put()`/`end()` streamer when one is given.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from genkit import prompts as prompts_mod
+from genkit import seeding
 from genkit.engine import processors as procs
 from genkit.engine import strategies
 from genkit.engine.runner import make_runner
@@ -103,9 +103,12 @@ class Generation:
         self.assistant = assistant
         self.templated = prompts_mod.uses_chat(lm, raw)
         self.texts = [prompts_mod.to_text(lm, p, system=system, raw=raw) for p in prompts]
-        base_seed = settings.seed if settings.seed is not None else int.from_bytes(os.urandom(4), "little")
-        self.seeds = [s if s is not None else base_seed for s in (seeds or [None] * len(prompts))]
-        self.seed = self.seeds[0] if self.seeds else base_seed
+        # One rule (genkit/seeding.py): row i samples with row_seed(base, i) unless the caller
+        # seeded it (batch jobs seed each row from their record's id).
+        base_seed = settings.seed if settings.seed is not None else seeding.fresh_seed()
+        self.seeds = [s if s is not None else seeding.row_seed(base_seed, i)
+                      for i, s in enumerate(seeds or [None] * len(prompts))]
+        self.seed = base_seed
         self.results: list[SequenceResult] = []
         self.stats = Stats()
         self.tracker: Tracker | None = None

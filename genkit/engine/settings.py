@@ -75,6 +75,29 @@ def model_defaults(model) -> dict:
     return out
 
 
+def _token_ids(values: dict, pad: int) -> dict[str, list[int]]:
+    """Every setting that names token ids, flattened (the pad id as it will be used)."""
+    eos = values["eos_token_id"]
+    return {
+        "suppress_tokens": list(values["suppress_tokens"] or []),
+        "bad_words_ids": [t for ids in values["bad_words_ids"] or [] for t in ids],
+        "sequence_bias": [t for ids, _ in values["sequence_bias"] or [] for t in ids],
+        "eos_token_id": [] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+        "pad_token_id": [pad],
+        "bos_token_id": [] if values["bos_token_id"] is None else [values["bos_token_id"]],
+        "decoder_start_token_id": [] if values["decoder_start_token_id"] is None else [values["decoder_start_token_id"]],
+    }
+
+
+def _check_token_ids(values: dict, pad: int, vocab: int) -> None:
+    """A token id outside the vocabulary fails here, as one line, not as an index error
+    deep inside a decode step."""
+    for key, ids in _token_ids(values, pad).items():
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise GenkitError(f"{key}: token id {bad} is outside the vocabulary (ids 0 to {vocab - 1})")
+
+
 def build(lm, generation: dict) -> DecodeSettings:
     """Effective settings for one request on a loaded model."""
     merged = {**model_defaults(lm.model), **{k: v for k, v in generation.items() if v is not None}}
@@ -97,14 +120,7 @@ def build(lm, generation: dict) -> DecodeSettings:
         layers_for(lm.model, values["dola_layers"])  # an unknown layer fails here, before generation
     if values["penalty_alpha"] and lm.is_encoder_decoder:
         raise GenkitError("contrastive search (penalty_alpha) works with decoder-only models only")
-    vocab = lm.model.config.get_text_config().vocab_size
-    for key in ("suppress_tokens",):
-        for t in values[key] or []:
-            if t >= vocab:
-                raise GenkitError(f"{key}: token id {t} is outside the vocabulary (size {vocab})")
-    for ids in values["bad_words_ids"] or []:
-        if any(t >= vocab for t in ids):
-            raise GenkitError(f"bad_words_ids: {ids} has a token id outside the vocabulary (size {vocab})")
+    _check_token_ids(values, pad, lm.model.config.get_text_config().vocab_size)
     return DecodeSettings(
         values=values,
         strategy=P.strategy_of(merged),

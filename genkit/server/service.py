@@ -19,6 +19,7 @@ from typing import Any
 from genkit import api
 from genkit import presets as presets_mod
 from genkit import prompts as prompts_mod
+from genkit import seeding
 from genkit.batch.openai import OPENAI_FINISH
 from genkit.engine.tracker import Event
 from genkit.errors import GenkitError
@@ -99,7 +100,7 @@ class Service:
         except GenkitError as e:
             raise schema.APIError(400, e.message) from None
         channel = Channel(loop)
-        seed = settings.seed if settings.seed is not None else int.from_bytes(os.urandom(4), "little")
+        base_seed = settings.seed if settings.seed is not None else seeding.fresh_seed()
         system = resolved.system
         raw = not chat
         works = []
@@ -108,8 +109,8 @@ class Service:
                 prompt = presets_mod.render_prompt(resolved, prompt)
             ids = self._tokenize(prompt, system, raw)
             max_new = prompts_mod.fit_max_new_tokens(self.lm, len(ids), settings.max_new_tokens)
-            works.append(Work(prompt=prompt, input_ids=ids, settings=settings, seed=seed, max_new_tokens=max_new,
-                              system=system, raw=raw, deliver=channel.sender(i)))
+            works.append(Work(prompt=prompt, input_ids=ids, settings=settings, seed=seeding.row_seed(base_seed, i),
+                              max_new_tokens=max_new, system=system, raw=raw, deliver=channel.sender(i)))
         kind = "chatcmpl" if chat else "cmpl"
         usage = req.stream_options.include_usage if req.stream_options else None
         return Prepared(id=f"{kind}-{uuid.uuid4().hex}", object="chat.completion" if chat else "text_completion",
