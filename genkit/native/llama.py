@@ -6,7 +6,7 @@ call. Two sets of layers plug in:
 
 - genkit/native/q4.py: the GGUF file's 4-bit blocks (`--native-4bit`).
 - `fast_llama()` below: a transformers Llama in fp32, sharing its weights, with genkit's kernels
-  for the one-row products of decoding (about twice torch's speed there, DESIGN.md) and torch's
+  for the one-row products of decoding (about twice torch's speed there) and torch's
   products for prompts. The engine uses it for every decoder-only strategy.
 
 Hidden states come out when a strategy asks (DoLa, contrastive search), as transformers gives them.
