@@ -75,7 +75,7 @@ def batch(
     var: o.Var = None,
     logprobs: Annotated[Optional[int], typer.Option(
         "--logprobs", metavar="N", min=0, max=20, rich_help_panel=J,
-        help="Each token's log-probability and its N (0-20) most likely alternatives in every record.")] = None,
+        help="Each token's log-probability and its N (0-20) most likely alternatives in every record (default: none).")] = None,
     json_schema: c.JsonSchema = None,
     json_object: c.JsonObject = False,
     regex: c.Regex = None,

@@ -17,15 +17,15 @@ PANEL = "Structured output"
 
 JsonSchema = Annotated[Optional[str], typer.Option(
     "--json-schema", rich_help_panel=PANEL, metavar="FILE|JSON",
-    help="The output is JSON that follows this JSON Schema (a .json file or the schema itself).")]
+    help="The output is JSON that follows this JSON Schema, a .json file or the schema itself (default: none).")]
 JsonObject = Annotated[bool, typer.Option(
     "--json-object", rich_help_panel=PANEL, help="The output is one JSON object (any keys).")]
 Regex = Annotated[Optional[str], typer.Option(
-    "--regex", rich_help_panel=PANEL, metavar="PATTERN", help="The whole output matches this regular expression.")]
+    "--regex", rich_help_panel=PANEL, metavar="PATTERN", help="The whole output matches this regular expression (default: none).")]
 Choice = Annotated[Optional[str], typer.Option(
-    "--choice", rich_help_panel=PANEL, metavar="A,B,C", help="The output is exactly one of these strings.")]
+    "--choice", rich_help_panel=PANEL, metavar="A,B,C", help="The output is exactly one of these strings (default: none).")]
 Grammar = Annotated[Optional[str], typer.Option(
-    "--grammar", rich_help_panel=PANEL, metavar="FILE", help="The output follows this grammar file (Lark or GBNF).")]
+    "--grammar", rich_help_panel=PANEL, metavar="FILE", help="The output follows this grammar file, Lark or GBNF (default: none).")]
 
 
 def params(json_schema: Optional[str] = None, json_object: bool = False, regex: Optional[str] = None,

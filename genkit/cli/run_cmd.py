@@ -77,7 +77,7 @@ def run(
     stats: Annotated[bool, typer.Option("--stats", help="Print a summary line on stderr.")] = False,
     logprobs: Annotated[Optional[int], typer.Option(
         "--logprobs", metavar="N", min=0, max=20,
-        help="With --json: each token's log-probability and its N (0-20) most likely alternatives.")] = None,
+        help="With --json: each token's log-probability and its N (0-20) most likely alternatives (default: none).")] = None,
     no_log: Annotated[bool, typer.Option(
         "--no-log", help="Do not log this to genkit's SQLite log (`genkit logs off`: never).")] = False,
     continue_: Annotated[bool, typer.Option(

@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
 @o.model_options
 def score(
     text: Annotated[Optional[str], typer.Argument(help="The text; '-' or a pipe reads stdin.")] = None,
-    file: Annotated[Optional[str], typer.Option("--file", "-f", help="Score this file's text (one text).")] = None,
+    file: Annotated[Optional[str], typer.Option("--file", "-f", help="Score this file's text, as one text (default: the argument or stdin).")] = None,
     model: o.Model = None,
     load: LoadOptions = None,
 ) -> None:
