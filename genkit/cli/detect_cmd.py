@@ -132,7 +132,7 @@ def read_records(source: Optional[str], fmt: str) -> list[tuple[object, str]]:
     if source is None:
         raise GenkitError("nothing to check: pass a text, a .jsonl/.txt file, or pipe JSONL on stdin")
     path = Path(source).expanduser()
-    if path.is_file():
+    if _is_file(path):
         if fmt == "auto" and path.suffix in (".jsonl", ".json"):
             fmt = "jsonl"
         try:
@@ -145,6 +145,14 @@ def read_records(source: Optional[str], fmt: str) -> list[tuple[object, str]]:
     if not source.strip():
         raise GenkitError("the text is empty: pass some text")
     return [(None, o.argument_text(source, "the text argument"))]
+
+
+def _is_file(path: Path) -> bool:
+    # a long text argument is no file name: the system refuses it (ENAMETOOLONG) rather than say no
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def _looks_like_file(source: str) -> bool:
