@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from genkit import models
-from genkit.native import kernels
 
 import real_gguf
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not kernels.available(), reason="genkit's CPU kernels need AVX2 and a compiler")]
+# needs_kernels, not a skipif: asking for the kernels at collection time, before the session's
+# GENKIT_HOME is set, built them into the user's cache and every test then used that build.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("needs_kernels")]
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
 
