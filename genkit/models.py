@@ -158,7 +158,8 @@ def convert_gguf(gguf: Path, entry: Path, progress: Callable[[str], None] | None
         raise
 
 
-def _check_gguf(gguf: Path) -> None:
+def check_gguf_magic(gguf: Path) -> None:
+    """One line, before any parsing, for a file that cannot be read or is no GGUF file at all."""
     try:
         with open(gguf, "rb") as fh:
             magic = fh.read(4)
@@ -166,6 +167,10 @@ def _check_gguf(gguf: Path) -> None:
         raise GenkitError(f"cannot read GGUF file {gguf}: {e.strerror}") from None
     if magic != b"GGUF":
         raise GenkitError(f"{gguf} is not a GGUF file (bad magic bytes); is the download complete?")
+
+
+def _check_gguf(gguf: Path) -> None:
+    check_gguf_magic(gguf)
     try:
         from gguf import GGUFReader
 

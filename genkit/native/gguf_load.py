@@ -43,7 +43,7 @@ def native_entry(path: Path, progress=None) -> Path:
     """The file's cache entry (index, config, tokenizer), made or remade as needed."""
     from genkit import models
 
-    _check_magic(path)
+    models.check_gguf_magic(path)
     entry = models.models_dir() / f"{models._entry_name(path, False)}-native"
     if entry.is_dir() and models.check_entry(entry) is None:
         return entry
@@ -91,16 +91,6 @@ def _build(path: Path, tmp: Path) -> None:
     manifest = tmp / models.MANIFEST
     info = json.loads(manifest.read_text())
     manifest.write_text(json.dumps({**info, "architecture": f.architecture, "types": f.types()}, indent=1))
-
-
-def _check_magic(path: Path) -> None:
-    try:
-        with open(path, "rb") as fh:
-            magic = fh.read(4)
-    except OSError as e:
-        raise GenkitError(f"cannot read GGUF file {path}: {e.strerror}") from None
-    if magic != b"GGUF":
-        raise GenkitError(f"{path} is not a GGUF file (bad magic bytes); is the download complete?")
 
 
 def _first_line(e: Exception) -> str:
