@@ -101,6 +101,7 @@ class ServingBatcher(continuous.ContinuousBatcher):
     def __init__(self, lm, base: DecodeSettings, *, batch_size: int):
         super().__init__(lm, base, batch_size=batch_size)
         self.uses_history = True  # each row keeps its ids: any request may need processors
+        self.admitting: list[_Job] = []  # taken from the queue, not yet in the batch
         self.vocab = self.model.config.get_text_config().vocab_size
 
     def rows_of(self, job: _Job) -> int:
@@ -121,12 +122,17 @@ class ServingBatcher(continuous.ContinuousBatcher):
 
     # ------------------------------------------------------------------ one turn of the loop
 
-    def turn(self, waiting: deque) -> list[tuple[Work, Done]]:
+    def turn(self, waiting: deque, taken: Callable[[int], None]) -> list[tuple[Work, Done]]:
         """Drop cancelled rows, admit what fits from `waiting`, run one step; the requests
-        that ended, each with its token counts."""
+        that ended, each with its token counts. `taken(n)` hears of the n jobs admitted
+        before their prefill streams a first token, so that a client that has seen a token
+        never finds its request still counted as waiting."""
         finished = list(self._cancel_gone())
         if waiting and self._room_for(waiting[0]):
-            finished += self._admit(self._take(waiting))
+            self.admitting = self._take(waiting)
+            taken(len(self.admitting))
+            finished += self._admit(self.admitting)
+            self.admitting = []
         if self.rows:
             finished += self._step()
         return finished
@@ -148,8 +154,9 @@ class ServingBatcher(continuous.ContinuousBatcher):
 
     def reset(self) -> list[Work]:
         """Forget every running row (after an engine failure); the works they belonged to."""
-        works = list({id(r.active.job.work): r.active.job.work for r in self.rows}.values())
-        self.rows = []
+        jobs = [r.active.job for r in self.rows] + self.admitting
+        works = list({id(j.work): j.work for j in jobs}.values())
+        self.rows, self.admitting = [], []
         self.cache = self.mask = self.next_pos = self.last = None
         return works
 
@@ -333,15 +340,12 @@ class Engine:
             self._taken(len(gone))
 
     def _batch_turn(self) -> None:
-        before = len(self.batch_queue)
         try:
-            results = self.batcher.turn(self.batch_queue)
+            results = self.batcher.turn(self.batch_queue, self._taken)
         except Exception as e:  # one failed step must not take the server down
-            self._taken(before - len(self.batch_queue))
             for work in self.batcher.reset():
                 work.deliver(Done(error=f"generation failed: {type(e).__name__}: {e}"))
             return
-        self._taken(before - len(self.batch_queue))
         for work, done in results:
             work.deliver(done)
 
