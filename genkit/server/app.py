@@ -56,7 +56,8 @@ def create_app(svc: S.Service, engine: Engine, *, api_key: str | None = None) ->
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": svc.name, "running_rows": engine.running, "waiting": engine.waiting}
+        return {"status": "ok", "model": svc.name, "running_rows": engine.running, "waiting": engine.waiting,
+                **engine.stats()}
 
     @app.get("/v1/models", dependencies=auth)
     async def models():
@@ -143,16 +144,18 @@ async def _events(p: S.Prepared, request: Request | None) -> AsyncIterator[tuple
 
 
 async def _collect(p: S.Prepared, request: Request) -> S.Collected:
-    c = S.Collected(texts=[""] * p.choices, finish=[None] * p.choices)
+    c = S.Collected(texts=[""] * p.choices, finish=[None] * p.choices, records=[[] for _ in range(p.choices)])
     async for i, item in _events(p, request):
         if isinstance(item, Done):
             c.prompt_tokens += item.prompt_tokens
             c.completion_tokens += item.completion_tokens
+            c.cached_tokens += item.cached_tokens
             c.error = c.error or item.error
             continue
         at = i * p.n + item.index
         c.texts[at] += item.text
         c.finish[at] = item.finish_reason or c.finish[at]
+        c.records[at] += S.records(p, item)
     return c
 
 
@@ -161,8 +164,10 @@ def _data(obj) -> str:
 
 
 async def _sse(p: S.Prepared) -> AsyncIterator[str]:
-    """OpenAI's chunks: the role first (chat), text deltas, each choice's finish, the usage."""
-    prompt_tokens = completion_tokens = 0
+    """OpenAI's chunks: the role first (chat), text deltas (with their tokens' log-probabilities
+    when asked), each choice's finish, the usage."""
+    prompt_tokens = completion_tokens = cached_tokens = 0
+    offsets = [0] * p.choices  # where each choice's next token starts in its text (completions)
     try:
         if p.object == "chat.completion":
             yield _data(S.chunk(p, [S.delta_choice(p, k, "", None, first=True) for k in range(p.choices)]))
@@ -170,13 +175,18 @@ async def _sse(p: S.Prepared) -> AsyncIterator[str]:
             if isinstance(item, Done):
                 prompt_tokens += item.prompt_tokens
                 completion_tokens += item.completion_tokens
+                cached_tokens += item.cached_tokens
                 if item.error:
                     yield _data(schema.APIError(500, item.error, type="server_error").body())
                 continue
-            if item.text or item.finish_reason:
-                yield _data(S.chunk(p, [S.delta_choice(p, i * p.n + item.index, item.text, item.finish_reason)]))
+            at = i * p.n + item.index
+            recs = S.records(p, item)
+            if item.text or item.finish_reason or recs:
+                logprobs = S.logprobs_object(p, recs, offsets[at]) if recs else None
+                offsets[at] += sum(len(r["token"]) for r in recs)
+                yield _data(S.chunk(p, [S.delta_choice(p, at, item.text, item.finish_reason, logprobs=logprobs)]))
         if p.include_usage:
-            yield _data(S.chunk(p, [], S.usage(prompt_tokens, completion_tokens)))
+            yield _data(S.chunk(p, [], S.usage(prompt_tokens, completion_tokens, cached_tokens)))
         yield "data: [DONE]\n\n"
     finally:
         p.cancel()  # the client disconnected (the task was cancelled) or the stream ended
