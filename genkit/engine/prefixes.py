@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-# Fewer shared tokens than this are not worth a lookup's copy (a chat template's first tokens).
-MIN_REUSE = 16
+# The fewest shared tokens worth reusing; also the length of the index key (`PrefixCache.heads`):
+# a prompt is compared only with the kept prompts that begin with the same MIN_REUSE ids.
+MIN_REUSE = 4
 
 
 @dataclass
@@ -47,6 +48,7 @@ class PrefixCache:
         self.max_bytes = max_bytes
         self.min_reuse = min_reuse
         self.entries: OrderedDict[int, Entry] = OrderedDict()  # least recently used first
+        self.heads: dict[tuple, set[int]] = {}  # the first min_reuse ids -> the entries beginning so
         self.bytes = 0
         self.hits = 0
         self.reused_tokens = 0
@@ -58,7 +60,7 @@ class PrefixCache:
             return None
         query = torch.tensor(ids)
         best, best_n = None, 0
-        for entry in self.entries.values():
+        for entry in self._candidates(ids):
             n = shared_length(entry.ids, query)
             if n > best_n:
                 best, best_n = entry, n
@@ -77,8 +79,8 @@ class PrefixCache:
         if len(ids) <= self.min_reuse:
             return
         query = torch.tensor(ids)
-        for key, entry in list(self.entries.items()):
-            n = shared_length(entry.ids, query)
+        for entry in self._candidates(ids):
+            key, n = id(entry), shared_length(entry.ids, query)
             if n == len(ids):  # already kept, as this prompt or the start of a longer one
                 self.entries.move_to_end(key)
                 return
@@ -90,10 +92,19 @@ class PrefixCache:
         while self.entries and self.bytes + entry.nbytes > self.max_bytes:
             self._evict(next(iter(self.entries)))
         self.entries[id(entry)] = entry
+        self.heads.setdefault(tuple(ids[:self.min_reuse]), set()).add(id(entry))
         self.bytes += entry.nbytes
 
+    def _candidates(self, ids: list[int]) -> list[Entry]:
+        return [self.entries[key] for key in self.heads.get(tuple(ids[:self.min_reuse]), ())]
+
     def _evict(self, key: int) -> None:
-        self.bytes -= self.entries.pop(key).nbytes
+        entry = self.entries.pop(key)
+        self.bytes -= entry.nbytes
+        head = tuple(entry.ids[:self.min_reuse].tolist())
+        self.heads[head].discard(key)
+        if not self.heads[head]:
+            del self.heads[head]
 
     def stats(self) -> dict:
         return {"entries": len(self.entries), "tokens": sum(len(e.ids) for e in self.entries.values()),

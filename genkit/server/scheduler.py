@@ -190,32 +190,54 @@ class ServingBatcher(continuous.ContinuousBatcher):
 
     def _choose(self, rows, logits):
         """Each request's processors, warpers and watermark on its own rows (generate()'s
-        order); plain greedy rows of every request share one argmax."""
-        out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+        order); plain greedy rows of every request form one group, and the argmax of every
+        greedy row is one call: a fixed cost per request and step is paid 16 times a step by
+        16 clients at once."""
         groups: dict[Any, list[int]] = {}
         for i, r in enumerate(rows):
             plan = r.active.job.plan
             groups.setdefault("greedy" if plan.plain_greedy else id(r.active), []).append(i)
+        done = []  # (row indices, their plan, their processed scores) per group
         for idx in groups.values():
             plan = rows[idx[0]].active.job.plan
+            done.append((idx, plan, self._process(plan, rows, idx, logits)))
+        out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+        greedy = [(idx, scores) for idx, plan, scores in done if not plan.do_sample]
+        if greedy:
+            where = torch.tensor([i for idx, _ in greedy for i in idx], device=logits.device)
+            out[where] = torch.cat([scores for _, scores in greedy]).argmax(dim=-1)
+        for idx, plan, scores in done:
             where = torch.tensor(idx, device=logits.device)
-            scores = logits.index_select(0, where)
-            if plan.processors:
-                scores = torch.cat([plan.processors(self._ids(rows[i]), logits[i:i + 1]) for i in idx])
-            if plan.matchers:
-                scores = plan.matchers.mask([rows[i].matcher for i in idx], scores, logits.index_select(0, where))
-            if plan.warpers:
-                scores = plan.warpers(None, scores)
-            if plan.watermark:
-                scores = torch.cat([plan.watermark(self._ids(rows[i]), scores[j:j + 1]) for j, i in enumerate(idx)])
             if plan.do_sample:
-                chosen = sample_rows(torch.softmax(scores, dim=-1), [rows[i].generator for i in idx])
-            else:
-                chosen = scores.argmax(dim=-1)
-            out[where] = chosen
+                out[where] = sample_rows(torch.softmax(scores, dim=-1), [rows[i].generator for i in idx])
             if plan.logprobs is not None:
-                self._score(rows, idx, scores, chosen, plan.logprobs)
+                self._score(rows, idx, scores, out.index_select(0, where), plan.logprobs)
         return out
+
+    def _process(self, plan: _Plan, rows, idx: list[int], logits):
+        """The scores one group's rows choose from."""
+        where = torch.tensor(idx, device=logits.device)
+        scores = logits.index_select(0, where) if len(idx) < len(rows) else logits
+        if plan.processors:
+            scores = self._apply(plan.processors, rows, idx, scores)
+        if plan.matchers:
+            scores = plan.matchers.mask([rows[i].matcher for i in idx], scores, logits.index_select(0, where))
+        if plan.warpers:
+            scores = plan.warpers(None, scores)
+        if plan.watermark:
+            scores = self._apply(plan.watermark, rows, idx, scores)
+        return scores
+
+    def _apply(self, processors, rows, idx: list[int], scores):
+        """Processors on a request's rows: in one call when their histories have one length
+        (a request's rows step together), each called directly (LogitsProcessorList inspects
+        every processor's signature on every call)."""
+        if len({len(rows[i].history) for i in idx}) > 1:
+            return torch.cat([self._apply(processors, rows, [i], scores[j:j + 1]) for j, i in enumerate(idx)])
+        ids = torch.tensor([rows[i].history for i in idx], dtype=torch.long, device=scores.device)
+        for processor in processors:
+            scores = processor(ids, scores)
+        return scores
 
     @staticmethod
     def _score(rows, idx, scores, chosen, top: int) -> None:
