@@ -16,7 +16,8 @@ def load(model: str | None = None, **options) -> models.LoadedModel:
     """Load a model: None (embedded default), a directory, a .gguf file or a hub id.
 
     Options: dtype, device_map, load_in_4bit, load_in_8bit, quant_type, compute_dtype,
-    trust_remote_code, native_4bit, native_8bit; `progress` takes a callable that receives status lines.
+    trust_remote_code, native_4bit, native_8bit, int8_activations, threads, dequantize, backend
+    (see genkit.loadopts.LoadOptions); `progress` takes a callable that receives status lines.
     """
     progress = options.pop("progress", None)
     return models.load(model, models.LoadOptions(**options), progress=progress)

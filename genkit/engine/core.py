@@ -21,7 +21,6 @@ from genkit import prompts as prompts_mod
 from genkit import seeding
 from genkit.engine import processors as procs
 from genkit.engine import strategies
-from genkit.engine.runner import make_runner
 from genkit.engine.settings import DecodeSettings
 from genkit.engine.strategies.base import Context
 from genkit.engine.tracker import Event, Tracker
@@ -131,8 +130,8 @@ class Generation:
             input_ids = input_ids.repeat_interleave(n, dim=0)
             mask = mask.repeat_interleave(n, dim=0)
         def fresh_runner():
-            return make_runner(lm.model, input_ids, mask, s.values.get("decoder_start_token_id"),
-                               capacity=input_ids.shape[1] + max_new)
+            return lm.backend.runner(input_ids, mask, s.values.get("decoder_start_token_id"),
+                                     capacity=input_ids.shape[1] + max_new)
 
         if self.turn_cache is None:
             runner = fresh_runner()
