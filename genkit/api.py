@@ -51,8 +51,6 @@ def stream(
     resolved, s = settings_for(lm, preset, generation_config, vars, **params)
     batch = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], dict) else [prompt]
     texts = [presets_mod.render_prompt(resolved, p) if isinstance(p, str) else p for p in batch]
-    if assistant is None and s.assistant_model:
-        assistant = load(s.assistant_model, dtype=str(lm.model.dtype).replace("torch.", ""))
     return Generation(
         lm, texts, s, system=system if system is not None else resolved.system, raw=raw,
         streamer=streamer, logprobs=logprobs, assistant=assistant,

@@ -52,6 +52,7 @@ class LoadedModel:
     # built by hand gets the automatic choice.
     backend: Any = None
     tokenizer_wraps: dict = field(default_factory=dict)  # llguidance's view of the tokenizer, per eos ids
+    drafts: dict = field(default_factory=dict)  # assisted decoding's draft models, by name
 
     def __post_init__(self):
         if self.backend is None:
@@ -303,6 +304,15 @@ def _load_checked(model, opts: LoadOptions, progress) -> LoadedModel:
         lm = LoadedModel(model=model8, tokenizer=lm.tokenizer, name=name, source=source, path=lm.path,
                          info={**lm.info, "mode": "native-8bit"})
     return lm
+
+
+def draft_model(lm: LoadedModel, name: str) -> LoadedModel:
+    """The draft model `name` for assisted decoding with `lm`, loaded once per target model, in
+    the target's dtype (the draft's logits are compared with the target's token by token)."""
+    if name not in lm.drafts:
+        dtype = str(getattr(lm.model, "dtype", "auto")).replace("torch.", "")
+        lm.drafts[name] = load(name, LoadOptions(dtype=dtype if dtype in loadopts.DTYPES else "auto"))
+    return lm.drafts[name]
 
 
 def _native_gguf(model: str | None, opts: LoadOptions) -> Path | None:

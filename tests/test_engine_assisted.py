@@ -145,6 +145,45 @@ def test_assistant_loaded_from_settings(tiny, assistant_dir):
     assert ours == genkit_generate(tiny, PROMPTS[:1], max_new_tokens=8)
 
 
+def test_draft_loaded_once_per_target(tiny_dir, assistant_dir):
+    """Every path that builds a Generation (API, run, compare, batch, chat) gets the draft the
+    settings name from the target model, loaded once, in the target's dtype."""
+    from genkit import models
+
+    lm = models.load(str(tiny_dir))
+    first = api.generate(lm, PROMPTS[:1], raw=True, max_new_tokens=6, assistant_model=str(assistant_dir))
+    draft = lm.drafts[str(assistant_dir)]
+    api.generate(lm, PROMPTS[:1], raw=True, max_new_tokens=6, assistant_model=str(assistant_dir))
+    assert lm.drafts == {str(assistant_dir): draft}  # not loaded again
+    assert draft.model.dtype == lm.model.dtype
+    assert first.results[0].token_ids == api.generate(lm, PROMPTS[:1], raw=True, max_new_tokens=6).results[0].token_ids
+
+
+def test_cli_commands_load_the_draft(tiny_dir, assistant_dir, tmp_path):
+    """`genkit compare` had no draft to give assisted decoding; run, compare and batch now all
+    get it from the settings, and give greedy's text."""
+    import json
+
+    from conftest import run_cli
+
+    common = ["--model", str(tiny_dir), "--raw", "-n", "6"]
+    greedy = run_cli("run", *common, "--greedy", "--json", PROMPTS[0])
+    assert greedy.returncode == 0, greedy.stderr
+    want = json.loads(greedy.stdout)["text"]
+    run = run_cli("run", *common, "--greedy", "--json", "--assistant-model", str(assistant_dir), PROMPTS[0])
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["text"] == want
+    compare = run_cli("compare", *common, "--json", "--variant", f"do_sample=false,assistant_model={assistant_dir}",
+                      PROMPTS[0])
+    assert compare.returncode == 0, compare.stderr
+    assert [json.loads(line)["text"] for line in compare.stdout.splitlines()] == [want]
+    (tmp_path / "in.jsonl").write_text(json.dumps({"id": "a", "prompt": PROMPTS[0], "params": {
+        "do_sample": False, "assistant_model": str(assistant_dir)}}) + "\n")
+    batch = run_cli("batch", *common, str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out.jsonl"))
+    assert batch.returncode == 0, batch.stderr
+    assert json.loads((tmp_path / "out.jsonl").read_text())["text"] == want
+
+
 def test_assisted_stops_and_logprobs_like_greedy(tiny, assistant):
     plain = api.generate(tiny, PROMPTS, raw=True, max_new_tokens=20, logprobs=True)
     text = plain.results[0].text

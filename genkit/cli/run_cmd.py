@@ -171,12 +171,9 @@ def _generate(lm, resolved, text, system, raw, json_out, want_stats, logprobs, *
     from genkit.engine import Generation
 
     settings = build(lm, resolved.generation)
-    assistant = None
-    if settings.assistant_model:
-        assistant = o.load_model(settings.assistant_model, _assistant_options(lm))
     system = system if system is not None else resolved.system
     prompt = [*history, {"role": "user", "content": text}] if history else text
-    gen = Generation(lm, [prompt], settings, system=system, raw=raw, logprobs=logprobs, assistant=assistant)
+    gen = Generation(lm, [prompt], settings, system=system, raw=raw, logprobs=logprobs)
     err = Console(stderr=True, highlight=False)
     if settings.strategy in ("beam", "beam-sampling", "diverse-beam") and err.is_terminal and not json_out:
         err.print(f"[dim]{settings.strategy}: the text appears once the search has finished[/dim]")
@@ -206,7 +203,3 @@ def _generate(lm, resolved, text, system, raw, json_out, want_stats, logprobs, *
         raise SystemExit(130)
 
 
-def _assistant_options(lm):
-    from genkit.models import LoadOptions
-
-    return LoadOptions(dtype=str(lm.model.dtype).replace("torch.", ""))

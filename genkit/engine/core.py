@@ -99,6 +99,12 @@ class Generation:
         self.want_logprobs = logprobs is not None and logprobs is not False
         self.top_logprobs = 0 if isinstance(logprobs, bool) or not logprobs else int(logprobs)
         self.alternatives: dict[int, list] = {}
+        # The draft model of assisted decoding: the caller's, else the one the settings name,
+        # loaded once per target model (genkit.models.draft_model).
+        if assistant is None and settings.values.get("assistant_model"):
+            from genkit.models import draft_model
+
+            assistant = draft_model(lm, settings.values["assistant_model"])
         self.assistant = assistant
         self.templated = prompts_mod.uses_chat(lm, raw)
         self.texts = [prompts_mod.to_text(lm, p, system=system, raw=raw) for p in prompts]
