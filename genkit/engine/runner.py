@@ -12,17 +12,12 @@ the logits (and therefore greedy tokens) are the same.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from functools import cache
 
 import torch
 from transformers import DynamicCache, EncoderDecoderCache
 
-
-@dataclass
-class StepOutput:
-    logits: torch.Tensor  # (batch, new_positions, vocab), float32
-    hidden_states: tuple | None = None  # per layer (batch, new_positions, hidden) when asked
+from genkit.step import StepOutput
 
 
 @cache
@@ -39,7 +34,7 @@ def with_cache(model, cache) -> dict:
 
 
 class Runner:
-    """Incremental forward passes for a batch of left-padded prompts (decoder-only)."""
+    """transformers' forward over its dynamic cache: genkit.step.Runner for decoder-only models."""
 
     def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         self.model = model

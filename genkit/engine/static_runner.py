@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from genkit.engine.runner import StepOutput, with_cache
+from genkit.engine.runner import with_cache
+from genkit.step import StepOutput
 
 # Decoder-only architectures whose attention layers store keys and values through
 # `cache.update(k, v, layer)` and attend to the whole context.
@@ -240,8 +241,10 @@ class StaticRunner:
         self.filled = p
         return StepOutput(*out)
 
-    def step(self, tokens: torch.Tensor, hidden: bool = False, logits: bool = True) -> StepOutput:
-        """Feed new tokens (batch, n) after what the cache holds; logits for each of them."""
+    def step(self, tokens: torch.Tensor, hidden: bool = False, logits: bool = True,
+             keep: int | None = None) -> StepOutput:
+        """Feed new tokens (batch, n) after what the cache holds; logits for each of them (for
+        the last `keep` only when given)."""
         n = tokens.shape[1]
         # Drafts vary in length: pad them to a power of two so a few graphs serve them all.
         # The padding comes after the real tokens, which causality keeps from seeing it; its
@@ -264,7 +267,7 @@ class StaticRunner:
             graph.replay()
         self.filled += n
         # Copies: the next replay overwrites a graph's outputs.
-        logits_ = logits_[:, :n].clone()
+        logits_ = logits_[:, n - (keep or n):n].clone()
         states = tuple(h[:, :n].clone() for h in states) if hidden else None
         return StepOutput(logits_, states)
 
