@@ -178,15 +178,19 @@ def _generate(lm, resolved, text, system, raw, json_out, want_stats, logprobs, *
     if settings.strategy in ("beam", "beam-sampling", "diverse-beam") and err.is_terminal and not json_out:
         err.print(f"[dim]{settings.strategy}: the text appears once the search has finished[/dim]")
     interrupted = False
+    events = iter(gen)
     try:
         if json_out:
             gen.run()
         else:
             with render.TextView(settings.num_return_sequences) as view:
-                for ev in gen:
+                for ev in events:
                     view.event(ev)
     except KeyboardInterrupt:
         interrupted = True
+        # Ctrl-C may land while a token is being shown, outside the engine: closing the
+        # events lets it end every sequence as cancelled, so the log and stats keep the text.
+        events.close()
     diff = presets.diff_from_defaults(settings.explicit)
     diff["max_new_tokens"] = settings.max_new_tokens
     if log_to is not None:
