@@ -43,7 +43,7 @@ from __future__ import annotations
 import torch
 
 from genkit.engine import processors as procs
-from genkit.engine.runner import Runner, make_runner
+from genkit.engine.runner import Runner
 from genkit.engine.strategies.base import Context, Proposal
 from genkit.errors import GenkitError
 
@@ -184,7 +184,7 @@ class Row:
         self.index = index
         self.device = ctx.input_ids.device
         ids = torch.tensor([self.prompt], device=self.device)
-        self.target = make_runner(ctx.model, ids, torch.ones_like(ids))
+        self.target = ctx.lm.backend.runner(ids, torch.ones_like(ids))
         # Built per row: the processors' view of "the prompt" (its length, its padding) must be
         # this row's unpadded prompt, not the batch's.
         self.processors = procs.build_processors(
