@@ -43,7 +43,7 @@ from __future__ import annotations
 import torch
 
 from genkit.engine import processors as procs
-from genkit.engine.runner import Runner, make_runner
+from genkit.engine.runner import make_runner
 from genkit.engine.strategies.base import Context, Proposal
 from genkit.errors import GenkitError
 
@@ -95,12 +95,24 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
 # ---------------------------------------------------------------- drafters
 
 
+def rollback_ready(runner):
+    """The runner, its cache told to keep what it would drop until the next crop: transformers'
+    sliding-window layers (Gemma 2 / 3) forget keys that leave the window, and a rejected draft
+    is rolled back by cropping, which they then refuse. genkit's own cache keeps everything."""
+    cache = getattr(runner, "cache", None)
+    if hasattr(cache, "activate_past_recording"):
+        cache.activate_past_recording()
+    return runner
+
+
 class ModelDrafter:
     """Drafts with a small model over its own KV cache, which follows the row's sequence."""
 
     def __init__(self, model, prompt: list[int], score, generator, sample: bool, eos_ids):
         ids = torch.tensor([prompt], device=model.device)
-        self.runner = Runner(model, ids, torch.ones_like(ids))
+        # The runner the model asks for: genkit's own decoder for a native GGUF draft, which
+        # transformers' forward cannot call.
+        self.runner = rollback_ready(make_runner(model, ids, torch.ones_like(ids)))
         self.started = False
         self.score = score  # (prefix token ids, logits) -> processed scores, on the target's device
         self.generator = generator
@@ -184,7 +196,7 @@ class Row:
         self.index = index
         self.device = ctx.input_ids.device
         ids = torch.tensor([self.prompt], device=self.device)
-        self.target = make_runner(ctx.model, ids, torch.ones_like(ids))
+        self.target = rollback_ready(make_runner(ctx.model, ids, torch.ones_like(ids)))
         # Built per row: the processors' view of "the prompt" (its length, its padding) must be
         # this row's unpadded prompt, not the batch's.
         self.processors = procs.build_processors(
