@@ -150,10 +150,20 @@ def supported(lm, settings: DecodeSettings) -> bool:
     if settings.strategy not in STRATEGIES or lm.is_encoder_decoder:
         return False
     if getattr(lm.model, "native_runner", None) is not None:
-        return False  # genkit's native 4-bit model has its own runner and cache, not transformers'
+        # genkit's own decoders keep every position and mask a sliding window themselves, so any
+        # architecture batches; of them only the GGUF decoder takes a transformers cache.
+        return getattr(lm.model, "continuous_batching", False)
     # Sliding-window and other special layers keep state that left-padding would corrupt.
     layers = DynamicCache(config=lm.model.config).layers
     return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def _new_cache(model) -> DynamicCache:
+    """An empty cache for one prefill: the config's layers for transformers' forward, plain
+    full-length layers (made on first use) for genkit's decoders, which window attention by mask."""
+    if getattr(model, "native_runner", None) is not None:
+        return DynamicCache()
+    return DynamicCache(config=model.config)
 
 
 class ContinuousBatcher:
@@ -261,7 +271,7 @@ class ContinuousBatcher:
             mask[i, width - len(j.input_ids):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        cache = DynamicCache(config=self.model.config)
+        cache = _new_cache(self.model)
         started = time.perf_counter()
         logits = self._forward(ids, mask, positions, cache)
         rows = self._new_rows(group, started)
@@ -345,7 +355,7 @@ class ContinuousBatcher:
 
     def _forward(self, ids, mask, positions, cache) -> torch.Tensor:
         """Next-token logits (float32) of every row; genkit's decoder where it applies."""
-        fast = fast_decoder(self.model)
+        fast = self.model if getattr(self.model, "native_runner", None) is not None else fast_decoder(self.model)
         if fast is not None:
             return fast.forward_transformers(ids, mask, positions, cache)[:, -1, :]
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
