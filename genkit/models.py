@@ -304,6 +304,9 @@ def _native_gguf(model: str | None, opts: LoadOptions) -> Path | None:
     path = Path(model).expanduser()
     if not path.is_file():
         raise GenkitError(f"GGUF file {model} does not exist; check the path")
+    from genkit.native import gguf_load
+
+    gguf_load.prefetch_tokenizer(path)  # while the kernels and transformers import
     from genkit.native import kernels
 
     return path if kernels.available() else None
