@@ -141,6 +141,7 @@ def add_tokenizer(writer, kind: str, vocab_size: int = 320) -> None:
         tokens += [m.replace(" ", "") for m in merges]
         types = [3, 3, 3] + [1] * (len(tokens) - 3)
         writer.add_token_merges(merges[:vocab_size - 259])
+        writer.add_chat_template("{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}")
     else:
         tokens = ["<pad>", "<bos>", "<eos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)]
         tokens += ["▁"] + list("abcdefghijklmnopqrstuvwxyz") + ["▁" + c for c in "tao"] + BIGRAMS
