@@ -32,17 +32,11 @@ def gguf(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def dequantized(gguf, genkit_home):
+def reference(gguf, genkit_home):
+    """The dequantised model, run by transformers' forward (not genkit's fp32 decoder)."""
     from genkit import models
 
-    return models.load(str(gguf), models.LoadOptions(dequantize=True))
-
-
-@pytest.fixture
-def reference(dequantized, monkeypatch):
-    """The dequantised model, run by transformers' forward (not genkit's fp32 decoder)."""
-    monkeypatch.setenv("GENKIT_FAST", "0")
-    return dequantized
+    return models.load(str(gguf), models.LoadOptions(dequantize=True, backend="transformers"))
 
 
 def _text(lm, prompt, **params) -> str:

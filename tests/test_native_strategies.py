@@ -3,8 +3,8 @@
 Tiny random Llama and Gemma 3 models are written as GGUF files with a tokenizer in their
 metadata (tests/gguf_writer.py) plus a one-layer draft model of each. The same file is loaded
 twice: natively (genkit's decoder over the file's blocks, the default on the CPU) and with
-`dequantize=True` (the fp32 copy through transformers' own forward: GENKIT_FAST=0 keeps genkit's
-fp32 decoder out of the reference). Both read the same weights, so the deterministic strategies
+`dequantize=True, backend="transformers"` (the fp32 copy through transformers' own forward, not
+genkit's fp32 decoder). Both read the same weights, so the deterministic strategies
 give the same token ids, and seeded sampling and the watermark, which draw from the same
 per-row generators, the same tokens. (No near-tie separates the paths on these prompts; should
 one appear, the logits test of test_gguf_native.py bounds the difference.)
@@ -52,16 +52,11 @@ def loaded(arch_files, genkit_home):
     """{"native" | "dequantized": (model, draft)} as genkit loads them."""
     from genkit import models
 
-    def both(dequantize):
-        opts = models.LoadOptions(dequantize=dequantize)
+    def both(opts):
         return tuple(models.load(str(path), opts) for path in arch_files)
 
-    return {"native": both(False), "dequantized": both(True)}
-
-
-@pytest.fixture
-def transformers_reference(monkeypatch):
-    monkeypatch.setenv("GENKIT_FAST", "0")
+    return {"native": both(models.LoadOptions()),
+            "dequantized": both(models.LoadOptions(dequantize=True, backend="transformers"))}
 
 
 def _run(pair, **params):
@@ -77,19 +72,19 @@ def _run(pair, **params):
 def test_the_two_paths_load_what_they_claim(loaded):
     native, dequantized = loaded["native"][0], loaded["dequantized"][0]
     assert native.info["mode"] == "gguf-native" and type(native.model).__name__ == "GGUFDecoder"
-    assert type(dequantized.model).__name__.endswith("ForCausalLM")
+    assert type(dequantized.model).__name__.endswith("ForCausalLM") and dequantized.backend.kind == "transformers"
     text = "the cat sat on the mat. Ça!"
     assert native.tokenizer(text).input_ids == dequantized.tokenizer(text).input_ids
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_strategy_equals_the_dequantized_path(loaded, transformers_reference, case):
+def test_strategy_equals_the_dequantized_path(loaded, case):
     native = _run(loaded["native"], **CASES[case])
     assert native == _run(loaded["dequantized"], **CASES[case])
     assert all(len(ids) > 0 for ids in native[0])
 
 
-def test_stop_strings_and_streaming_equal_the_dequantized_path(loaded, transformers_reference):
+def test_stop_strings_and_streaming_equal_the_dequantized_path(loaded):
     """A stop string taken from the greedy output itself, so that it is met: the same cut text,
     the same finish reason, the same streamed pieces."""
     lm = loaded["native"][0]
@@ -101,7 +96,7 @@ def test_stop_strings_and_streaming_equal_the_dequantized_path(loaded, transform
 
 
 @pytest.mark.parametrize("params", [{}, {"do_sample": True, "temperature": 0.8, "num_return_sequences": 2}])
-def test_continuous_batching_equals_each_prompt_alone(loaded, transformers_reference, params):
+def test_continuous_batching_equals_each_prompt_alone(loaded, params):
     """Rows join and leave a running native batch (three at a time, different lengths and
     budgets); each job's tokens equal the dequantised path run on its prompt alone."""
     from genkit import api

@@ -30,7 +30,7 @@ from transformers.cache_utils import DynamicLayer
 from genkit.engine import constrain
 from genkit.engine import processors as procs
 from genkit.engine.core import row_generator
-from genkit.engine.runner import fast_decoder, with_cache
+from genkit.engine.runner import with_cache
 from genkit.engine.settings import DecodeSettings
 from genkit.engine.strategies.base import processed_logprobs, sample_rows
 from genkit.engine.tracker import SequenceState
@@ -149,7 +149,7 @@ def supported(lm, settings: DecodeSettings) -> bool:
     """Whether continuous batching can run these settings on this model."""
     if settings.strategy not in STRATEGIES or lm.is_encoder_decoder:
         return False
-    if getattr(lm.model, "native_runner", None) is not None:
+    if lm.backend.kind == "native":
         # genkit's own decoders keep every position and mask a sliding window themselves, so any
         # architecture batches; of them only the GGUF decoder takes a transformers cache.
         return getattr(lm.model, "continuous_batching", False)
@@ -158,12 +158,12 @@ def supported(lm, settings: DecodeSettings) -> bool:
     return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
-def _new_cache(model) -> DynamicCache:
+def _new_cache(lm) -> DynamicCache:
     """An empty cache for one prefill: the config's layers for transformers' forward, plain
-    full-length layers (made on first use) for genkit's decoders, which window attention by mask."""
-    if getattr(model, "native_runner", None) is not None:
+    full-length layers (made on first use) for genkit's native decoder, which windows by mask."""
+    if lm.backend.kind == "native":
         return DynamicCache()
-    return DynamicCache(config=model.config)
+    return DynamicCache(config=lm.model.config)
 
 
 class ContinuousBatcher:
@@ -178,6 +178,8 @@ class ContinuousBatcher:
                  max_batch_tokens: int | None = None, logprobs: bool | int = False):
         self.lm = lm
         self.model = lm.model
+        # genkit's decoder: the native model itself, or the one over an fp32 model's weights
+        self.fast = lm.model if lm.backend.kind == "native" else lm.backend.fast
         self.s = settings
         self.n = settings.num_return_sequences
         self.batch_size = max(1, batch_size)
@@ -271,7 +273,7 @@ class ContinuousBatcher:
             mask[i, width - len(j.input_ids):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        cache = _new_cache(self.model)
+        cache = _new_cache(self.lm)
         started = time.perf_counter()
         logits = self._forward(ids, mask, positions, cache)
         rows = self._new_rows(group, started)
@@ -355,7 +357,7 @@ class ContinuousBatcher:
 
     def _forward(self, ids, mask, positions, cache) -> torch.Tensor:
         """Next-token logits (float32) of every row; genkit's decoder where it applies."""
-        fast = self.model if getattr(self.model, "native_runner", None) is not None else fast_decoder(self.model)
+        fast = self.fast
         if fast is not None:
             return fast.forward_transformers(ids, mask, positions, cache)[:, -1, :]
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,

@@ -43,7 +43,6 @@ from __future__ import annotations
 import torch
 
 from genkit.engine import processors as procs
-from genkit.engine.runner import make_runner
 from genkit.engine.strategies.base import Context, Proposal
 from genkit.errors import GenkitError
 
@@ -108,11 +107,11 @@ def rollback_ready(runner):
 class ModelDrafter:
     """Drafts with a small model over its own KV cache, which follows the row's sequence."""
 
-    def __init__(self, model, prompt: list[int], score, generator, sample: bool, eos_ids):
-        ids = torch.tensor([prompt], device=model.device)
-        # The runner the model asks for: genkit's own decoder for a native GGUF draft, which
+    def __init__(self, draft, prompt: list[int], score, generator, sample: bool, eos_ids):
+        ids = torch.tensor([prompt], device=draft.model.device)
+        # The runner of the draft's own backend: genkit's decoder for a native GGUF draft, which
         # transformers' forward cannot call.
-        self.runner = rollback_ready(make_runner(model, ids, torch.ones_like(ids)))
+        self.runner = rollback_ready(draft.backend.runner(ids, torch.ones_like(ids)))
         self.started = False
         self.score = score  # (prefix token ids, logits) -> processed scores, on the target's device
         self.generator = generator
@@ -196,7 +195,7 @@ class Row:
         self.index = index
         self.device = ctx.input_ids.device
         ids = torch.tensor([self.prompt], device=self.device)
-        self.target = rollback_ready(make_runner(ctx.model, ids, torch.ones_like(ids)))
+        self.target = rollback_ready(ctx.lm.backend.runner(ids, torch.ones_like(ids)))
         # Built per row: the processors' view of "the prompt" (its length, its padding) must be
         # this row's unpadded prompt, not the batch's.
         self.processors = procs.build_processors(
@@ -309,7 +308,7 @@ def _rows(ctx: Context) -> list[Row]:
         assistant = _assistant(ctx)
 
         def drafter(row: Row):
-            return ModelDrafter(assistant.model, row.prompt, row.score, row.generator, row.sample, s.eos_ids)
+            return ModelDrafter(assistant, row.prompt, row.score, row.generator, row.sample, s.eos_ids)
 
         draft_len = s.num_assistant_tokens
     else:
