@@ -64,6 +64,8 @@ def test_batch_records_equal_the_dequantized_path(gguf, reference, tmp_path):
         assert got[rec["id"]]["text"] == _text(reference, rec["prompt"], max_new_tokens=6, **params), rec["id"]
 
 
+# compare and bench add no architecture-specific path to what batch checks on both: one file
+@pytest.mark.parametrize("gguf", ["llama"], indirect=True)
 def test_compare_rows_equal_the_dequantized_path(gguf, reference):
     code, out, err = cli("compare", "--presets", "greedy,creative", "--variant", "num_beams=2", "--model", gguf,
                          "-n", "5", "--seed", "2", "--raw", "the cat sat")
@@ -75,6 +77,7 @@ def test_compare_rows_equal_the_dequantized_path(gguf, reference):
     assert rows[2]["text"] == _text(reference, "the cat sat", max_new_tokens=5, seed=2, num_beams=2)
 
 
+@pytest.mark.parametrize("gguf", ["llama"], indirect=True)
 def test_bench_runs_natively_against_the_dequantized_file(gguf):
     code, out, err = cli("bench", "--model", gguf, "--only", "greedy-b1,greedy-b8,beam4,dola,contrastive",
                          "--rounds", "1", "--new-tokens", "4", "--json")
