@@ -335,7 +335,10 @@ def _native_gguf(model: str | None, opts: LoadOptions) -> Path | None:
     gguf_load.prefetch_tokenizer(path)  # while the kernels and transformers import
     from genkit.native import kernels
 
-    return path if kernels.available() else None
+    if kernels.available():
+        return path
+    gguf_load.drop_prefetched()  # the dequantised path converts its own tokenizer
+    return None
 
 
 def _is_damage(e: BaseException) -> bool:

@@ -114,6 +114,11 @@ def prefetch_tokenizer(path: Path) -> None:
     pool.shutdown(wait=False)
 
 
+def drop_prefetched() -> None:
+    """Forget prefetched tokenizers a load did not use (a large vocabulary is tens of MB)."""
+    _prefetched.clear()
+
+
 def _stamp(file: Path) -> tuple:
     st = file.stat()
     return st.st_size, st.st_mtime_ns, st.st_ino
