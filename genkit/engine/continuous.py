@@ -109,10 +109,20 @@ def supported(lm, settings: DecodeSettings) -> bool:
     if settings.strategy not in STRATEGIES or lm.is_encoder_decoder:
         return False
     if lm.backend.kind == "native":
-        return False  # genkit's native models have their own runner and cache, not transformers'
+        # genkit's own decoders keep every position and mask a sliding window themselves, so any
+        # architecture batches; of them only the GGUF decoder takes a transformers cache.
+        return getattr(lm.model, "continuous_batching", False)
     # Sliding-window and other special layers keep state that left-padding would corrupt.
     layers = DynamicCache(config=lm.model.config).layers
     return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def _new_cache(lm) -> DynamicCache:
+    """An empty cache for one prefill: the config's layers for transformers' forward, plain
+    full-length layers (made on first use) for genkit's native decoder, which windows by mask."""
+    if lm.backend.kind == "native":
+        return DynamicCache()
+    return DynamicCache(config=lm.model.config)
 
 
 class ContinuousBatcher:
@@ -127,7 +137,8 @@ class ContinuousBatcher:
                  max_batch_tokens: int | None = None, logprobs: bool | int = False):
         self.lm = lm
         self.model = lm.model
-        self.fast = lm.backend.fast  # genkit's decoder over the weights, where it applies
+        # genkit's decoder: the native model itself, or the one over an fp32 model's weights
+        self.fast = lm.model if lm.backend.kind == "native" else lm.backend.fast
         self.s = settings
         self.n = settings.num_return_sequences
         self.batch_size = max(1, batch_size)
@@ -268,7 +279,7 @@ class ContinuousBatcher:
     def _cache_from_prefixes(self, group: list[Job], kept: int, room: int) -> DynamicCache:
         """A cache holding each job's reused prefix, right-aligned in `kept` columns, with
         `room` columns for the tokens it feeds (empty when no job reuses any)."""
-        cache = DynamicCache(config=self.model.config)
+        cache = _new_cache(self.lm)
         if not kept:
             return cache
         ref = next(j.reuse[0] for j in group if j.cached_tokens)
@@ -278,7 +289,7 @@ class ContinuousBatcher:
                     for j in group]
 
         cache.layers = [_Layer(_pack(parts(i, "keys"), kept, room), _pack(parts(i, "values"), kept, room), kept)
-                        for i in range(len(cache.layers))]
+                        for i in range(len(ref.keys))]
         for j in group:
             if j.cached_tokens:
                 self.prefixes.count(j.cached_tokens)
