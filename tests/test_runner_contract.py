@@ -49,3 +49,17 @@ def test_every_backend_gives_transformers_logits(tiny, backend):
     assert second.shape[1] == 1  # keep=1: the last position only
     torch.testing.assert_close(first, theirs[:, 4], rtol=0, atol=1e-4)
     torch.testing.assert_close(second[:, 0], theirs[:, -1], rtol=0, atol=1e-4)
+
+
+def test_every_strategy_has_one_entry_in_the_table():
+    """genkit.engine.strategies.STRATEGIES names exactly the strategies parameters select, and
+    each entry's decode function exists."""
+    from genkit.engine.strategies import STRATEGIES
+    from genkit.params import strategy_of
+
+    selections = [{}, {"do_sample": True}, {"num_beams": 2}, {"num_beams": 2, "do_sample": True},
+                  {"num_beams": 4, "num_beam_groups": 2, "diversity_penalty": 1.0}, {"penalty_alpha": 0.6, "top_k": 4},
+                  {"dola_layers": "high"}, {"assistant_model": "draft"}, {"prompt_lookup_num_tokens": 3}]
+    assert {strategy_of(values) for values in selections} == set(STRATEGIES)
+    assert all(callable(s.decode) for s in STRATEGIES.values())
+    assert {s.name for s in STRATEGIES.values() if s.continuous} == {"greedy", "sampling"}

@@ -59,7 +59,9 @@ def loop(session, args: dict) -> None:
 
 
 def show_answer(session, events, err: Console, want_stats: bool) -> None:
-    if session.settings.strategy in ("beam", "beam-sampling", "diverse-beam"):
+    from genkit.engine import strategies
+
+    if strategies.get(session.settings.strategy).beams:
         err.print(f"[dim]{session.settings.strategy}: the text appears once the search has finished[/dim]")
     stopped = False
     try:

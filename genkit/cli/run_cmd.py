@@ -168,14 +168,14 @@ def _generate(lm, resolved, text, system, raw, json_out, want_stats, logprobs, *
 
     from genkit import presets, render
     from genkit.engine.settings import build
-    from genkit.engine import Generation
+    from genkit.engine import Generation, strategies
 
     settings = build(lm, resolved.generation)
     system = system if system is not None else resolved.system
     prompt = [*history, {"role": "user", "content": text}] if history else text
     gen = Generation(lm, [prompt], settings, system=system, raw=raw, logprobs=logprobs)
     err = Console(stderr=True, highlight=False)
-    if settings.strategy in ("beam", "beam-sampling", "diverse-beam") and err.is_terminal and not json_out:
+    if strategies.get(settings.strategy).beams and err.is_terminal and not json_out:
         err.print(f"[dim]{settings.strategy}: the text appears once the search has finished[/dim]")
     interrupted = False
     events = iter(gen)

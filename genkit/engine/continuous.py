@@ -29,14 +29,13 @@ from transformers.cache_utils import DynamicLayer
 
 from genkit.engine import constrain
 from genkit.engine import processors as procs
+from genkit.engine import strategies
 from genkit.engine.core import row_generator
 from genkit.engine.kvbuffers import KVLayer as _Layer, left_pad as _left_pad, pack as _pack
 from genkit.engine.runner import with_cache
 from genkit.engine.settings import DecodeSettings
 from genkit.engine.strategies.base import processed_logprobs, sample_rows
 from genkit.engine.tracker import SequenceState
-
-STRATEGIES = ("greedy", "sampling")
 
 # Padded prompt tokens per prefill pass: large enough for efficient matrix products, small
 # enough that a chunk of length-sorted prompts carries little padding.
@@ -106,7 +105,7 @@ class _Row:
 
 def supported(lm, settings: DecodeSettings) -> bool:
     """Whether continuous batching can run these settings on this model."""
-    if settings.strategy not in STRATEGIES or lm.is_encoder_decoder:
+    if not strategies.get(settings.strategy).continuous or lm.is_encoder_decoder:
         return False
     if lm.backend.kind == "native":
         # genkit's own decoders keep every position and mask a sliding window themselves, so any

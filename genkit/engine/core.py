@@ -25,7 +25,6 @@ from genkit.engine.settings import DecodeSettings
 from genkit.engine.strategies.base import Context
 from genkit.engine.tracker import Event, Tracker
 
-BEAM_STRATEGIES = ("beam", "beam-sampling", "diverse-beam")
 
 
 @dataclass
@@ -132,7 +131,7 @@ class Generation:
         max_new = min(prompts_mod.fit_max_new_tokens(lm, ln, s.max_new_tokens) for ln in lengths)
         tracker = Tracker(lm.tokenizer, len(self.texts) * n, s.eos_ids, max_new, s.stop_strings, s.max_time)
         self.tracker = tracker
-        if s.strategy not in BEAM_STRATEGIES and n > 1:
+        if not strategies.get(s.strategy).beams and n > 1:
             input_ids = input_ids.repeat_interleave(n, dim=0)
             mask = mask.repeat_interleave(n, dim=0)
         def fresh_runner():
@@ -165,10 +164,10 @@ class Generation:
         self.constraint = ctx.constraint
         if self.streamer is not None:
             self.streamer.put(input_ids[:1].cpu())
-        strategy = strategies.get(s.strategy)
+        decode = strategies.get(s.strategy).decode
         try:
             with torch.inference_mode():
-                for proposal in strategy(ctx):
+                for proposal in decode(ctx):
                     for ev in tracker.add(proposal.tokens, proposal.logprobs):
                         if proposal.alternatives is not None and ev.token_ids:
                             kept = proposal.alternatives[ev.index][:len(ev.token_ids)]

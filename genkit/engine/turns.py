@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import torch
 
-REUSABLE_STRATEGIES = ("greedy", "sampling")
-
+from genkit.engine import strategies
 
 class RecordingRunner:
     """A runner that knows which token ids its cache holds (`fed`). Its prefill feeds only the
@@ -72,7 +71,7 @@ class TurnCache:
     def runner_for(self, model, input_ids: torch.Tensor, mask: torch.Tensor, make, *, strategy: str, rows: int):
         """A runner for this turn's prompt; `make()` builds a fresh one as the engine would."""
         previous, self.runner, self.reused = self.runner, None, 0
-        if strategy not in REUSABLE_STRATEGIES or rows != 1 or input_ids.shape[0] != 1 or not bool(mask.all()):
+        if not strategies.get(strategy).keeps_turns or rows != 1 or input_ids.shape[0] != 1 or not bool(mask.all()):
             return make()
         ids = input_ids[0].tolist()
         if previous is not None:

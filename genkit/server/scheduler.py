@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 from genkit.engine import Generation
-from genkit.engine import constrain, continuous
+from genkit.engine import constrain, continuous, strategies
 from genkit.engine import processors as procs
 from genkit.engine.core import row_generator
 from genkit.engine.prefixes import PrefixCache
@@ -295,7 +295,7 @@ class ServingBatcher(continuous.ContinuousBatcher):
 def batchable(settings: DecodeSettings) -> bool:
     """Whether a request's rows can join the shared batch (greedy or sampling, constrained or
     not: each row holds its own matcher)."""
-    return settings.strategy in continuous.STRATEGIES
+    return strategies.get(settings.strategy).continuous
 
 
 class Engine:
