@@ -71,16 +71,17 @@ def new_matcher(lm, grammar: str, eos_ids: Sequence[int], vocab: int):
 class RowMatchers:
     """One matcher per row of the scores a strategy processes."""
 
-    def __init__(self, matchers: list, vocab: int, eos_ids: Sequence[int] = ()):
+    def __init__(self, matchers: list, vocab: int, eos_ids: Sequence[int] = (), template=None):
         self.matchers = matchers
         self.vocab = vocab
         self.eos = set(eos_ids)
         self.words = (vocab + 31) // 32
+        self.template = template  # a fresh matcher, for replay()
 
     @classmethod
     def start(cls, lm, grammar: str, rows: int, eos_ids: Sequence[int], vocab: int) -> "RowMatchers":
         first, size = new_matcher(lm, grammar, eos_ids, vocab)
-        return cls([first] + [first.deep_copy() for _ in range(rows - 1)], size, eos_ids)
+        return cls([first] + [first.deep_copy() for _ in range(rows - 1)], size, eos_ids, first.deep_copy())
 
     def __len__(self) -> int:
         return len(self.matchers)
@@ -113,13 +114,7 @@ class RowMatchers:
         removed every allowed token (min_new_tokens against a complete grammar), the grammar
         wins: that row's `fallback` scores (the raw logits) are masked instead."""
         rows = range(len(self.matchers)) if rows is None else rows
-        allowed = self.allowed(rows, scores.shape[-1], scores.device)
-        out = torch.where(allowed, scores, scores.new_full((), -math.inf))
-        if fallback is not None and fallback is not scores:
-            dead = torch.isneginf(out.max(dim=-1).values)
-            if bool(dead.any()):
-                out[dead] = fallback[dead].to(out.dtype).masked_fill(~allowed[dead], -math.inf)
-        return out
+        return apply(scores, self.allowed(rows, scores.shape[-1], scores.device), fallback)
 
     # ------------------------------------------------------------------ state
 
@@ -152,6 +147,86 @@ class RowMatchers:
             matchers.append(self.matchers[i].deep_copy() if i in seen else self.matchers[i])
             seen.add(i)
         self.matchers = matchers
+
+
+    def advance(self, src: Sequence[int], tokens: Sequence[int], live: Sequence[bool]) -> None:
+        """Beams: row r continues row src[r] with tokens[r]. Rows that are not live (a beam with
+        no finite score, a prompt whose search is over) keep a stale matcher: nothing reads them."""
+        self.reorder(src)
+        for row, (t, ok) in enumerate(zip(tokens, live)):
+            if ok:
+                self.consume(row, [t])
+
+    def replay(self, sequences: Sequence[Sequence[int]]) -> None:
+        """Matchers for these token sequences (a beam search's final hypotheses, which are not
+        the rows the search ran on), so that `accepting` answers for them."""
+        self.matchers = []
+        for tokens in sequences:
+            m = self.template.deep_copy()
+            body = list(tokens)
+            while body and body[-1] in self.eos:
+                body.pop()
+            m.try_consume_tokens(body)
+            self.matchers.append(m)
+
+
+def apply(scores: torch.Tensor, allowed: torch.Tensor, fallback: torch.Tensor | None = None) -> torch.Tensor:
+    """`scores` at -inf wherever `allowed` is False. A row left with no finite score (the
+    processors removed every allowed token) takes its `fallback` scores, masked, instead."""
+    out = torch.where(allowed, scores, scores.new_full((), -math.inf))
+    if fallback is not None and fallback is not scores:
+        dead = torch.isneginf(out.max(dim=-1).values)
+        if bool(dead.any()):
+            out[dead] = fallback[dead].to(out.dtype).masked_fill(~allowed[dead], -math.inf)
+    return out
+
+
+class Draft:
+    """One row's matcher through a draft-and-verify cycle (assisted and prompt-lookup decoding).
+
+    Draft tokens are consumed tentatively, so that each verification position j (after j draft
+    tokens) has the grammar's mask; the target's verdict then keeps the accepted ones, rolls back
+    the rest and consumes the target's own token. The target verifies against masked
+    distributions, so it accepts exactly what plain constrained decoding would have chosen."""
+
+    def __init__(self, rows: RowMatchers, row: int, width: int, device):
+        self.rows, self.row = rows, row
+        self.width, self.device = width, device
+        self.masks: list[torch.Tensor] = []  # masks[j]: allowed after j pending tokens
+        # Per pending token, whether the matcher recorded it: an eos after the grammar stopped
+        # by itself is accepted but not recorded, so a rollback must not count it.
+        self.recorded: list[bool] = []
+
+    @property
+    def pending(self) -> int:
+        """Draft tokens consumed tentatively."""
+        return len(self.recorded)
+
+    def mask(self, j: int) -> torch.Tensor:
+        """Bool (width,): the tokens allowed at verification position j."""
+        if j == len(self.masks) == self.pending:
+            self.masks.append(self.rows.allowed([self.row], self.width, self.device)[0])
+        return self.masks[j]
+
+    def push(self, tokens: Sequence[int]) -> int:
+        """Consume draft tokens tentatively up to the first the grammar forbids; the pending count."""
+        m = self.rows.matchers[self.row]
+        for t in tokens:
+            if not bool(self.mask(self.pending)[t]):
+                break
+            if m.is_stopped() and t in self.rows.eos:
+                self.recorded.append(False)
+                continue
+            if not m.consume_token(t):
+                raise GenkitError(f"constraint: draft token {t} rejected by the grammar: {m.get_error()}")
+            self.recorded.append(True)
+        return self.pending
+
+    def settle(self, accepted: int, token: int) -> None:
+        """The target kept `accepted` draft tokens and then chose `token`."""
+        self.rows.rollback(self.row, sum(self.recorded[accepted:]))
+        self.rows.consume(self.row, [token])
+        self.masks, self.recorded = [], []
 
 
 class PerRow:
