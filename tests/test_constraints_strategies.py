@@ -281,3 +281,16 @@ def test_watermarked_constrained_output(tiny, params):
     plain = run(tiny, ["Data:"], json_schema=schema, max_new_tokens=80, **params)
     validated(marked, schema, at_least=1)
     assert [r.token_ids for r in marked] != [r.token_ids for r in plain]  # the watermark did act
+
+
+@pytest.mark.parametrize("params", [
+    {}, {"do_sample": True}, {"num_beams": 2}, {"num_beams": 2, "do_sample": True},
+    {"num_beams": 2, "num_beam_groups": 2, "diversity_penalty": 1.0}, {"penalty_alpha": 0.6, "top_k": 4},
+    {"dola_layers": "high"}, {"assistant_model": "draft"}, {"prompt_lookup_num_tokens": 4},
+])
+def test_no_strategy_refuses_a_constraint(params):
+    from genkit import params as P
+
+    strategy = P.strategy_of(params)
+    assert strategy in constraints.STRATEGIES
+    constraints.check({"json_object": True}, strategy, "here")  # no GenkitError
