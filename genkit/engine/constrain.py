@@ -7,7 +7,7 @@ allowed only where the grammar accepts, and once the grammar is complete they ar
 tokens left, so a constrained row ends by `eos` with a text the grammar accepts, or by `length`.
 
 The masks are computed by llguidance's executor (all rows in parallel, outside the GIL) into
-one int32 bitmask, then unpacked with a handful of vectorised tensor operations on the scores'
+one int32 bitmask, then unpacked in one numpy pass on the CPU and moved to the scores'
 device. Wrapping a tokenizer for llguidance takes seconds on a 49k vocabulary, so the wrap is
 kept on the loaded model and reused by every later request.
 """
@@ -17,12 +17,15 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from genkit.errors import GenkitError
 
 _EXECUTOR = None
-_TABLES: dict = {}  # device -> (256, 8) bool: the flags of each byte's bits
+# From this many rows the masks are computed on llguidance's thread pool; below, in this thread
+# (a mask takes 0.3-0.6 ms: handing one or two to the pool costs as much as computing them).
+PARALLEL_ROWS = 4
 
 
 def _executor():
@@ -34,11 +37,21 @@ def _executor():
     return _EXECUTOR
 
 
-def _byte_table(device) -> torch.Tensor:
-    if device not in _TABLES:
-        byte = torch.arange(256, dtype=torch.int32)[:, None]
-        _TABLES[device] = ((byte >> torch.arange(8, dtype=torch.int32)) & 1).bool().to(device)
-    return _TABLES[device]
+def unpack(bits: torch.Tensor, width: int, device) -> torch.Tensor:
+    """Bool (rows, width) from llguidance's int32 bitmask (rows, words): token t is bit t % 8 of
+    byte t // 8 (little-endian words). numpy unpacks every row in one pass on the CPU, where the
+    bitmask is, some 15 times faster than a torch table lookup at batch 32; a busy CPU makes torch's
+    small multi-threaded ops wait far longer still. An empty row (a finished or failed matcher)
+    allows everything: the strategy pads that row anyway."""
+    packed = bits.numpy().view(np.uint8)
+    flags = np.unpackbits(packed, axis=-1, count=min(width, packed.shape[1] * 8), bitorder="little").view(np.bool_)
+    empty = ~packed.any(axis=-1)
+    if empty.any():
+        flags[empty] = True
+    out = torch.from_numpy(flags)
+    if out.shape[1] < width:
+        out = torch.nn.functional.pad(out, (0, width - out.shape[1]))
+    return out.to(device)
 
 
 def ll_tokenizer(lm, eos_ids: Sequence[int], vocab_size: int):
@@ -91,22 +104,15 @@ class RowMatchers:
     def allowed(self, rows: Sequence[int], width: int, device) -> torch.Tensor:
         """Bool (len(rows), width): the tokens each of `rows` may take next. A row whose matcher
         has nothing left (finished, or failed) allows everything: the strategy pads it anyway."""
-        from llguidance.torch import fill_next_token_bitmask_par
+        from llguidance.torch import fill_next_token_bitmask, fill_next_token_bitmask_par
 
         bits = torch.empty((len(rows), self.words), dtype=torch.int32)
-        fill_next_token_bitmask_par(_executor(), [(self.matchers[r], i) for i, r in enumerate(rows)], bits)
-        empty = ~bits.ne(0).any(dim=-1)
-        # Token t is bit t % 8 of byte t // 8 (little-endian words): one table lookup unpacks a
-        # byte into its 8 flags, on the scores' device, instead of 32 shifts per word.
-        table = _byte_table(device)
-        flags = table[bits.view(torch.uint8).to(device).long()].view(len(rows), -1)
-        if flags.shape[1] >= width:
-            flags = flags[:, :width]
+        if len(rows) < PARALLEL_ROWS:
+            for i, r in enumerate(rows):
+                fill_next_token_bitmask(self.matchers[r], bits, i)
         else:
-            flags = torch.nn.functional.pad(flags, (0, width - flags.shape[1]))
-        if bool(empty.any()):
-            flags[empty.to(device)] = True
-        return flags
+            fill_next_token_bitmask_par(_executor(), [(self.matchers[r], i) for i, r in enumerate(rows)], bits)
+        return unpack(bits, width, device)
 
     def mask(self, scores: torch.Tensor, rows: Sequence[int] | None = None,
              fallback: torch.Tensor | None = None) -> torch.Tensor:
@@ -172,13 +178,28 @@ class RowMatchers:
 
 def apply(scores: torch.Tensor, allowed: torch.Tensor, fallback: torch.Tensor | None = None) -> torch.Tensor:
     """`scores` at -inf wherever `allowed` is False. A row left with no finite score (the
-    processors removed every allowed token) takes its `fallback` scores, masked, instead."""
-    out = torch.where(allowed, scores, scores.new_full((), -math.inf))
-    if fallback is not None and fallback is not scores:
+    processors removed every allowed token) takes its `fallback` scores, masked, instead.
+
+    `scores` is written in place unless it is `fallback` (the raw logits, which strategies read
+    again): the callers pass what their processors just made. On the CPU numpy does it in one
+    single-threaded pass: on a busy machine every extra multi-threaded torch op over the
+    (rows, vocab) scores waits milliseconds for a descheduled thread, more than the mask costs."""
+    if scores.device.type == "cpu" and scores.dtype in _NUMPY_FLOATS and scores.is_contiguous():
+        out = scores if fallback is not None and scores is not fallback else scores.clone()
+        values = out.numpy()
+        np.putmask(values, ~allowed.numpy(), -np.inf)
+        dead = np.isneginf(values.max(axis=-1))
+        dead = torch.from_numpy(dead) if dead.any() else None
+    else:
+        out = torch.where(allowed, scores, scores.new_full((), -math.inf))
         dead = torch.isneginf(out.max(dim=-1).values)
-        if bool(dead.any()):
-            out[dead] = fallback[dead].to(out.dtype).masked_fill(~allowed[dead], -math.inf)
+        dead = dead if bool(dead.any()) else None
+    if dead is not None and fallback is not None and fallback is not scores:
+        out[dead] = fallback[dead].to(out.dtype).masked_fill(~allowed[dead], -math.inf)
     return out
+
+
+_NUMPY_FLOATS = (torch.float32, torch.float64, torch.float16)
 
 
 class Draft:
