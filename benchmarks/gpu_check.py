@@ -15,8 +15,8 @@ cache), and prints batch-1 greedy tokens/s of each beside plain generate(), alte
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import os
 import subprocess
 import sys
 import time
@@ -52,22 +52,19 @@ def cli_checks(checks: dict[str, list[str]]) -> dict:
     return out
 
 
-# genkit's runners on a GPU: the environment switches genkit.engine.static_runner reads.
+# genkit's runners on a GPU: the backends (genkit/engine/backends.py) compared.
 VARIANTS = {
-    "genkit": {},  # static cache, each decode step one CUDA graph replay
-    "genkit_no_graphs": {"GENKIT_CUDA_GRAPHS": "0"},  # static cache, eager steps
-    "genkit_dynamic": {"GENKIT_STATIC": "0"},  # transformers' DynamicCache, as before
+    "genkit": "static",  # static cache, each decode step one CUDA graph replay
+    "genkit_no_graphs": "static-eager",  # static cache, eager steps
+    "genkit_dynamic": "transformers",  # transformers' DynamicCache
 }
 
 
-def _with_env(env: dict, fn):
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        return fn()
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+def _on(lm, backend: str):
+    """`lm` decoded by another backend: the same weights and tokenizer."""
+    from genkit.engine import backends
+
+    return dataclasses.replace(lm, backend=backends.choose(lm.model, backend))
 
 
 def _timed(fn) -> tuple[float, list]:
@@ -87,11 +84,13 @@ def speed(lm, n_new: int, runs: int = 3, batch: int = 1) -> dict:
     ids, mask, _ = prompts.encode(lm, texts, templated=False, max_new_tokens=n_new)
     eos = lm.tokenizer.eos_token_id
     out = {name: [] for name in [*VARIANTS, "transformers"]}
+    runners = {name: _on(lm, backend) for name, backend in VARIANTS.items()}  # each keeps its graphs
     for _ in range(runs):
-        for name, env in VARIANTS.items():
+        for name, backend in VARIANTS.items():
+            variant = runners[name]
             run = lambda: [r.token_ids for r in genkit.generate(
-                lm, texts, raw=True, max_new_tokens=n_new, suppress_tokens=[eos]).results]
-            elapsed, _ = _with_env(env, lambda: _timed(run))
+                variant, texts, raw=True, max_new_tokens=n_new, suppress_tokens=[eos]).results]
+            elapsed, _ = _timed(run)
             out[name].append(batch * n_new / elapsed)
 
         def plain():
@@ -121,8 +120,8 @@ def parity(lm, n_new: int = 64) -> dict:
     eos = lm.tokenizer.eos_token_id
     theirs = [r[: r.index(eos) + 1] if eos in r else r for r in g[:, ids.shape[1]:].tolist()]
     report = {}
-    for name, env in VARIANTS.items():
-        ours = _with_env(env, lambda: [r.token_ids for r in genkit.generate(lm, texts, raw=True, max_new_tokens=n_new).results])
+    for name, backend in VARIANTS.items():
+        ours = [r.token_ids for r in genkit.generate(_on(lm, backend), texts, raw=True, max_new_tokens=n_new).results]
         same = [a == b for a, b in zip(ours, theirs)]
         first_diff = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None) for a, b in zip(ours, theirs)]
         report[name] = {"same": all(same), "first_difference": first_diff}

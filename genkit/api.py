@@ -16,7 +16,8 @@ def load(model: str | None = None, **options) -> models.LoadedModel:
     """Load a model: None (embedded default), a directory, a .gguf file or a hub id.
 
     Options: dtype, device_map, load_in_4bit, load_in_8bit, quant_type, compute_dtype,
-    trust_remote_code, native_4bit, native_8bit; `progress` takes a callable that receives status lines.
+    trust_remote_code, native_4bit, native_8bit, int8_activations, threads, dequantize, backend
+    (see genkit.loadopts.LoadOptions); `progress` takes a callable that receives status lines.
     """
     progress = options.pop("progress", None)
     return models.load(model, models.LoadOptions(**options), progress=progress)
@@ -50,8 +51,6 @@ def stream(
     resolved, s = settings_for(lm, preset, generation_config, vars, **params)
     batch = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], dict) else [prompt]
     texts = [presets_mod.render_prompt(resolved, p) if isinstance(p, str) else p for p in batch]
-    if assistant is None and s.assistant_model:
-        assistant = load(s.assistant_model, dtype=str(lm.model.dtype).replace("torch.", ""))
     return Generation(
         lm, texts, s, system=system if system is not None else resolved.system, raw=raw,
         streamer=streamer, logprobs=logprobs, assistant=assistant,

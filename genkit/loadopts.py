@@ -16,6 +16,8 @@ from genkit.errors import GenkitError
 
 DTYPES = {"auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
           "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
+# The runners a model may be decoded with (genkit/engine/backends.py says what each is).
+BACKENDS = ("auto", "transformers", "static", "static-eager")
 NAMED_DEVICE_MAPS = ("auto", "cpu", "cuda", "balanced", "balanced_low_0", "sequential", "mps")
 
 
@@ -33,6 +35,7 @@ class LoadOptions:
     int8_activations: bool = False  # native 4-bit: activations as bytes in the layers' products
     threads: int | None = None  # CPU threads (genkit/threads.py); None: leave torch's setting alone
     dequantize: bool = False  # a .gguf through transformers (fp32 copy in the cache), not natively
+    backend: str = "auto"  # the runner (genkit/engine/backends.py): auto, transformers, static, static-eager
 
 
 def check(model: str | None, opts: LoadOptions) -> None:
@@ -54,6 +57,11 @@ def _check_modes(model: str | None, opts: LoadOptions) -> None:
         raise GenkitError("--load-in-4bit and --load-in-8bit exclude each other: choose one")
     if opts.native_4bit and opts.native_8bit:
         raise GenkitError("--native-4bit and --native-8bit exclude each other: choose one")
+    if opts.backend not in BACKENDS:
+        raise GenkitError(f"--backend {opts.backend}: expected one of {', '.join(BACKENDS)}")
+    native = [flag for flag, on in (("--native-4bit", opts.native_4bit), ("--native-8bit", opts.native_8bit)) if on]
+    if native and opts.backend != "auto":
+        raise GenkitError(f"{native[0]} runs on genkit's own decoder: drop --backend {opts.backend}")
     if opts.int8_activations and not opts.native_4bit:
         raise GenkitError("--int8-activations applies to --native-4bit's products: add --native-4bit or drop it")
     on_cpu = opts.device_map in (None, "cpu")

@@ -48,6 +48,17 @@ class LoadedModel:
     source: str
     path: str  # where the weights were read from
     info: dict = field(default_factory=dict)
+    # The runner that decodes it (genkit/engine/backends.py), chosen once at load; a model
+    # built by hand gets the automatic choice.
+    backend: Any = None
+    tokenizer_wraps: dict = field(default_factory=dict)  # llguidance's view of the tokenizer, per eos ids
+    drafts: dict = field(default_factory=dict)  # assisted decoding's draft models, by name
+
+    def __post_init__(self):
+        if self.backend is None:
+            from genkit.engine import backends
+
+            self.backend = backends.choose(self.model)
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -271,8 +282,10 @@ def _load_checked(model, opts: LoadOptions, progress) -> LoadedModel:
         progress("loading weights")
     kwargs = loadopts.transformers_kwargs(opts, cuda=_cuda())
     converted = Path(location).parent == models_dir()  # an entry of genkit's own cache
+    # --native-8bit replaces the model below (and chooses again): no decoder for the fp32 weights.
+    backend = "transformers" if opts.native_8bit else opts.backend
     try:
-        lm = _load_from(location, kwargs, opts.trust_remote_code)
+        lm = _load_from(location, kwargs, opts.trust_remote_code, backend)
     except Exception as e:
         if not (converted and _is_damage(e)):
             raise
@@ -280,15 +293,26 @@ def _load_checked(model, opts: LoadOptions, progress) -> LoadedModel:
         log.warning("cached model at %s is damaged (%s); rebuilding it", location, _first_line(e))
         shutil.rmtree(location, ignore_errors=True)
         name, source, location = resolve_source(model, progress)
-        lm = _load_from(location, kwargs, opts.trust_remote_code)
+        lm = _load_from(location, kwargs, opts.trust_remote_code, backend)
     lm.name, lm.source = name, source
     if opts.native_8bit:
         from genkit.native.int8 import Int8Llama
 
         if progress:
             progress("quantising to 8 bits")
-        lm.model, lm.info = Int8Llama(lm.model), {**lm.info, "mode": "native-8bit"}
+        model8 = Int8Llama(lm.model)
+        lm = LoadedModel(model=model8, tokenizer=lm.tokenizer, name=name, source=source, path=lm.path,
+                         info={**lm.info, "mode": "native-8bit"})
     return lm
+
+
+def draft_model(lm: LoadedModel, name: str) -> LoadedModel:
+    """The draft model `name` for assisted decoding with `lm`, loaded once per target model, in
+    the target's dtype (the draft's logits are compared with the target's token by token)."""
+    if name not in lm.drafts:
+        dtype = str(getattr(lm.model, "dtype", "auto")).replace("torch.", "")
+        lm.drafts[name] = load(name, LoadOptions(dtype=dtype if dtype in loadopts.DTYPES else "auto"))
+    return lm.drafts[name]
 
 
 def _native_gguf(model: str | None, opts: LoadOptions) -> Path | None:
@@ -296,6 +320,8 @@ def _native_gguf(model: str | None, opts: LoadOptions) -> Path | None:
     embedded model, --dequantize, the other native modes, a GPU or bitsandbytes take the
     dequantised transformers path."""
     if not model or not model.endswith(".gguf") or opts.dequantize or opts.native_4bit or opts.native_8bit:
+        return None
+    if opts.backend != "auto":  # a transformers runner was asked for: the dequantised model
         return None
     if opts.load_in_4bit or opts.load_in_8bit or opts.device_map not in (None, "cpu"):
         return None
@@ -357,35 +383,48 @@ def load_error(model: str, e: BaseException) -> GenkitError:
     return GenkitError(f"cannot load model '{model}': {type(e).__name__}: {text}")
 
 
-def _load_from(location: str, kwargs: dict, trust_remote_code: bool) -> LoadedModel:
+def _load_from(location: str, kwargs: dict, trust_remote_code: bool, backend: str) -> LoadedModel:
+    """A transformers model and tokenizer; its backend (a LoadOptions.backend choice) is
+    chosen while the tokenizer loads."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     with _quiet():
         config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
         auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
         model = auto.from_pretrained(location, config=config, **kwargs)
-        preparing = _prepare_fast_decoder(model)
+        model.eval()
+        choosing = _BackendChoice(model, backend)
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
-        preparing.join()
-    model.eval()
+        chosen = choosing.result()
     fix_tokenizer(tokenizer, model)
-    return LoadedModel(model=model, tokenizer=tokenizer, name=location, source=location, path=location)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=location, source=location, path=location,
+                       backend=chosen)
 
 
-def _prepare_fast_decoder(model) -> threading.Thread:
-    """Build genkit's fast decoder for the model (engine/runner.py) in a thread while the
-    tokenizer loads: fusing the weights is a copy that runs without the GIL (0.15 s of the
-    default model's 1 s from load to first token). A failure is left for the engine to meet
-    and report when it builds the decoder itself."""
-    def build():
-        from genkit.engine.runner import fast_decoder
+class _BackendChoice:
+    """Choose the backend in a thread while the tokenizer loads: building genkit's decoder
+    fuses the weights, a copy that runs without the GIL (0.15 s of the default model's 1 s from
+    load to first token). Its errors are raised by `result`, in the loading thread."""
 
-        with contextlib.suppress(Exception):
-            fast_decoder(model)
+    def __init__(self, model, requested: str):
+        self.chosen, self.error = None, None
+        self.thread = threading.Thread(target=self._choose, args=(model, requested), name="genkit-backend",
+                                       daemon=True)
+        self.thread.start()
 
-    thread = threading.Thread(target=build, name="genkit-fast-decoder", daemon=True)
-    thread.start()
-    return thread
+    def _choose(self, model, requested: str) -> None:
+        from genkit.engine import backends
+
+        try:
+            self.chosen = backends.choose(model, requested)
+        except BaseException as e:  # noqa: BLE001  (handed to the loading thread)
+            self.error = e
+
+    def result(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.chosen
 
 
 def fix_tokenizer(tokenizer, model) -> None:

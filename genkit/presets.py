@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from genkit import params as P
-from genkit import errors, paths
+from genkit import errors, paths, utf8
 from genkit.errors import GenkitError, did_you_mean
 
 PRESET_KEYS = {"description", "extends", "system", "template", "vars", "generation"}
@@ -81,12 +81,7 @@ def read_text(path: Path, what: str) -> str:
         data = path.read_bytes()
     except OSError as e:
         raise GenkitError(f"cannot read {what} {path}: {e.strerror}") from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise GenkitError(f"{what} {path}: line {line} is not valid UTF-8 (byte 0x{data[e.start]:02x}): "
-                          "save the file as UTF-8") from None
+    return utf8.decode(data, f"{what} {path}", "save the file as UTF-8")
 
 
 def _preset_files() -> dict[str, Path]:

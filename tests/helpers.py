@@ -44,3 +44,13 @@ def genkit_generate(lm, texts, raw=True, **params) -> list[list[int]]:
     gen = api.stream(lm, list(texts), raw=raw, **params)
     gen.run()
     return [r.token_ids for r in gen.results]
+
+
+def on_backend(lm, backend: str):
+    """`lm`'s weights and tokenizer decoded by another runner (genkit/engine/backends.py: auto,
+    transformers, static, static-eager), as `--backend` would choose it at load."""
+    import dataclasses
+
+    from genkit.engine import backends
+
+    return dataclasses.replace(lm, backend=backends.choose(lm.model, backend))

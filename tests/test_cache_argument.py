@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from helpers import genkit_generate, hf_generate
+from helpers import genkit_generate, hf_generate, on_backend
 
 PROMPTS = ["The capital of France is", "Hi"]
 
@@ -30,15 +30,11 @@ def generate_without_old_name(lm, **params):
         return genkit_generate(lm, PROMPTS, max_new_tokens=8, **params)
 
 
-@pytest.mark.parametrize("runner, env", [
-    ("dynamic", {"GENKIT_FAST": "0"}),
-    ("static", {"GENKIT_FAST": "0", "GENKIT_STATIC": "1"}),
-])
+@pytest.mark.parametrize("backend", ["transformers", "static"])
 @pytest.mark.parametrize("params", [{}, {"num_beams": 3}])
-def test_decoder_only_paths(tiny, monkeypatch, runner, env, params):
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    assert generate_without_old_name(tiny, **params) == hf_generate(tiny, PROMPTS, max_new_tokens=8, **params)
+def test_decoder_only_paths(tiny, backend, params):
+    lm = on_backend(tiny, backend)
+    assert generate_without_old_name(lm, **params) == hf_generate(tiny, PROMPTS, max_new_tokens=8, **params)
 
 
 def test_encoder_decoder_path(tiny_t5_dir):
@@ -48,13 +44,13 @@ def test_encoder_decoder_path(tiny_t5_dir):
     assert generate_without_old_name(t5) == hf_generate(t5, PROMPTS, max_new_tokens=8)
 
 
-def test_continuous_batching_path(tiny, monkeypatch):
+def test_continuous_batching_path(tiny):
     from genkit import api
     from genkit.engine.continuous import ContinuousBatcher, Job
 
-    monkeypatch.setenv("GENKIT_FAST", "0")
-    _, s = api.settings_for(tiny, max_new_tokens=8)
+    lm = on_backend(tiny, "transformers")
+    _, s = api.settings_for(lm, max_new_tokens=8)
     jobs = [Job(i, tiny.tokenizer(t)["input_ids"], 0, 8) for i, t in enumerate(PROMPTS)]
     with no_old_cache_name():
-        got = {r.handle: r.sequences[0].token_ids for r in ContinuousBatcher(tiny, s, batch_size=2).run(jobs)}
+        got = {r.handle: r.sequences[0].token_ids for r in ContinuousBatcher(lm, s, batch_size=2).run(jobs)}
     assert [got[0], got[1]] == [hf_generate(tiny, [p], max_new_tokens=8)[0] for p in PROMPTS]

@@ -8,6 +8,7 @@ import pytest
 from genkit.chat import ChatSession
 from genkit.engine import Generation
 from genkit.errors import GenkitError
+from helpers import on_backend
 
 MESSAGES = ["Hello there", "Tell me more about it, please.", "Why?", "And then what happened next"]
 
@@ -25,10 +26,11 @@ def from_scratch(session):
     return gen.run()[0].token_ids
 
 
-@pytest.mark.parametrize("fast", ["1", "0"], ids=["genkit-decoder", "transformers-forward"])
-def test_kept_cache_equals_generation_from_scratch(tiny, monkeypatch, fast):
-    monkeypatch.setenv("GENKIT_FAST", fast)
-    session = ChatSession(tiny, overrides={"max_new_tokens": 9})
+@pytest.mark.parametrize("backend", ["auto", "transformers"], ids=["genkit-decoder", "transformers-forward"])
+def test_kept_cache_equals_generation_from_scratch(tiny, backend):
+    lm = on_backend(tiny, backend)
+    assert lm.backend.kind == ("genkit" if backend == "auto" else "transformers")
+    session = ChatSession(lm, overrides={"max_new_tokens": 9})
     for i, text in enumerate(MESSAGES):
         for _ in session.ask(text):
             pass

@@ -7,13 +7,12 @@ import copy
 import math
 from collections import Counter
 
-import os
 
 import pytest
 import torch
 
 from conftest import _save_tiny, tiny_llama_config
-from helpers import encode, genkit_generate, hf_generate
+from helpers import genkit_generate, hf_generate, on_backend
 from genkit import api
 from genkit.engine.strategies.assisted import lookup_draft
 from genkit.errors import GenkitError
@@ -67,26 +66,21 @@ def hf_assisted(lm, draft: LoadedModel, prompts, k: int, **kwargs):
 
 class ForwardCounter:
     """Counts the forward passes of a model (each Runner step is one). Counting needs
-    transformers' forward, so genkit's fast decoder is off inside."""
+    transformers' forward: generate with `.lm`, the same model on that backend."""
 
-    def __init__(self, model):
+    def __init__(self, lm):
         self.calls = 0
-        self.handle = model.register_forward_pre_hook(self._hook)
+        self.lm = on_backend(lm, "transformers")
+        self.handle = lm.model.register_forward_pre_hook(self._hook)
 
     def _hook(self, module, args):
         self.calls += 1
 
     def __enter__(self):
-        self.saved = os.environ.get("GENKIT_FAST")
-        os.environ["GENKIT_FAST"] = "0"
         return self
 
     def __exit__(self, *exc):
         self.handle.remove()
-        if self.saved is None:
-            os.environ.pop("GENKIT_FAST", None)
-        else:
-            os.environ["GENKIT_FAST"] = self.saved
 
 
 # ---------------------------------------------------------------- assisted greedy
@@ -105,8 +99,8 @@ def test_assisted_greedy_partial_acceptance(tiny):
     """A draft model that agrees with the target only sometimes: accepted prefixes of every
     length, rolled back caches on both sides, and still exactly the target's greedy text."""
     draft = perturbed(tiny, 0.004)
-    with ForwardCounter(tiny.model) as target_calls:
-        ours = genkit_generate(tiny, PROMPTS, max_new_tokens=24, assistant=draft,
+    with ForwardCounter(tiny) as target_calls:
+        ours = genkit_generate(target_calls.lm, PROMPTS, max_new_tokens=24, assistant=draft,
                                assistant_model="noisy", num_assistant_tokens=3)
     assert ours == hf_assisted(tiny, draft, PROMPTS, 3, max_new_tokens=24)
     assert ours == genkit_generate(tiny, PROMPTS, max_new_tokens=24)
@@ -124,9 +118,9 @@ def test_heuristic_schedule_grows_the_draft(tiny):
     calls = {}
     texts = {}
     for schedule in ("constant", "heuristic"):
-        with ForwardCounter(tiny.model) as counter:
+        with ForwardCounter(tiny) as counter:
             texts[schedule] = genkit_generate(
-                tiny, PROMPTS[:1], max_new_tokens=40, assistant=draft, assistant_model="copy",
+                counter.lm, PROMPTS[:1], max_new_tokens=40, assistant=draft, assistant_model="copy",
                 num_assistant_tokens=2, num_assistant_tokens_schedule=schedule)
         calls[schedule] = counter.calls
     assert texts["constant"] == texts["heuristic"] == genkit_generate(tiny, PROMPTS[:1], max_new_tokens=40)
@@ -149,6 +143,45 @@ def test_assistant_loaded_from_settings(tiny, assistant_dir):
     """`assistant_model` names a model that api.stream loads (the CLI's --assistant-model)."""
     ours = genkit_generate(tiny, PROMPTS[:1], max_new_tokens=8, assistant_model=str(assistant_dir))
     assert ours == genkit_generate(tiny, PROMPTS[:1], max_new_tokens=8)
+
+
+def test_draft_loaded_once_per_target(tiny_dir, assistant_dir):
+    """Every path that builds a Generation (API, run, compare, batch, chat) gets the draft the
+    settings name from the target model, loaded once, in the target's dtype."""
+    from genkit import models
+
+    lm = models.load(str(tiny_dir))
+    first = api.generate(lm, PROMPTS[:1], raw=True, max_new_tokens=6, assistant_model=str(assistant_dir))
+    draft = lm.drafts[str(assistant_dir)]
+    api.generate(lm, PROMPTS[:1], raw=True, max_new_tokens=6, assistant_model=str(assistant_dir))
+    assert lm.drafts == {str(assistant_dir): draft}  # not loaded again
+    assert draft.model.dtype == lm.model.dtype
+    assert first.results[0].token_ids == api.generate(lm, PROMPTS[:1], raw=True, max_new_tokens=6).results[0].token_ids
+
+
+def test_cli_commands_load_the_draft(tiny_dir, assistant_dir, tmp_path):
+    """`genkit compare` had no draft to give assisted decoding; run, compare and batch now all
+    get it from the settings, and give greedy's text."""
+    import json
+
+    from conftest import run_cli
+
+    common = ["--model", str(tiny_dir), "--raw", "-n", "6"]
+    greedy = run_cli("run", *common, "--greedy", "--json", PROMPTS[0])
+    assert greedy.returncode == 0, greedy.stderr
+    want = json.loads(greedy.stdout)["text"]
+    run = run_cli("run", *common, "--greedy", "--json", "--assistant-model", str(assistant_dir), PROMPTS[0])
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["text"] == want
+    compare = run_cli("compare", *common, "--json", "--variant", f"do_sample=false,assistant_model={assistant_dir}",
+                      PROMPTS[0])
+    assert compare.returncode == 0, compare.stderr
+    assert [json.loads(line)["text"] for line in compare.stdout.splitlines()] == [want]
+    (tmp_path / "in.jsonl").write_text(json.dumps({"id": "a", "prompt": PROMPTS[0], "params": {
+        "do_sample": False, "assistant_model": str(assistant_dir)}}) + "\n")
+    batch = run_cli("batch", *common, str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out.jsonl"))
+    assert batch.returncode == 0, batch.stderr
+    assert json.loads((tmp_path / "out.jsonl").read_text())["text"] == want
 
 
 def test_assisted_stops_and_logprobs_like_greedy(tiny, assistant):
@@ -238,8 +271,8 @@ def test_prompt_lookup_embedded_input_grounded(embedded):
     text = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
             "How vexingly quick daft zebras jump!")
     prompts = [f"Repeat this text exactly, word for word: {text}"]
-    with ForwardCounter(embedded.model) as counter:
-        ours = genkit_generate(embedded, prompts, raw=False, max_new_tokens=40, prompt_lookup_num_tokens=10)
+    with ForwardCounter(embedded) as counter:
+        ours = genkit_generate(counter.lm, prompts, raw=False, max_new_tokens=40, prompt_lookup_num_tokens=10)
     theirs = hf_generate(embedded, prompts, raw=False, max_new_tokens=40, do_sample=False,
                          prompt_lookup_num_tokens=10)
     assert ours == theirs

@@ -54,3 +54,21 @@ def test_seeded_row_same_alone_and_in_batch(tiny):
     batch = genkit_generate(tiny, PROMPTS, do_sample=True, seed=3, max_new_tokens=10)
     # same seed, same prompt, different batch companions (different padding): same tokens
     assert alone[0] == batch[0]
+
+
+def test_closed_events_end_every_sequence_as_cancelled(tiny):
+    """What `genkit run` and `genkit chat` do when Ctrl-C lands while a token is being shown
+    (outside the engine): closing the events ends the generation at once, with the tokens
+    shown so far as a cancelled answer (the log and the stats line keep them)."""
+    from genkit import api
+
+    gen = api.stream(tiny, PROMPTS[0], raw=True, max_new_tokens=30, suppress_tokens=[2])
+    events, shown = iter(gen), []
+    for ev in events:
+        shown.extend(ev.token_ids)
+        if len(shown) >= 3:
+            break
+    events.close()
+    assert [r.finish_reason for r in gen.results] == ["cancelled"]
+    assert gen.results[0].token_ids == shown
+    assert gen.results[0].text == tiny.tokenizer.decode(shown, skip_special_tokens=True)

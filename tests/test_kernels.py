@@ -112,11 +112,10 @@ def test_bad_shapes_are_refused():
 def test_fast_decoder_runs_fp32_llama_and_shares_weights(tiny):
     """The engine decodes an fp32 Llama with genkit's decoder (so every parity test against
     transformers covers it), hidden states included."""
-    from genkit.engine.runner import make_runner
     from genkit.native.runner import NativeRunner
 
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
-    runner = make_runner(tiny.model, ids, torch.ones_like(ids))
+    runner = tiny.backend.runner(ids, torch.ones_like(ids))
     assert isinstance(runner, NativeRunner)
     ours = runner.prefill(hidden=True).hidden_states
     theirs = tiny.model(ids, output_hidden_states=True).hidden_states
@@ -124,28 +123,32 @@ def test_fast_decoder_runs_fp32_llama_and_shares_weights(tiny):
     for a, b in zip(ours, theirs):
         assert torch.allclose(a, b, atol=1e-5)
     attn = tiny.model.model.layers[0].self_attn
-    fused = tiny.model.__dict__["_genkit_fast"].layers[0]["qkv"].weight
+    fused = tiny.backend.fast.layers[0]["qkv"].weight
     assert attn.k_proj.weight.data_ptr() == fused.data_ptr() + attn.q_proj.weight.numel() * 4
 
 
-def test_fast_decoder_is_built_while_the_tokenizer_loads(tiny_dir, monkeypatch):
-    """models.load prepares the decoder in a thread; GENKIT_FAST=0 still keeps it off."""
+def test_the_backend_is_chosen_at_load(tiny_dir):
+    """models.load builds genkit's decoder (while the tokenizer loads); backend="transformers"
+    keeps transformers' forward, and the runners say which they are."""
     from genkit import models
+    from genkit.engine.runner import Runner
     from genkit.native.llama import FastLlama
+    from genkit.native.runner import NativeRunner
 
+    ids = torch.tensor([[5, 6, 7]])
     lm = models.load(str(tiny_dir))
-    assert isinstance(lm.model.__dict__.get("_genkit_fast"), FastLlama)
-    monkeypatch.setenv("GENKIT_FAST", "0")
-    assert "_genkit_fast" not in models.load(str(tiny_dir)).model.__dict__
+    assert lm.backend.kind == "genkit" and isinstance(lm.backend.fast, FastLlama)
+    assert isinstance(lm.backend.runner(ids, torch.ones_like(ids)), NativeRunner)
+    plain = models.load(str(tiny_dir), models.LoadOptions(backend="transformers"))
+    assert plain.backend.kind == "transformers" and plain.backend.fast is None
+    assert type(plain.backend.runner(ids, torch.ones_like(ids))) is Runner
 
 
 def test_fast_decoder_off_for_other_dtypes(tiny_dir):
-    from transformers import AutoModelForCausalLM
+    from genkit import models
 
-    from genkit.engine.runner import fast_decoder
-
-    bf16 = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16)
-    assert fast_decoder(bf16) is None
+    bf16 = models.load(str(tiny_dir), models.LoadOptions(dtype="bfloat16"))
+    assert bf16.backend.kind == "transformers" and bf16.backend.fast is None
 
 
 def test_glu_input_fused(gguf):
@@ -163,10 +166,9 @@ def test_glu_input_fused(gguf):
 def test_decode_attention_equals_the_torch_path(tiny, monkeypatch):
     """The fused rotary + KV write + attention call gives the logits of the torch ops it
     replaces, on a left-padded batch over several steps."""
-    from genkit.engine.runner import fast_decoder
     from genkit.native import llama
 
-    fast = fast_decoder(tiny.model)
+    fast = tiny.backend.fast
     ids = torch.tensor([[0, 0, 0, 5, 6, 7], [8, 9, 10, 11, 12, 13]])
     mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1] * 6])
 
@@ -194,9 +196,7 @@ def _step_logits(fast, ids, mask, steps, hidden=False):
 def test_decode_stack_equals_layer_by_layer(tiny):
     """The C++ DecodeStack (every layer of a decode step in one call) gives bit for bit the
     logits of the per-layer calls it replaces, on a left-padded batch over several steps."""
-    from genkit.engine.runner import fast_decoder
-
-    fast = fast_decoder(tiny.model)
+    fast = tiny.backend.fast
     ids = torch.tensor([[0, 0, 0, 5, 6, 7], [8, 9, 10, 11, 12, 13]])
     mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1] * 6])
     steps = ([[3], [4]], [[21], [22]], [[7], [9]])
@@ -221,9 +221,7 @@ def test_candidate_steps_keep_the_winners_cache(tiny):
     """Contrastive search's cache bookkeeping: rows expanded k times, one candidate kept per row,
     again and again (past the cache's first capacity), then a plain step. Every logit equals
     that of a runner fed only the winners."""
-    from genkit.engine.runner import fast_decoder
-
-    fast = fast_decoder(tiny.model)
+    fast = tiny.backend.fast
     ids = torch.tensor([[0, 0, 0, 5, 6, 7], [8, 9, 10, 11, 12, 13]])
     mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1] * 6])
     k, gen = 3, torch.Generator().manual_seed(0)

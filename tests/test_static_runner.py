@@ -8,16 +8,18 @@ replay itself where a GPU is present.
 import pytest
 import torch
 
-from helpers import encode, genkit_generate, hf_generate
+from genkit.errors import GenkitError
+from helpers import encode, genkit_generate, hf_generate, on_backend
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a land far away, there lived a"]
 
 
 @pytest.fixture
-def static(monkeypatch):
-    """Route the engine through the static runner on this CPU (genkit's own decoder off)."""
-    monkeypatch.setenv("GENKIT_FAST", "0")
-    monkeypatch.setenv("GENKIT_STATIC", "1")
+def static(tiny):
+    """The tiny model decoded by the static runner on this CPU (genkit's own decoder off)."""
+    lm = on_backend(tiny, "static")
+    assert lm.backend.kind == "static" and not lm.backend.graphs
+    return lm
 
 
 def _runners(lm, texts, capacity=None):
@@ -25,7 +27,7 @@ def _runners(lm, texts, capacity=None):
     from genkit.engine.static_runner import StaticRunner
 
     ids, mask = encode(lm, texts)
-    return Runner(lm.model, ids, mask), StaticRunner(lm.model, ids, mask, capacity)
+    return Runner(lm.model, ids, mask), StaticRunner(on_backend(lm, "static").backend, ids, mask, capacity)
 
 
 def test_logits_follow_the_dynamic_cache_past_growth_drafts_and_crops(tiny):
@@ -77,15 +79,15 @@ def test_same_size_reorder_keeps_the_buffers_graphs_read(tiny):
 ])
 def test_greedy_beam_and_lookup_match_transformers(tiny, static, params):
     texts = PROMPTS[:1] if "prompt_lookup_num_tokens" in params else PROMPTS  # generate(): batch 1 only
-    ours = genkit_generate(tiny, texts, max_new_tokens=20, **params)
+    ours = genkit_generate(static, texts, max_new_tokens=20, **params)
     theirs = hf_generate(tiny, texts, max_new_tokens=20, do_sample=False, **params)
     assert ours == theirs
 
 
-def test_eager_attention_gets_an_additive_mask(tiny_dir, static):
+def test_eager_attention_gets_an_additive_mask(tiny_dir):
     from genkit import models
 
-    lm = models.load(str(tiny_dir))
+    lm = models.load(str(tiny_dir), models.LoadOptions(backend="static"))
     lm.model.set_attn_implementation("eager")
     ours = genkit_generate(lm, PROMPTS, max_new_tokens=16)
     assert ours == hf_generate(lm, PROMPTS, max_new_tokens=16, do_sample=False)
@@ -97,9 +99,10 @@ def test_which_models_qualify(tiny, tiny_dir, tiny_t5_dir, monkeypatch):
     from genkit.engine import static_runner
 
     assert static_runner.eligible(tiny.model)
-    assert not static_runner.wanted(tiny.model)  # a CPU model: only when asked
-    monkeypatch.setenv("GENKIT_STATIC", "1")
-    assert static_runner.wanted(tiny.model)
+    assert tiny.backend.kind != "static"  # a CPU model: the static cache only when asked
+    assert models.load(str(tiny_dir), LoadOptions(backend="static-eager")).backend.kind == "static"
+    with pytest.raises(GenkitError, match="--backend static: this model cannot use the static cache"):
+        models.load(str(tiny_t5_dir), LoadOptions(backend="static"))
     assert not static_runner.eligible(models.load(str(tiny_t5_dir)).model)  # encoder-decoder
     assert not static_runner.eligible(models.load(str(tiny_dir), LoadOptions(load_in_4bit=True)).model)
     cfg = tiny.model.config
@@ -114,12 +117,12 @@ def test_cuda_graph_replay_matches_eager_and_transformers(tiny_dir, monkeypatch)
     from genkit.models import LoadOptions
 
     lm = models.load(str(tiny_dir), LoadOptions(device_map="cuda"))
+    assert lm.backend.kind == "static" and lm.backend.graphs  # the default on a GPU
     graphs = genkit_generate(lm, PROMPTS, max_new_tokens=40)
-    assert "_genkit_graphs" in lm.model.__dict__  # left for the next generation
+    assert lm.backend.kept is not None  # left for the next generation
     again = genkit_generate(lm, PROMPTS, max_new_tokens=40)  # replays the graphs it left
     lookup = genkit_generate(lm, PROMPTS[:1], max_new_tokens=40, prompt_lookup_num_tokens=5)
-    monkeypatch.setenv("GENKIT_CUDA_GRAPHS", "0")
-    eager = genkit_generate(lm, PROMPTS, max_new_tokens=40)
+    eager = genkit_generate(on_backend(lm, "static-eager"), PROMPTS, max_new_tokens=40)
     assert graphs == again == eager == hf_generate(lm, PROMPTS, max_new_tokens=40, do_sample=False)
     assert lookup == graphs[:1]
 

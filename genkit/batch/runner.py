@@ -34,7 +34,6 @@ class Runner:
         self.lm = lm
         self.on_update = on_update or (lambda s: None)
         self._settings: dict[str, Any] = {}
-        self._assistants: dict[str, Any] = {}
         self._continuous: dict[str, bool] = {}  # strategy -> continuous batching possible
         self._token_text = None  # genkit.logprobs.TokenText, made on first use
 
@@ -226,7 +225,7 @@ class Runner:
         try:
             gen = Generation(
                 self.lm, [it.engine_prompt for it in batch], s, raw=self.opts.raw,
-                seeds=[it.seed for it in batch], assistant=self.assistant(s), logprobs=self.group_logprobs(batch),
+                seeds=[it.seed for it in batch], logprobs=self.group_logprobs(batch),
             )
             gen.run()
         except Exception as e:  # an engine failure must not lose the other records
@@ -240,15 +239,6 @@ class Runner:
             self.succeed(it, [r.text for r in seqs], [r.finish_reason for r in seqs], tokens,
                          timing_record(stats.elapsed_s, stats.time_to_first_token_s, tokens), seqs)
 
-    def assistant(self, s):
-        if not s.assistant_model:
-            return None
-        if s.assistant_model not in self._assistants:
-            from genkit import api
-
-            self._assistants[s.assistant_model] = api.load(
-                s.assistant_model, dtype=str(self.lm.model.dtype).replace("torch.", ""))
-        return self._assistants[s.assistant_model]
 
 
 def engine_prompt(prompt: Any, system: str | None, templated: bool, text: str) -> Any:

@@ -58,15 +58,11 @@ def _load(model, opts):
 def _session(lm, args: dict, overrides: dict):
     from genkit import presets
     from genkit.chat import ChatSession
-    from genkit.cli import options as o
 
-    session = ChatSession(
+    return ChatSession(
         lm, preset=args["preset"], generation_config=args["generation_config"], overrides=overrides,
         vars=presets.parse_vars(args["var"] or []), system=args["system"], raw=args["raw"],
     )
-    if session.settings.assistant_model:
-        session.assistant = o.load_model(session.settings.assistant_model, run_cmd._assistant_options(lm))
-    return session
 
 
 # ---------------------------------------------------------------- piped: one line, one answer

@@ -68,6 +68,7 @@ def show_answer(session, events, err: Console, want_stats: bool) -> None:
                 view.event(ev)
     except KeyboardInterrupt:
         stopped = True
+        events.close()  # Ctrl-C while a token was shown: the engine ends the answer now, not at GC
     if stopped:
         err.print("[dim](stopped)[/dim]")
     if want_stats and session.last is not None:

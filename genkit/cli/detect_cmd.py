@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from genkit import utf8
 from genkit.cli import options as o
 from genkit.errors import GenkitError
 
@@ -136,7 +137,7 @@ def read_records(source: Optional[str], fmt: str) -> list[tuple[object, str]]:
         if fmt == "auto" and path.suffix in (".jsonl", ".json"):
             fmt = "jsonl"
         try:
-            data = o.decode_utf8(path.read_bytes(), source)
+            data = utf8.decode(path.read_bytes(), source)
         except OSError as e:
             raise GenkitError(f"cannot read {source}: {e.strerror}") from None
         return _parse(data, fmt, source)

@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from genkit import utf8
 from genkit.cli import complete
 from genkit.errors import GenkitError
 from genkit.params import DEFAULT_MAX_NEW_TOKENS, PARAMS
@@ -112,6 +113,11 @@ LOAD_FLAGS: dict[str, tuple] = {
     "dequantize": (Annotated[bool, _model_flag(
         "--dequantize", help="Load a .gguf through transformers as a float copy in genkit's cache, instead of "
                              "running its blocks natively on the CPU.")], False),
+    "backend": (Annotated[str, _model_flag(
+        "--backend", default="auto",
+        help="The runner: auto (the fastest that applies), transformers (transformers' forward, the "
+             "reference; a .gguf is dequantised), static (static cache, CUDA graphs on a GPU) or "
+             "static-eager (static cache, no graphs).")], "auto"),
 }
 
 
@@ -167,18 +173,7 @@ def stdin_text() -> str:
         raise GenkitError("stdin is closed: pass the text as an argument, or pipe it in")
     buffer = getattr(stream, "buffer", None)
     data = buffer.read() if buffer is not None else stream.read().encode("utf-8", "surrogateescape")
-    return decode_utf8(data, "stdin")
-
-
-def decode_utf8(data: bytes, where: str) -> str:
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise GenkitError(f"{where}: line {line} is not valid UTF-8 (byte 0x{data[e.start]:02x}): "
-                          "send UTF-8 text") from None
+    return utf8.decode(data, "stdin")
 
 
 def argument_text(value: str, what: str) -> str:

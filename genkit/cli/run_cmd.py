@@ -171,25 +171,26 @@ def _generate(lm, resolved, text, system, raw, json_out, want_stats, logprobs, *
     from genkit.engine import Generation
 
     settings = build(lm, resolved.generation)
-    assistant = None
-    if settings.assistant_model:
-        assistant = o.load_model(settings.assistant_model, _assistant_options(lm))
     system = system if system is not None else resolved.system
     prompt = [*history, {"role": "user", "content": text}] if history else text
-    gen = Generation(lm, [prompt], settings, system=system, raw=raw, logprobs=logprobs, assistant=assistant)
+    gen = Generation(lm, [prompt], settings, system=system, raw=raw, logprobs=logprobs)
     err = Console(stderr=True, highlight=False)
     if settings.strategy in ("beam", "beam-sampling", "diverse-beam") and err.is_terminal and not json_out:
         err.print(f"[dim]{settings.strategy}: the text appears once the search has finished[/dim]")
     interrupted = False
+    events = iter(gen)
     try:
         if json_out:
             gen.run()
         else:
             with render.TextView(settings.num_return_sequences) as view:
-                for ev in gen:
+                for ev in events:
                     view.event(ev)
     except KeyboardInterrupt:
         interrupted = True
+        # Ctrl-C may land while a token is being shown, outside the engine: closing the
+        # events lets it end every sequence as cancelled, so the log and stats keep the text.
+        events.close()
     diff = presets.diff_from_defaults(settings.explicit)
     diff["max_new_tokens"] = settings.max_new_tokens
     if log_to is not None:
@@ -206,7 +207,3 @@ def _generate(lm, resolved, text, system, raw, json_out, want_stats, logprobs, *
         raise SystemExit(130)
 
 
-def _assistant_options(lm):
-    from genkit.models import LoadOptions
-
-    return LoadOptions(dtype=str(lm.model.dtype).replace("torch.", ""))

@@ -57,7 +57,7 @@ def unpack(bits: torch.Tensor, width: int, device) -> torch.Tensor:
 def ll_tokenizer(lm, eos_ids: Sequence[int], vocab_size: int):
     """llguidance's view of `lm`'s tokenizer with these eos ids, cached on the loaded model."""
     key = (tuple(eos_ids), vocab_size)
-    cache = lm.__dict__.setdefault("_ll_tokenizers", {})
+    cache = lm.tokenizer_wraps
     if key not in cache:
         import llguidance.hf
 

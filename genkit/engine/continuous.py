@@ -30,7 +30,7 @@ from transformers.cache_utils import DynamicLayer
 from genkit.engine import constrain
 from genkit.engine import processors as procs
 from genkit.engine.core import row_generator
-from genkit.engine.runner import fast_decoder, with_cache
+from genkit.engine.runner import with_cache
 from genkit.engine.settings import DecodeSettings
 from genkit.engine.strategies.base import processed_logprobs, sample_rows
 from genkit.engine.tracker import SequenceState
@@ -149,8 +149,8 @@ def supported(lm, settings: DecodeSettings) -> bool:
     """Whether continuous batching can run these settings on this model."""
     if settings.strategy not in STRATEGIES or lm.is_encoder_decoder:
         return False
-    if getattr(lm.model, "native_runner", None) is not None:
-        return False  # genkit's native 4-bit model has its own runner and cache, not transformers'
+    if lm.backend.kind == "native":
+        return False  # genkit's native models have their own runner and cache, not transformers'
     # Sliding-window and other special layers keep state that left-padding would corrupt.
     layers = DynamicCache(config=lm.model.config).layers
     return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
@@ -168,6 +168,7 @@ class ContinuousBatcher:
                  max_batch_tokens: int | None = None, logprobs: bool | int = False):
         self.lm = lm
         self.model = lm.model
+        self.fast = lm.backend.fast  # genkit's decoder over the weights, where it applies
         self.s = settings
         self.n = settings.num_return_sequences
         self.batch_size = max(1, batch_size)
@@ -345,7 +346,7 @@ class ContinuousBatcher:
 
     def _forward(self, ids, mask, positions, cache) -> torch.Tensor:
         """Next-token logits (float32) of every row; genkit's decoder where it applies."""
-        fast = fast_decoder(self.model)
+        fast = self.fast
         if fast is not None:
             return fast.forward_transformers(ids, mask, positions, cache)[:, -1, :]
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,

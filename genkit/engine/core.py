@@ -21,7 +21,6 @@ from genkit import prompts as prompts_mod
 from genkit import seeding
 from genkit.engine import processors as procs
 from genkit.engine import strategies
-from genkit.engine.runner import make_runner
 from genkit.engine.settings import DecodeSettings
 from genkit.engine.strategies.base import Context
 from genkit.engine.tracker import Event, Tracker
@@ -100,6 +99,12 @@ class Generation:
         self.want_logprobs = logprobs is not None and logprobs is not False
         self.top_logprobs = 0 if isinstance(logprobs, bool) or not logprobs else int(logprobs)
         self.alternatives: dict[int, list] = {}
+        # The draft model of assisted decoding: the caller's, else the one the settings name,
+        # loaded once per target model (genkit.models.draft_model).
+        if assistant is None and settings.values.get("assistant_model"):
+            from genkit.models import draft_model
+
+            assistant = draft_model(lm, settings.values["assistant_model"])
         self.assistant = assistant
         self.templated = prompts_mod.uses_chat(lm, raw)
         self.texts = [prompts_mod.to_text(lm, p, system=system, raw=raw) for p in prompts]
@@ -131,8 +136,8 @@ class Generation:
             input_ids = input_ids.repeat_interleave(n, dim=0)
             mask = mask.repeat_interleave(n, dim=0)
         def fresh_runner():
-            return make_runner(lm.model, input_ids, mask, s.values.get("decoder_start_token_id"),
-                               capacity=input_ids.shape[1] + max_new)
+            return lm.backend.runner(input_ids, mask, s.values.get("decoder_start_token_id"),
+                                     capacity=input_ids.shape[1] + max_new)
 
         if self.turn_cache is None:
             runner = fresh_runner()

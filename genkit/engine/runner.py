@@ -12,18 +12,12 @@ the logits (and therefore greedy tokens) are the same.
 from __future__ import annotations
 
 import inspect
-import os
-from dataclasses import dataclass
 from functools import cache
 
 import torch
 from transformers import DynamicCache, EncoderDecoderCache
 
-
-@dataclass
-class StepOutput:
-    logits: torch.Tensor  # (batch, new_positions, vocab), float32
-    hidden_states: tuple | None = None  # per layer (batch, new_positions, hidden) when asked
+from genkit.step import StepOutput
 
 
 @cache
@@ -40,7 +34,7 @@ def with_cache(model, cache) -> dict:
 
 
 class Runner:
-    """Incremental forward passes for a batch of left-padded prompts (decoder-only)."""
+    """transformers' forward over its dynamic cache: genkit.step.Runner for decoder-only models."""
 
     def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         self.model = model
@@ -146,39 +140,3 @@ class EncoderDecoderRunner(Runner):
         self.encoder_out.last_hidden_state = self.encoder_out.last_hidden_state.index_select(0, index)
         self.attention_mask = self.attention_mask.index_select(0, index)
         self.positions = self.positions.index_select(0, index)
-
-
-def make_runner(model, input_ids, attention_mask, start_id: int | None = None, capacity: int | None = None) -> Runner:
-    """The runner for this model: genkit's own decoder where it applies (CPU), the static cache
-    with CUDA graphs on a GPU, else transformers' forward over a dynamic cache. `capacity` is
-    how many positions the sequence will likely reach (a static cache grows past it if needed)."""
-    if getattr(model, "native_runner", None) is not None:
-        return model.native_runner(input_ids, attention_mask)
-    if (fast := fast_decoder(model)) is not None:
-        return fast.native_runner(input_ids, attention_mask)
-    from genkit.engine import static_runner
-
-    if static_runner.wanted(model):
-        return static_runner.StaticRunner(model, input_ids, attention_mask, capacity)
-    if getattr(model.config, "is_encoder_decoder", False):
-        if start_id is None:
-            start_id = model.generation_config.decoder_start_token_id
-            if start_id is None:
-                start_id = model.config.decoder_start_token_id
-        return EncoderDecoderRunner(model, input_ids, attention_mask, start_id)
-    return Runner(model, input_ids, attention_mask)
-
-
-def fast_decoder(model):
-    """genkit's own decoder over the model's weights (genkit/native/llama.py) where it applies
-    (an fp32 Llama on the CPU with genkit's kernels built), built once per model; else None.
-    GENKIT_FAST=0 turns it off, to compare with transformers' forward."""
-    if os.environ.get("GENKIT_FAST") == "0":
-        return None
-    fast = model.__dict__.get("_genkit_fast", "unset")
-    if fast == "unset":
-        from genkit.native.llama import fast_llama
-
-        fast = fast_llama(model)
-        model.__dict__["_genkit_fast"] = fast  # not setattr: nn.Module would register a submodule
-    return fast

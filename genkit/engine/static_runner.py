@@ -21,11 +21,10 @@ qualify (no sliding windows: the ready-made mask would drop them).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from genkit.engine.runner import StepOutput, with_cache
+from genkit.engine.runner import with_cache
+from genkit.step import StepOutput
 
 # Decoder-only architectures whose attention layers store keys and values through
 # `cache.update(k, v, layer)` and attend to the whole context.
@@ -48,16 +47,6 @@ def eligible(model) -> bool:
         return False  # bitsandbytes layers under graphs: not yet measured on a GPU
     devices = {p.device for p in model.parameters()}
     return len(devices) == 1
-
-
-def wanted(model) -> bool:
-    """On by default on CUDA, where it pays; GENKIT_STATIC=1 forces it elsewhere (tests),
-    GENKIT_STATIC=0 turns it off (to compare with the dynamic cache)."""
-    flag = os.environ.get("GENKIT_STATIC")
-    if flag == "0":
-        return False
-    on_cuda = next(model.parameters()).device.type == "cuda"
-    return (flag == "1" or on_cuda) and eligible(model)
 
 
 def _rounded(n: int) -> int:
@@ -135,8 +124,9 @@ class SlotCache:
 class StaticRunner:
     """The Runner contract (prefill, step, select, repeat_interleave, crop) over a SlotCache."""
 
-    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, capacity: int | None = None):
-        self.model = model
+    def __init__(self, backend, input_ids: torch.Tensor, attention_mask: torch.Tensor, capacity: int | None = None):
+        self.backend = backend  # genkit.engine.backends.Backend: the model, and where graphs are kept
+        self.model = backend.model
         self.device = input_ids.device
         self.prompt = input_ids
         b, p = input_ids.shape
@@ -145,25 +135,24 @@ class StaticRunner:
         # Position of slot j >= p is base + (j - p): every row is real from the prompt on.
         self.base = self.prompt_positions[:, -1:] + 1
         self.filled = 0  # slots holding keys and values
-        self.float_mask = getattr(model.config, "_attn_implementation", "sdpa") != "sdpa"
-        self.use_graphs = self.device.type == "cuda" and os.environ.get("GENKIT_CUDA_GRAPHS") != "0"
+        self.float_mask = getattr(self.model.config, "_attn_implementation", "sdpa") != "sdpa"
+        self.use_graphs = self.device.type == "cuda" and backend.graphs
         # (batch, new tokens, hidden states?) -> (graph, its input buffers, its outputs)
         self.graphs: dict[tuple, tuple] = {}
         self.pool = None  # one memory pool for all of this runner's graphs
         want = _rounded(max(capacity or 0, p + 1))
         if not self._reuse(b, want):
             live = torch.zeros(b, want, dtype=torch.bool, device=self.device)
-            self.cache = SlotCache(model.config.get_text_config().num_hidden_layers, live)
+            self.cache = SlotCache(self.model.config.get_text_config().num_hidden_layers, live)
         self.cache.live[:, :p] = attention_mask.bool()
 
     def _reuse(self, batch: int, capacity: int) -> bool:
         """Take over the cache and graphs the model's previous generation left (`close`) when
         they fit this one: capturing a graph costs about two eager steps, which a loop of short
         generations (the Python API, genkit batch, genkit bench) would otherwise pay each time."""
-        kept = self.model.__dict__.pop("_genkit_graphs", None) if self.use_graphs else None
-        if kept is None:
+        if not self.use_graphs or self.backend.kept is None:
             return False
-        cache, graphs, pool = kept
+        (cache, graphs, pool), self.backend.kept = self.backend.kept, None
         if cache.live.shape[0] != batch or not capacity <= cache.capacity <= 2 * capacity:
             return False
         cache.live.zero_()
@@ -173,7 +162,7 @@ class StaticRunner:
     def close(self) -> None:
         """The generation is over: leave the cache and graphs to the model's next one."""
         if self.graphs:
-            self.model.__dict__["_genkit_graphs"] = (self.cache, self.graphs, self.pool)  # not an nn.Module attribute
+            self.backend.kept = (self.cache, self.graphs, self.pool)
 
     @property
     def batch_size(self) -> int:
@@ -252,8 +241,10 @@ class StaticRunner:
         self.filled = p
         return StepOutput(*out)
 
-    def step(self, tokens: torch.Tensor, hidden: bool = False, logits: bool = True) -> StepOutput:
-        """Feed new tokens (batch, n) after what the cache holds; logits for each of them."""
+    def step(self, tokens: torch.Tensor, hidden: bool = False, logits: bool = True,
+             keep: int | None = None) -> StepOutput:
+        """Feed new tokens (batch, n) after what the cache holds; logits for each of them (for
+        the last `keep` only when given)."""
         n = tokens.shape[1]
         # Drafts vary in length: pad them to a power of two so a few graphs serve them all.
         # The padding comes after the real tokens, which causality keeps from seeing it; its
@@ -276,7 +267,7 @@ class StaticRunner:
             graph.replay()
         self.filled += n
         # Copies: the next replay overwrites a graph's outputs.
-        logits_ = logits_[:, :n].clone()
+        logits_ = logits_[:, n - (keep or n):n].clone()
         states = tuple(h[:, :n].clone() for h in states) if hidden else None
         return StepOutput(logits_, states)
 

@@ -39,8 +39,9 @@ class RecordingRunner:
         self.fed = self.prompt[0].tolist()
         return out
 
-    def step(self, tokens: torch.Tensor, hidden: bool = False, logits: bool = True):
-        out = self.inner.step(tokens, hidden=hidden, logits=logits)
+    def step(self, tokens: torch.Tensor, hidden: bool = False, logits: bool = True,
+             keep: int | None = None):
+        out = self.inner.step(tokens, hidden=hidden, logits=logits, keep=keep)
         self.fed.extend(tokens[0].tolist())
         return out
 

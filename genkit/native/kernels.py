@@ -27,7 +27,9 @@ from genkit import paths
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
 # Sources besides SOURCE that the build includes: part of the build's digest.
-HEADERS = [Path(__file__).with_name("blocks.h"), Path(__file__).with_name("formats.def")]
+FORMAT_TABLE = Path(__file__).with_name("formats.def")
+HEADERS = [Path(__file__).with_name(name) for name in ("blocks.h", "quantized.h", "dense.h", "weights.h",
+                                                       "attention.h")] + [FORMAT_TABLE]
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ class Format:
 
 def _read_formats() -> dict[str, Format]:
     """formats.def, the table kernels.cpp includes too, parsed here (no build needed)."""
-    rows = re.findall(r"^GENKIT_FORMAT\((\w+), (\d+), (\d+), (\d+)\)$", HEADERS[1].read_text(), re.M)
+    rows = re.findall(r"^GENKIT_FORMAT\((\w+), (\d+), (\d+), (\d+)\)$", FORMAT_TABLE.read_text(), re.M)
     return {name: Format(name, int(code), int(w), int(b)) for name, code, w, b in rows}
 
 

@@ -63,7 +63,7 @@ class DecodeLlama:
         return self
 
     def native_runner(self, input_ids, attention_mask):
-        """The engine asks the model for its runner (see genkit.engine.runner.make_runner)."""
+        """The engine asks the model for its runner (see genkit.engine.backends)."""
         from genkit.native.runner import NativeRunner
 
         return NativeRunner(self, input_ids, attention_mask)

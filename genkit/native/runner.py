@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from genkit.engine.runner import StepOutput
+from genkit.step import StepOutput
 from genkit.native.llama import DecodeLlama, StaticKV
 
 

@@ -44,7 +44,7 @@ import torch
 
 from genkit.engine import constrain
 from genkit.engine import processors as procs
-from genkit.engine.runner import Runner, make_runner
+from genkit.engine.runner import Runner
 from genkit.engine.strategies.base import Context, Proposal
 from genkit.errors import GenkitError
 
@@ -185,7 +185,7 @@ class Row:
         self.index = index
         self.device = ctx.input_ids.device
         ids = torch.tensor([self.prompt], device=self.device)
-        self.target = make_runner(ctx.model, ids, torch.ones_like(ids))
+        self.target = ctx.lm.backend.runner(ids, torch.ones_like(ids))
         # Built per row: the processors' view of "the prompt" (its length, its padding) must be
         # this row's unpadded prompt, not the batch's.
         self.processors = procs.build_processors(

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from transformers.generation import LogitsProcessorList
 
-from genkit.engine.runner import Runner
+from genkit.step import Runner
 from genkit.engine.settings import DecodeSettings
 from genkit.engine.tracker import Tracker
 

@@ -1,0 +1,342 @@
+// Products of float activations with GGUF Q4_0 / Q4_1 / Q8_0 blocks as they are: the
+// activations quantised per block of 32 (int16, or int8 as llama.cpp does), integer dot products.
+// Part of kernels.cpp's one translation unit, which includes torch, AVX2 and blocks.h first and
+// then, in this order: quantized.h, dense.h, weights.h, attention.h.
+#pragma once
+
+namespace {
+
+constexpr int64_t kGroup = 32;
+constexpr int kRowsAtOnce = 4;  // activation rows sharing one read of a weight block
+
+// Calls f(std::integral_constant<int, k>{}) for the k in 1..N equal to n: a run-time count (the
+// rows or lanes left over) turned into the compile-time one that register tiles need. n = 0: nothing.
+template <int N, typename F>
+inline void with_count(int64_t n, F&& f) {
+    if constexpr (N > 0) {
+        if (n == N) f(std::integral_constant<int, N>{});
+        else with_count<N - 1>(n, f);
+    }
+}
+
+inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_hadd_ps(s, s);
+    s = _mm_hadd_ps(s, s);
+    return _mm_cvtss_f32(s);
+}
+
+inline float half_to_float(const uint8_t* p) {
+    uint16_t h;
+    std::memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+// A block's 32 weight codes as two vectors of 16 int16, in weight order.
+struct Codes {
+    __m256i first, second;  // weights 0..15 and 16..31
+};
+
+// Q4: byte j holds weight j in its low nibble and weight j + 16 in its high one.
+inline Codes q4_codes(const uint8_t* qs) {
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    return {_mm256_cvtepu8_epi16(_mm_and_si128(packed, mask)),
+            _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(packed, 4), mask))};
+}
+
+inline Codes q8_codes(const uint8_t* qs) {
+    return {_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs))),
+            _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16)))};
+}
+
+// sum_j code_j * x_j over one block, as eight int32 partial sums turned float. No overflow:
+// |code| <= 127 and |x| <= 32767, 32 products.
+inline __m256 block_dot(const Codes& c, const int16_t* x) {
+    const __m256i lo = _mm256_madd_epi16(c.first, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+    const __m256i hi = _mm256_madd_epi16(c.second, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16)));
+    return _mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi));
+}
+
+enum class Format { Q4_0, Q4_1, Q8_0 };
+
+constexpr int64_t block_bytes(Format f) { return f == Format::Q4_1 ? 20 : f == Format::Q4_0 ? 18 : 34; }
+
+// A block is an fp16 scale d, for Q4_1 an fp16 offset m, then the codes. Where they start:
+template <Format F>
+constexpr int64_t kCodesAt = F == Format::Q4_1 ? 4 : 2;
+
+// The term a block adds to each weight besides q d: w = q d + m (Q4_1), q d - 8 d (Q4_0), q d (Q8_0).
+template <Format F>
+inline float block_offset(const uint8_t* blk, float d) {
+    if constexpr (F == Format::Q4_1) return half_to_float(blk + 2);
+    else if constexpr (F == Format::Q4_0) return -8.0f * d;
+    else return 0.0f;
+}
+
+template <Format F>
+inline Codes block_codes(const uint8_t* blk) {
+    if constexpr (F == Format::Q8_0) return q8_codes(blk + kCodesAt<F>);
+    else return q4_codes(blk + kCodesAt<F>);
+}
+
+// Calls f(std::integral_constant<Format, F>{}) for the F equal to f: a weight's run-time kind
+// turned into the compile-time format the block loops are written for.
+template <typename Fn>
+inline void with_format(Format f, Fn&& fn) {
+    if (f == Format::Q4_1) fn(std::integral_constant<Format, Format::Q4_1>{});
+    else if (f == Format::Q4_0) fn(std::integral_constant<Format, Format::Q4_0>{});
+    else fn(std::integral_constant<Format, Format::Q8_0>{});
+}
+
+// Activations for the integer products: each block of 32 inputs as int16 times one float scale
+// (amax / 32767), so quantising them costs about 1e-5 of relative precision (llama.cpp's signed
+// bytes cost 1e-2 and flip close greedy choices), plus the block's sum for the offset terms of the Q4
+// formats (w = q d + m adds m * sum(x) per block). That sum is taken over the quantised inputs,
+// not the exact ones: code and offset terms then see the same x and their large parts cancel.
+struct QuantizedRows {
+    std::vector<int16_t> q;
+    std::vector<float> scale, sum;
+};
+
+// e^x for eight floats, to about 2 ulp: x = n ln2 + r with |r| <= ln2 / 2, e^r from a degree-6
+// polynomial, 2^n put straight into the exponent bits. (std::exp is scalar: the MLP's silu over
+// 1536 values per row and layer cost more than the product it feeds at 32 rows.)
+inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    // r = x - n ln2, with ln2 split in two so that n * (high part) is exact
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+}
+
+// silu(gate) * up over n values.
+void glu_row(const float* gate, const float* up, float* out, int64_t n) {
+    int64_t i = 0;
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        const __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(g, sig), _mm256_loadu_ps(up + i)));
+    }
+    for (; i < n; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+}
+
+// The rows a product actually multiplies, computed from x in one pass: with `glu`, x holds
+// 2I columns and the input is silu(x[:, :I]) * x[:, I:] (the MLP's gate and up halves); with
+// `norm`, an RMS norm with that weight. Each would otherwise be a few separate torch calls per
+// layer, costing more than their arithmetic. Returns x itself when there is nothing to do.
+const float* prepare_rows(const float* x, int64_t M, int64_t I, const float* norm, float eps, bool glu,
+                          std::vector<float>& buffer) {
+    if (!norm && !glu) return x;
+    buffer.resize(M * I);
+    float* rows = buffer.data();
+    at::parallel_for(0, M, 4, [&](int64_t begin, int64_t end) {
+        for (int64_t m = begin; m < end; ++m) {
+            float* out = rows + m * I;
+            if (glu) {
+                glu_row(x + m * 2 * I, x + m * 2 * I + I, out, I);
+            } else {
+                std::copy(x + m * I, x + (m + 1) * I, out);
+            }
+            if (norm) {
+                double squares = 0.0;
+                for (int64_t i = 0; i < I; ++i) squares += static_cast<double>(out[i]) * out[i];
+                const float inv_rms = 1.0f / std::sqrt(static_cast<float>(squares / I) + eps);
+                for (int64_t i = 0; i < I; ++i) out[i] = out[i] * inv_rms * norm[i];
+            }
+        }
+    });
+    return rows;
+}
+
+QuantizedRows quantize_rows(const float* x, int64_t M, int64_t I) {
+    const int64_t blocks = I / kGroup;
+    QuantizedRows r{std::vector<int16_t>(M * I), std::vector<float>(M * blocks), std::vector<float>(M * blocks)};
+    at::parallel_for(0, M, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+        const float* row = x + m * I;
+        for (int64_t b = 0; b < blocks; ++b) {
+            const float* v = row + b * kGroup;
+            float amax = 0.0f;
+            for (int j = 0; j < kGroup; ++j) amax = std::max(amax, std::fabs(v[j]));
+            const float scale = amax / 32767.0f, inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+            int qsum = 0;
+            int16_t* q = r.q.data() + (m * blocks + b) * kGroup;
+            for (int j = 0; j < kGroup; ++j) {
+                q[j] = static_cast<int16_t>(std::nearbyint(v[j] * inv));
+                qsum += q[j];
+            }
+            r.scale[m * blocks + b] = scale;
+            r.sum[m * blocks + b] = scale * static_cast<float>(qsum);
+        }
+    }
+    });
+    return r;
+}
+
+// One output row against R activation rows (R a compile-time constant, so the accumulators live
+// in registers): the weight block is decoded once and used R times.
+// With `add`, y += the product (the residual stream), else y = the product.
+template <Format F, int R>
+inline void gguf_row(const QuantizedRows& xq, int64_t m0, const uint8_t* row, int64_t blocks, float* y, int64_t O,
+                     bool add) {
+    __m256 acc[R];
+    float offset[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), offset[r] = 0.0f;
+    for (int64_t b = 0; b < blocks; ++b) {
+        const uint8_t* blk = row + b * block_bytes(F);
+        const float d = half_to_float(blk), mterm = block_offset<F>(blk, d);
+        const Codes codes = block_codes<F>(blk);
+        for (int r = 0; r < R; ++r) {
+            const int64_t xb = (m0 + r) * blocks + b;
+            const __m256 dot = block_dot(codes, xq.q.data() + xb * kGroup);
+            acc[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(d * xq.scale[xb]), acc[r]);
+            if constexpr (F != Format::Q8_0) offset[r] += mterm * xq.sum[xb];
+        }
+    }
+    for (int r = 0; r < R; ++r) {
+        const float v = hsum(acc[r]) + offset[r];
+        float& out = y[(m0 + r) * O];
+        out = add ? out + v : v;
+    }
+}
+
+template <Format F>
+void gguf_rows(const QuantizedRows& xq, const uint8_t* w, float* y, int64_t M, int64_t I, int64_t O,
+               int64_t o_begin, int64_t o_end, bool add) {
+    const int64_t blocks = I / kGroup, row_bytes = blocks * block_bytes(F);
+    for (int64_t o = o_begin; o < o_end; ++o) {
+        const uint8_t* row = w + o * row_bytes;
+        int64_t m0 = 0;
+        for (; m0 + 4 <= M; m0 += 4) gguf_row<F, 4>(xq, m0, row, blocks, y + o, O, add);
+        with_count<3>(M - m0, [&](auto r) { gguf_row<F, decltype(r)::value>(xq, m0, row, blocks, y + o, O, add); });
+    }
+}
+
+// The same products with activations as signed bytes (amax / 127 per block of 32, as llama.cpp
+// quantises them): a block's dot product is then one maddubs (unsigned codes times signed bytes,
+// pairs summed to int16) and one madd, about half the instructions of the int16 path, for about
+// 4e-3 relative error in each product instead of 1e-5. Greedy output can drift from fp32's.
+struct QuantizedRows8 {
+    std::vector<int8_t> q;
+    std::vector<float> scale, sum;
+};
+
+QuantizedRows8 quantize_rows8(const float* x, int64_t M, int64_t I) {
+    const int64_t blocks = I / kGroup;
+    QuantizedRows8 r{std::vector<int8_t>(M * I), std::vector<float>(M * blocks), std::vector<float>(M * blocks)};
+    at::parallel_for(0, M, 4, [&](int64_t begin, int64_t end) {
+        for (int64_t m = begin; m < end; ++m) {
+            for (int64_t b = 0; b < blocks; ++b) {
+                const float* v = x + m * I + b * kGroup;
+                float amax = 0.0f;
+                for (int j = 0; j < kGroup; ++j) amax = std::max(amax, std::fabs(v[j]));
+                const float scale = amax / 127.0f, inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+                int qsum = 0;
+                int8_t* q = r.q.data() + (m * blocks + b) * kGroup;
+                for (int j = 0; j < kGroup; ++j) {
+                    q[j] = static_cast<int8_t>(std::nearbyint(v[j] * inv));
+                    qsum += q[j];
+                }
+                r.scale[m * blocks + b] = scale;
+                r.sum[m * blocks + b] = scale * static_cast<float>(qsum);
+            }
+        }
+    });
+    return r;
+}
+
+// A Q4 block's 32 codes as unsigned bytes in weight order (low nibbles, then high ones).
+inline __m256i q4_bytes(const uint8_t* qs) {
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+    const __m256i both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
+    return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+}
+
+// sum_j code_j * x_j as eight int32 partial sums turned float; codes unsigned (< 16) or, for
+// Q8_0, signed (their sign moved onto x, since maddubs wants its first operand unsigned).
+template <bool Signed>
+inline __m256 block_dot8(__m256i codes, const int8_t* x) {
+    __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+    if constexpr (Signed) {
+        xv = _mm256_sign_epi8(xv, codes);
+        codes = _mm256_sign_epi8(codes, codes);
+    }
+    const __m256i pairs = _mm256_maddubs_epi16(codes, xv);  // |pair| <= 2 * 127 * 127 fits int16
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+
+// Two accumulators per activation row, for even and odd blocks: with one, every block's fma
+// waits for the previous block's (4 cycles), longer than the block's other work takes.
+template <Format F, int R>
+inline void gguf_row8(const QuantizedRows8& xq, int64_t m0, const uint8_t* row, int64_t blocks, float* y, int64_t O,
+                      bool add) {
+    __m256 acc[2][R];
+    float offset[2][R];
+    for (int r = 0; r < R; ++r) {
+        acc[0][r] = acc[1][r] = _mm256_setzero_ps();
+        offset[0][r] = offset[1][r] = 0.0f;
+    }
+    auto block = [&](int64_t b, __m256* a, float* off) {
+        const uint8_t* blk = row + b * block_bytes(F);
+        const float d = half_to_float(blk), mterm = block_offset<F>(blk, d);
+        __m256i codes;
+        if constexpr (F == Format::Q8_0) codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + kCodesAt<F>));
+        else codes = q4_bytes(blk + kCodesAt<F>);
+        for (int r = 0; r < R; ++r) {
+            const int64_t xb = (m0 + r) * blocks + b;
+            const __m256 dot = block_dot8<F == Format::Q8_0>(codes, xq.q.data() + xb * kGroup);
+            a[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(d * xq.scale[xb]), a[r]);
+            if constexpr (F != Format::Q8_0) off[r] += mterm * xq.sum[xb];
+        }
+    };
+    int64_t b = 0;
+    for (; b + 2 <= blocks; b += 2) {
+        block(b, acc[0], offset[0]);
+        block(b + 1, acc[1], offset[1]);
+    }
+    if (b < blocks) block(b, acc[0], offset[0]);
+    for (int r = 0; r < R; ++r) {
+        const float v = hsum(_mm256_add_ps(acc[0][r], acc[1][r])) + offset[0][r] + offset[1][r];
+        float& out = y[(m0 + r) * O];
+        out = add ? out + v : v;
+    }
+}
+
+template <Format F>
+void gguf_rows8(const QuantizedRows8& xq, const uint8_t* w, float* y, int64_t M, int64_t I, int64_t O,
+                int64_t o_begin, int64_t o_end, bool add) {
+    const int64_t blocks = I / kGroup, row_bytes = blocks * block_bytes(F);
+    for (int64_t o = o_begin; o < o_end; ++o) {
+        const uint8_t* row = w + o * row_bytes;
+        int64_t m0 = 0;
+        for (; m0 + 4 <= M; m0 += 4) gguf_row8<F, 4>(xq, m0, row, blocks, y + o, O, add);
+        with_count<3>(M - m0, [&](auto r) { gguf_row8<F, decltype(r)::value>(xq, m0, row, blocks, y + o, O, add); });
+    }
+}
+
+// Eight weights as floats: fp32 as they are; bf16 is the top half of an fp32, so a shift.
+inline __m256 load8(const float* w) { return _mm256_loadu_ps(w); }
+inline __m256 load8(const uint16_t* w) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+inline float load1(const float* w) { return *w; }
+inline float load1(const uint16_t* w) {
+    const uint32_t bits = static_cast<uint32_t>(*w) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+}  // namespace
