@@ -6,7 +6,7 @@ tokens), and hands every accepted token back to its row's matcher. End-of-sequen
 allowed only where the grammar accepts, and once the grammar is complete they are the only
 tokens left, so a constrained row ends by `eos` with a text the grammar accepts, or by `length`.
 
-The masks are computed by llguidance's executor (all rows in parallel, outside the GIL) into
+The masks are computed by llguidance's executor (from 4 rows, in parallel, outside the GIL) into
 one int32 bitmask, then unpacked in one numpy pass on the CPU and moved to the scores'
 device. Wrapping a tokenizer for llguidance takes seconds on a 49k vocabulary, so the wrap is
 kept on the loaded model and reused by every later request.
@@ -153,7 +153,6 @@ class RowMatchers:
             matchers.append(self.matchers[i].deep_copy() if i in seen else self.matchers[i])
             seen.add(i)
         self.matchers = matchers
-
 
     def advance(self, src: Sequence[int], tokens: Sequence[int], live: Sequence[bool]) -> None:
         """Beams: row r continues row src[r] with tokens[r]. Rows that are not live (a beam with
