@@ -330,9 +330,15 @@ def _native_gguf(model: str | None, opts: LoadOptions) -> Path | None:
     path = Path(model).expanduser()
     if not path.is_file():
         raise GenkitError(f"GGUF file {model} does not exist; check the path")
+    from genkit.native import gguf_load
+
+    gguf_load.prefetch_tokenizer(path)  # while the kernels and transformers import
     from genkit.native import kernels
 
-    return path if kernels.available() else None
+    if kernels.available():
+        return path
+    gguf_load.drop_prefetched()  # the dequantised path converts its own tokenizer
+    return None
 
 
 def _is_damage(e: BaseException) -> bool:

@@ -59,10 +59,10 @@ def _k_blocks(kind: str, rows: int, cols: int, rng) -> np.ndarray:
     return blocks.reshape(rows, -1)
 
 
-def write(model, path: Path, types: dict[str, str] | str = "Q8_0", seed: int = 0) -> Path:
+def write(model, path: Path, types: dict[str, str] | str = "Q8_0", seed: int = 0, tokenizer: str | None = None) -> Path:
     """`model` (a transformers causal LM) as a GGUF file at `path`. `types`: one GGML type for
     every matrix, or {GGUF tensor name suffix: type} with "*" as the default (norms and biases
-    are F32 as llama.cpp writes them)."""
+    are F32 as llama.cpp writes them). `tokenizer`: "gpt2" or "llama" to add one (add_tokenizer)."""
     cfg = model.config
     arch = ARCHS[cfg.model_type]
     name = gguf.MODEL_ARCH_NAMES[arch]
@@ -80,6 +80,8 @@ def write(model, path: Path, types: dict[str, str] | str = "Q8_0", seed: int = 0
     writer.add_bos_token_id(cfg.bos_token_id)
     writer.add_eos_token_id(cfg.eos_token_id)
     writer.add_pad_token_id(cfg.pad_token_id)  # else phi3's default (32000) lies outside a tiny vocabulary
+    if tokenizer:
+        add_tokenizer(writer, tokenizer, cfg.vocab_size)
     rope = cfg.rope_parameters
     writer.add_rope_freq_base((rope.get("full_attention") or rope)["rope_theta"])
     if getattr(cfg, "sliding_window", None) and cfg.model_type.startswith("gemma"):
@@ -117,3 +119,38 @@ def write(model, path: Path, types: dict[str, str] | str = "Q8_0", seed: int = 0
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+# ---------------------------------------------------------------- tokenizers in the metadata
+
+BIGRAMS = ("th he in er an re on at en nd ti es or te of ed is it al ar st to nt ng se ha as ou io le ve co me de "
+           "hi ri ro ic ne ea ra ce li ch ll be ma si om ur el").split()
+
+
+def add_tokenizer(writer, kind: str, vocab_size: int = 320) -> None:
+    """A small real tokenizer in the file's metadata, as llama.cpp's converter writes one, so that
+    genkit (and transformers) build it from the file: `gpt2` (byte-level BPE with merges, as
+    SmolLM2 and Llama 3 files carry) or `llama` (sentencepiece with byte fallback and no merges,
+    as Gemma files carry). Ids 0, 1, 2 are pad, bos and eos, as tiny_config says."""
+    if kind == "gpt2":
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        byte = bytes_to_unicode()
+        tokens = ["<pad>", "<s>", "</s>"] + [byte[b] for b in range(256)]
+        merges = [f"Ġ {c}" for c in "etaoinsrhl"] + [f"{a} {b}" for a, b in BIGRAMS]
+        tokens += [m.replace(" ", "") for m in merges]
+        types = [3, 3, 3] + [1] * (len(tokens) - 3)
+        writer.add_token_merges(merges[:vocab_size - 259])
+        writer.add_chat_template("{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}")
+    else:
+        tokens = ["<pad>", "<bos>", "<eos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)]
+        tokens += ["▁"] + list("abcdefghijklmnopqrstuvwxyz") + ["▁" + c for c in "tao"] + BIGRAMS
+        types = [3, 3, 3, 2] + [6] * 256 + [1] * (len(tokens) - 260)
+        writer.add_unk_token_id(3)
+        writer.add_add_bos_token(True)
+    tokens, types = tokens[:vocab_size], types[:vocab_size]
+    assert len(tokens) == vocab_size, len(tokens)
+    writer.add_tokenizer_model(kind)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_scores([-float(i) for i in range(vocab_size)])

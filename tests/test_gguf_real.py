@@ -51,3 +51,19 @@ def test_models_lists_architecture_and_types(gemma):
     assert len(rows) == 1 and rows[0]["state"] == "ok" and rows[0]["architecture"] == "gemma3"
     assert set(rows[0]["types"]) == {"F32", "Q4_K", "Q5_0", "Q6_K", "Q8_0"}
     assert rows[0]["size"] < 60_000_000  # config, tokenizer and index: no copy of the weights
+
+
+def test_cached_tokenizer_equals_transformers(gemma):
+    """Gemma's 262k-token vocabulary, converted once and read back from the cache (the second
+    load), tokenizes and detokenizes as transformers' AutoTokenizer does from the file."""
+    from transformers import AutoTokenizer
+
+    models.load(str(gemma))
+    ours = models.load(str(gemma)).tokenizer
+    theirs = AutoTokenizer.from_pretrained(str(gemma.parent), gguf_file=gemma.name)
+    texts = PROMPTS + ["  two  spaces\n\n\tand tabs", "<start_of_turn>user\nHi<end_of_turn>", "日本語, Ça va? 🙂 <unused7>"]
+    for text in texts:
+        ids = theirs(text).input_ids
+        assert ours(text).input_ids == ids, text
+        assert ours.decode(ids) == theirs.decode(ids), text
+    assert ours.all_special_ids == theirs.all_special_ids and len(ours) == len(theirs)

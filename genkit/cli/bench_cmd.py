@@ -40,9 +40,10 @@ def bench(
     B.check_names(names or [], assistant_model is not None)
     lm = o.load_model(model, load)
     reference = None
-    if load.native_4bit or load.native_8bit:
-        # transformers cannot run genkit's 4-bit / 8-bit blocks: its baseline is the same model in fp32.
-        reference = o.load_model(model, LoadOptions(threads=load.threads))
+    if load.native_4bit or load.native_8bit or lm.info.get("mode") == "gguf-native":
+        # transformers cannot run genkit's blocks (a GGUF file's, or its 4-bit / 8-bit ones): its
+        # baseline is the same model in fp32, a .gguf dequantised.
+        reference = o.load_model(model, LoadOptions(threads=load.threads, dequantize=True))
     assistant = o.load_model(assistant_model, LoadOptions(dtype=load.dtype, device_map=load.device_map,
                                                           threads=load.threads)) if assistant_model else None
     err = Console(stderr=True)

@@ -150,10 +150,20 @@ def supported(lm, settings: DecodeSettings) -> bool:
     if settings.strategy not in STRATEGIES or lm.is_encoder_decoder:
         return False
     if lm.backend.kind == "native":
-        return False  # genkit's native models have their own runner and cache, not transformers'
+        # genkit's own decoders keep every position and mask a sliding window themselves, so any
+        # architecture batches; of them only the GGUF decoder takes a transformers cache.
+        return getattr(lm.model, "continuous_batching", False)
     # Sliding-window and other special layers keep state that left-padding would corrupt.
     layers = DynamicCache(config=lm.model.config).layers
     return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def _new_cache(lm) -> DynamicCache:
+    """An empty cache for one prefill: the config's layers for transformers' forward, plain
+    full-length layers (made on first use) for genkit's native decoder, which windows by mask."""
+    if lm.backend.kind == "native":
+        return DynamicCache()
+    return DynamicCache(config=lm.model.config)
 
 
 class ContinuousBatcher:
@@ -168,7 +178,8 @@ class ContinuousBatcher:
                  max_batch_tokens: int | None = None, logprobs: bool | int = False):
         self.lm = lm
         self.model = lm.model
-        self.fast = lm.backend.fast  # genkit's decoder over the weights, where it applies
+        # genkit's decoder: the native model itself, or the one over an fp32 model's weights
+        self.fast = lm.model if lm.backend.kind == "native" else lm.backend.fast
         self.s = settings
         self.n = settings.num_return_sequences
         self.batch_size = max(1, batch_size)
@@ -262,7 +273,7 @@ class ContinuousBatcher:
             mask[i, width - len(j.input_ids):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        cache = DynamicCache(config=self.model.config)
+        cache = _new_cache(self.lm)
         started = time.perf_counter()
         logits = self._forward(ids, mask, positions, cache)
         rows = self._new_rows(group, started)

@@ -104,6 +104,7 @@ class GGUFDecoder(DecodeLlama):
     """A GGUF file's model, its weights read in place; used through NativeRunner."""
 
     mode = "gguf-native"
+    continuous_batching = True  # forward_transformers over the continuous batcher's cache (engine/continuous.py)
 
     def __init__(self, path: Path, config, generation_config, index: dict | None = None):
         self.file = f = GGUFFile(path, index)

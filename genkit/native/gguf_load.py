@@ -1,42 +1,127 @@
 """Loading a .gguf natively (the default on the CPU): the file memory-mapped, its blocks
 multiplied as they are (decoder.py), config and tokenizer from its metadata.
 
-Parsing the metadata (gguf's reader walks every token of the vocabulary) and converting the
-tokenizer take seconds, so the first load keeps what they give, all small, in a cache entry
-beside the converted models: the tensor index (names, types, shapes, offsets), the config and the
-tokenizer, with a manifest like every entry. Later loads read those and map the file: well under
-a second. The entry's name holds the file's path, size and date, so a changed file gets a new one.
+The first load of a file reads its metadata (gguf_meta.py: a fraction of a second), builds the
+config from it and converts the tokenizer (transformers rebuilds the merges of a sentencepiece
+vocabulary: seconds for Gemma's 262k tokens). What they give, all small, goes into a cache entry
+beside the converted models: the tensor index (names, types, shapes, offsets), config.json and
+the tokenizer as tokenizer.json, with a manifest like every entry. The entry's name holds the
+file's path, size and date, so a changed file gets a new one. Later loads read the tokenizer
+straight into `tokenizers` (no per-class rebuild in Python) on a second thread while this one
+maps the file and builds the decoder.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from genkit.errors import GenkitError
 
 INDEX = "gguf-index.json"
+# tokenizer_config.json keys that name how transformers loaded it, not what the tokenizer is
+NOT_TOKENIZER_ARGS = ("tokenizer_class", "backend", "is_local", "local_files_only", "auto_map", "name_or_path")
 
 
 def load_native(path: Path, progress=None):
     """A LoadedModel over the file itself (genkit.models.load calls this for .gguf files)."""
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, GenerationConfig
 
     from genkit import models
     from genkit.native.decoder import GGUFDecoder
 
     entry = native_entry(path, progress)
-    with models._quiet():
+    with models._quiet(), ThreadPoolExecutor(1, thread_name_prefix="genkit-tokenizer") as pool:
+        tokenizer = pool.submit(load_tokenizer, entry)
         config = AutoConfig.from_pretrained(str(entry))
-        tokenizer = AutoTokenizer.from_pretrained(str(entry))
-    index = json.loads((entry / INDEX).read_text())
-    model = GGUFDecoder(path, config, GenerationConfig.from_model_config(config), index)
+        index = json.loads((entry / INDEX).read_text())
+        model = GGUFDecoder(path, config, GenerationConfig.from_model_config(config), index)
+        tokenizer = tokenizer.result()
     models.fix_tokenizer(tokenizer, model)
     info = {"mode": "gguf-native", "architecture": model.architecture}
     return models.LoadedModel(model=model, tokenizer=tokenizer, name=path.name, source=str(path), path=str(path),
                               info=info)
+
+
+def load_tokenizer(entry: Path):
+    """The entry's tokenizer, its tokenizer.json parsed by `tokenizers` itself (prefetched, or
+    here): AutoTokenizer would rebuild the vocabulary and merges class by class in Python, about
+    twice the time for Gemma's."""
+    settings = json.loads((entry / "tokenizer_config.json").read_text())
+    kwargs = {k: v for k, v in settings.items() if k not in NOT_TOKENIZER_ARGS}
+    template = entry / "chat_template.jinja"
+    if template.is_file() and "chat_template" not in kwargs:
+        kwargs["chat_template"] = template.read_text()
+    file = entry / "tokenizer.json"
+    job = _prefetched.pop(str(file), None)
+    backend = job[1].result() if job is not None and job[0] == _stamp(file) else None
+    if backend is None:
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_file(str(file))
+    return _tokenizer_class()(backend, **kwargs)
+
+
+@functools.cache
+def _tokenizer_class():
+    from transformers import PreTrainedTokenizerFast
+
+    class GGUFTokenizer(PreTrainedTokenizerFast):
+        """A PreTrainedTokenizerFast over a backend parsed beforehand: set before the base class
+        initialises, as transformers' own tokenizer classes set theirs, so it is kept, not copied
+        (tokenizer_object= would deep-copy it: seconds for Gemma's vocabulary)."""
+
+        def __init__(self, backend, **kwargs):
+            self._tokenizer = backend
+            super().__init__(**kwargs)
+
+    return GGUFTokenizer
+
+
+# tokenizer.json path -> (its stat when the parse began, the parse's future)
+_prefetched: dict[str, tuple] = {}
+
+
+def prefetch_tokenizer(path: Path) -> None:
+    """Begin parsing the cached tokenizer of a .gguf file already seen, on a thread, before
+    torch and transformers are imported: `tokenizers` holds no GIL while it parses (a second for
+    Gemma's 262k tokens), so the parse overlaps the imports instead of following them. The result
+    is used only if the entry still holds that file when the load reaches it."""
+    from genkit import models
+
+    try:
+        file = models.models_dir() / f"{models._entry_name(path, False)}-native" / "tokenizer.json"
+        stamp = _stamp(file)
+    except OSError:
+        return
+    if str(file) in _prefetched:
+        return
+
+    def parse():
+        from tokenizers import Tokenizer
+
+        try:
+            return Tokenizer.from_file(str(file))
+        except Exception:
+            return None  # the load parses it again and reports what is wrong
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="genkit-tokenizer")
+    _prefetched[str(file)] = (stamp, pool.submit(parse))
+    pool.shutdown(wait=False)
+
+
+def drop_prefetched() -> None:
+    """Forget prefetched tokenizers a load did not use (a large vocabulary is tens of MB)."""
+    _prefetched.clear()
+
+
+def _stamp(file: Path) -> tuple:
+    st = file.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 def native_entry(path: Path, progress=None) -> Path:
@@ -48,7 +133,7 @@ def native_entry(path: Path, progress=None) -> Path:
     if entry.is_dir() and models.check_entry(entry) is None:
         return entry
     if progress:
-        progress("reading the GGUF metadata (once)")
+        progress("reading the GGUF metadata and converting its tokenizer (once)")
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = entry.parent / f"{entry.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -62,13 +147,13 @@ def native_entry(path: Path, progress=None) -> Path:
 
 
 def _build(path: Path, tmp: Path) -> None:
-    from transformers import AutoConfig, AutoTokenizer
-
     from genkit import models
     from genkit.native.decoder import SPECS
-    from genkit.native.gguf_file import GGUFFile
+    from genkit.native.gguf_file import GGUFFile, read_index
+    from genkit.native.gguf_meta import GGUFMeta, transformers_config
 
-    f = GGUFFile(path)  # parses the metadata, checks the file holds its tensors
+    meta = GGUFMeta.read(path)
+    f = GGUFFile(path, read_index(path, meta))  # checks the file holds its tensors
     if f.architecture not in SPECS:
         raise GenkitError(f"{path.name}: architecture {f.architecture!r} does not run natively (genkit runs "
                           f"{', '.join(sorted(SPECS))}); add --dequantize to load it through transformers")
@@ -78,8 +163,8 @@ def _build(path: Path, tmp: Path) -> None:
                           "use a GGUF file converted with its tokenizer, or pass a transformers directory")
     try:
         with models._quiet():
-            config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            config = transformers_config(meta)
+            tokenizer = convert_tokenizer(path, config.model_type)
     except Exception as e:
         raise GenkitError(f"{path.name}: cannot read its config and tokenizer from the metadata "
                           f"({_first_line(e)})") from None
@@ -91,6 +176,18 @@ def _build(path: Path, tmp: Path) -> None:
     manifest = tmp / models.MANIFEST
     info = json.loads(manifest.read_text())
     manifest.write_text(json.dumps({**info, "architecture": f.architecture, "types": f.types()}, indent=1))
+
+
+def convert_tokenizer(path: Path, model_type: str):
+    """The tokenizer transformers builds from the file's metadata, the class AutoTokenizer picks
+    named up front: AutoTokenizer would first rebuild the config with gguf's reader, which walks
+    the whole vocabulary (15 s of Gemma 3's first load). The tests check both give the same."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
+
+    if model_type in TOKENIZER_MAPPING_NAMES:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, tokenizer_type=model_type)
+    return PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 def _first_line(e: Exception) -> str:

@@ -280,7 +280,7 @@ class TransformersKV:
     def fusable(self) -> bool:
         """Whether every layer keeps a contiguous buffer with room for one more token (the
         continuous batcher's layers do), so decode_attention can write into it."""
-        return all(
+        return bool(self.cache.layers) and all(  # no layers yet: a prefill's empty cache
             getattr(layer, "_k", None) is not None and layer.length < layer._k.shape[2] and layer._k.is_contiguous()
             for layer in self.cache.layers
         )

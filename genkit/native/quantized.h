@@ -89,13 +89,17 @@ inline void with_format(Format f, Fn&& fn) {
     else fn(std::integral_constant<Format, Format::Q8_0>{});
 }
 
-// Activations for the integer products: each block of 32 inputs as int16 times one float scale
-// (amax / 32767), so quantising them costs about 1e-5 of relative precision (llama.cpp's signed
-// bytes cost 1e-2 and flip close greedy choices), plus the block's sum for the offset terms of the Q4
-// formats (w = q d + m adds m * sum(x) per block). That sum is taken over the quantised inputs,
-// not the exact ones: code and offset terms then see the same x and their large parts cancel.
+// Activations for the integer products: each block of 32 inputs as integers Q times one float
+// scale, plus the block's sum for the offset terms of the Q4 formats (w = q d + m adds m * sum(x)
+// per block). That sum is taken over the quantised inputs, not the exact ones: code and offset
+// terms then see the same x and their large parts cancel.
+//   Q = int16_t: scale amax / 32767, about 1e-5 of relative precision; greedy output stays fp32's.
+//   Q = int8_t:  scale amax / 127, as llama.cpp quantises them: a block's dot product is one
+//                maddubs and one madd, about half the instructions, for about 4e-3 relative error
+//                in each product (greedy output can drift from fp32's).
+template <typename Q>
 struct QuantizedRows {
-    std::vector<int16_t> q;
+    std::vector<Q> q;
     std::vector<float> scale, sum;
 };
 
@@ -160,93 +164,22 @@ const float* prepare_rows(const float* x, int64_t M, int64_t I, const float* nor
     return rows;
 }
 
-QuantizedRows quantize_rows(const float* x, int64_t M, int64_t I) {
+template <typename Q>
+QuantizedRows<Q> quantize_rows(const float* x, int64_t M, int64_t I) {
+    constexpr float kMax = std::numeric_limits<Q>::max();
     const int64_t blocks = I / kGroup;
-    QuantizedRows r{std::vector<int16_t>(M * I), std::vector<float>(M * blocks), std::vector<float>(M * blocks)};
-    at::parallel_for(0, M, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-        const float* row = x + m * I;
-        for (int64_t b = 0; b < blocks; ++b) {
-            const float* v = row + b * kGroup;
-            float amax = 0.0f;
-            for (int j = 0; j < kGroup; ++j) amax = std::max(amax, std::fabs(v[j]));
-            const float scale = amax / 32767.0f, inv = scale > 0.0f ? 1.0f / scale : 0.0f;
-            int qsum = 0;
-            int16_t* q = r.q.data() + (m * blocks + b) * kGroup;
-            for (int j = 0; j < kGroup; ++j) {
-                q[j] = static_cast<int16_t>(std::nearbyint(v[j] * inv));
-                qsum += q[j];
-            }
-            r.scale[m * blocks + b] = scale;
-            r.sum[m * blocks + b] = scale * static_cast<float>(qsum);
-        }
-    }
-    });
-    return r;
-}
-
-// One output row against R activation rows (R a compile-time constant, so the accumulators live
-// in registers): the weight block is decoded once and used R times.
-// With `add`, y += the product (the residual stream), else y = the product.
-template <Format F, int R>
-inline void gguf_row(const QuantizedRows& xq, int64_t m0, const uint8_t* row, int64_t blocks, float* y, int64_t O,
-                     bool add) {
-    __m256 acc[R];
-    float offset[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), offset[r] = 0.0f;
-    for (int64_t b = 0; b < blocks; ++b) {
-        const uint8_t* blk = row + b * block_bytes(F);
-        const float d = half_to_float(blk), mterm = block_offset<F>(blk, d);
-        const Codes codes = block_codes<F>(blk);
-        for (int r = 0; r < R; ++r) {
-            const int64_t xb = (m0 + r) * blocks + b;
-            const __m256 dot = block_dot(codes, xq.q.data() + xb * kGroup);
-            acc[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(d * xq.scale[xb]), acc[r]);
-            if constexpr (F != Format::Q8_0) offset[r] += mterm * xq.sum[xb];
-        }
-    }
-    for (int r = 0; r < R; ++r) {
-        const float v = hsum(acc[r]) + offset[r];
-        float& out = y[(m0 + r) * O];
-        out = add ? out + v : v;
-    }
-}
-
-template <Format F>
-void gguf_rows(const QuantizedRows& xq, const uint8_t* w, float* y, int64_t M, int64_t I, int64_t O,
-               int64_t o_begin, int64_t o_end, bool add) {
-    const int64_t blocks = I / kGroup, row_bytes = blocks * block_bytes(F);
-    for (int64_t o = o_begin; o < o_end; ++o) {
-        const uint8_t* row = w + o * row_bytes;
-        int64_t m0 = 0;
-        for (; m0 + 4 <= M; m0 += 4) gguf_row<F, 4>(xq, m0, row, blocks, y + o, O, add);
-        with_count<3>(M - m0, [&](auto r) { gguf_row<F, decltype(r)::value>(xq, m0, row, blocks, y + o, O, add); });
-    }
-}
-
-// The same products with activations as signed bytes (amax / 127 per block of 32, as llama.cpp
-// quantises them): a block's dot product is then one maddubs (unsigned codes times signed bytes,
-// pairs summed to int16) and one madd, about half the instructions of the int16 path, for about
-// 4e-3 relative error in each product instead of 1e-5. Greedy output can drift from fp32's.
-struct QuantizedRows8 {
-    std::vector<int8_t> q;
-    std::vector<float> scale, sum;
-};
-
-QuantizedRows8 quantize_rows8(const float* x, int64_t M, int64_t I) {
-    const int64_t blocks = I / kGroup;
-    QuantizedRows8 r{std::vector<int8_t>(M * I), std::vector<float>(M * blocks), std::vector<float>(M * blocks)};
+    QuantizedRows<Q> r{std::vector<Q>(M * I), std::vector<float>(M * blocks), std::vector<float>(M * blocks)};
     at::parallel_for(0, M, 4, [&](int64_t begin, int64_t end) {
         for (int64_t m = begin; m < end; ++m) {
             for (int64_t b = 0; b < blocks; ++b) {
                 const float* v = x + m * I + b * kGroup;
                 float amax = 0.0f;
                 for (int j = 0; j < kGroup; ++j) amax = std::max(amax, std::fabs(v[j]));
-                const float scale = amax / 127.0f, inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+                const float scale = amax / kMax, inv = scale > 0.0f ? 1.0f / scale : 0.0f;
                 int qsum = 0;
-                int8_t* q = r.q.data() + (m * blocks + b) * kGroup;
+                Q* q = r.q.data() + (m * blocks + b) * kGroup;
                 for (int j = 0; j < kGroup; ++j) {
-                    q[j] = static_cast<int8_t>(std::nearbyint(v[j] * inv));
+                    q[j] = static_cast<Q>(std::nearbyint(v[j] * inv));
                     qsum += q[j];
                 }
                 r.scale[m * blocks + b] = scale;
@@ -277,11 +210,38 @@ inline __m256 block_dot8(__m256i codes, const int8_t* x) {
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
 
-// Two accumulators per activation row, for even and odd blocks: with one, every block's fma
-// waits for the previous block's (4 cycles), longer than the block's other work takes.
-template <Format F, int R>
-inline void gguf_row8(const QuantizedRows8& xq, int64_t m0, const uint8_t* row, int64_t blocks, float* y, int64_t O,
-                      bool add) {
+// A block's dot product with quantised activations of type Q: how its codes are loaded, and
+// sum_j code_j * x_j over the block.
+template <typename Q>
+struct Dot;
+
+template <>
+struct Dot<int16_t> {
+    template <Format F>
+    static Codes codes(const uint8_t* blk) { return block_codes<F>(blk); }
+    template <Format F>
+    static __m256 dot(const Codes& c, const int16_t* x) { return block_dot(c, x); }
+};
+
+template <>
+struct Dot<int8_t> {
+    template <Format F>
+    static __m256i codes(const uint8_t* blk) {
+        if constexpr (F == Format::Q8_0) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + kCodesAt<F>));
+        else return q4_bytes(blk + kCodesAt<F>);
+    }
+    template <Format F>
+    static __m256 dot(__m256i c, const int8_t* x) { return block_dot8<F == Format::Q8_0>(c, x); }
+};
+
+// One output row against R activation rows (R a compile-time constant, so the accumulators live
+// in registers): each weight block is decoded once and used R times. Two accumulators per row,
+// for even and odd blocks: with one, every block's fma waits for the previous block's (4
+// cycles), longer than the block's other work takes. With `add`, y += the product (the residual
+// stream), else y = the product.
+template <Format F, typename Q, int R>
+inline void gguf_row(const QuantizedRows<Q>& xq, int64_t m0, const uint8_t* row, int64_t blocks, float* y, int64_t O,
+                     bool add) {
     __m256 acc[2][R];
     float offset[2][R];
     for (int r = 0; r < R; ++r) {
@@ -291,12 +251,10 @@ inline void gguf_row8(const QuantizedRows8& xq, int64_t m0, const uint8_t* row, 
     auto block = [&](int64_t b, __m256* a, float* off) {
         const uint8_t* blk = row + b * block_bytes(F);
         const float d = half_to_float(blk), mterm = block_offset<F>(blk, d);
-        __m256i codes;
-        if constexpr (F == Format::Q8_0) codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + kCodesAt<F>));
-        else codes = q4_bytes(blk + kCodesAt<F>);
+        const auto codes = Dot<Q>::template codes<F>(blk);
         for (int r = 0; r < R; ++r) {
             const int64_t xb = (m0 + r) * blocks + b;
-            const __m256 dot = block_dot8<F == Format::Q8_0>(codes, xq.q.data() + xb * kGroup);
+            const __m256 dot = Dot<Q>::template dot<F>(codes, xq.q.data() + xb * kGroup);
             a[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(d * xq.scale[xb]), a[r]);
             if constexpr (F != Format::Q8_0) off[r] += mterm * xq.sum[xb];
         }
@@ -314,15 +272,15 @@ inline void gguf_row8(const QuantizedRows8& xq, int64_t m0, const uint8_t* row, 
     }
 }
 
-template <Format F>
-void gguf_rows8(const QuantizedRows8& xq, const uint8_t* w, float* y, int64_t M, int64_t I, int64_t O,
-                int64_t o_begin, int64_t o_end, bool add) {
+template <Format F, typename Q>
+void gguf_rows(const QuantizedRows<Q>& xq, const uint8_t* w, float* y, int64_t M, int64_t I, int64_t O,
+               int64_t o_begin, int64_t o_end, bool add) {
     const int64_t blocks = I / kGroup, row_bytes = blocks * block_bytes(F);
     for (int64_t o = o_begin; o < o_end; ++o) {
         const uint8_t* row = w + o * row_bytes;
         int64_t m0 = 0;
-        for (; m0 + 4 <= M; m0 += 4) gguf_row8<F, 4>(xq, m0, row, blocks, y + o, O, add);
-        with_count<3>(M - m0, [&](auto r) { gguf_row8<F, decltype(r)::value>(xq, m0, row, blocks, y + o, O, add); });
+        for (; m0 + 4 <= M; m0 += 4) gguf_row<F, Q, 4>(xq, m0, row, blocks, y + o, O, add);
+        with_count<3>(M - m0, [&](auto r) { gguf_row<F, Q, decltype(r)::value>(xq, m0, row, blocks, y + o, O, add); });
     }
 }
 

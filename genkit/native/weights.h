@@ -104,11 +104,11 @@ void decoded_panel_block(const float* panels, const uint8_t* w, float* y, int64_
 struct Activations {
     const float* rows;
     int64_t M, I;
-    std::optional<QuantizedRows> q16;
-    std::optional<QuantizedRows8> q8;
+    std::optional<QuantizedRows<int16_t>> q16;
+    std::optional<QuantizedRows<int8_t>> q8;
     std::vector<float> panels;
-    const QuantizedRows& int16() { if (!q16) q16 = quantize_rows(rows, M, I); return *q16; }
-    const QuantizedRows8& int8() { if (!q8) q8 = quantize_rows8(rows, M, I); return *q8; }
+    const QuantizedRows<int16_t>& int16() { if (!q16) q16 = quantize_rows<int16_t>(rows, M, I); return *q16; }
+    const QuantizedRows<int8_t>& int8() { if (!q8) q8 = quantize_rows<int8_t>(rows, M, I); return *q8; }
     const float* panel() { if (panels.empty()) panels = pack_panels(rows, M, I); return panels.data(); }
 };
 
@@ -135,12 +135,12 @@ void part_product(Activations& a, const Part& p, float* y, int64_t O, bool add) 
                 with_format(f, [&](auto F) { gguf_panel_block<decltype(F)::value>(panels, wp, y, M, I, O, b, e, add); });
             });
         } else if (p.kind >= kInt8Activations) {
-            const QuantizedRows8& xq = a.int8();
+            const auto& xq = a.int8();
             at::parallel_for(0, P, kGrain, [&](int64_t b, int64_t e) {
-                with_format(f, [&](auto F) { gguf_rows8<decltype(F)::value>(xq, wp, y, M, I, O, b, e, add); });
+                with_format(f, [&](auto F) { gguf_rows<decltype(F)::value>(xq, wp, y, M, I, O, b, e, add); });
             });
         } else {
-            const QuantizedRows& xq = a.int16();
+            const auto& xq = a.int16();
             at::parallel_for(0, P, kGrain, [&](int64_t b, int64_t e) {
                 with_format(f, [&](auto F) { gguf_rows<decltype(F)::value>(xq, wp, y, M, I, O, b, e, add); });
             });

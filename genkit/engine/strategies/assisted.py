@@ -44,7 +44,6 @@ import torch
 
 from genkit.engine import constrain
 from genkit.engine import processors as procs
-from genkit.engine.runner import Runner
 from genkit.engine.strategies.base import Context, Proposal
 from genkit.errors import GenkitError
 
@@ -96,12 +95,24 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
 # ---------------------------------------------------------------- drafters
 
 
+def rollback_ready(runner):
+    """The runner, its cache told to keep what it would drop until the next crop: transformers'
+    sliding-window layers (Gemma 2 / 3) forget keys that leave the window, and a rejected draft
+    is rolled back by cropping, which they then refuse. genkit's own cache keeps everything."""
+    cache = getattr(runner, "cache", None)
+    if hasattr(cache, "activate_past_recording"):
+        cache.activate_past_recording()
+    return runner
+
+
 class ModelDrafter:
     """Drafts with a small model over its own KV cache, which follows the row's sequence."""
 
-    def __init__(self, model, prompt: list[int], score, generator, sample: bool, eos_ids):
-        ids = torch.tensor([prompt], device=model.device)
-        self.runner = Runner(model, ids, torch.ones_like(ids))
+    def __init__(self, draft, prompt: list[int], score, generator, sample: bool, eos_ids):
+        ids = torch.tensor([prompt], device=draft.model.device)
+        # The runner of the draft's own backend: genkit's decoder for a native GGUF draft, which
+        # transformers' forward cannot call.
+        self.runner = rollback_ready(draft.backend.runner(ids, torch.ones_like(ids)))
         self.started = False
         self.score = score  # (prefix token ids, logits) -> processed scores, on the target's device
         self.generator = generator
@@ -185,7 +196,7 @@ class Row:
         self.index = index
         self.device = ctx.input_ids.device
         ids = torch.tensor([self.prompt], device=self.device)
-        self.target = ctx.lm.backend.runner(ids, torch.ones_like(ids))
+        self.target = rollback_ready(ctx.lm.backend.runner(ids, torch.ones_like(ids)))
         # Built per row: the processors' view of "the prompt" (its length, its padding) must be
         # this row's unpadded prompt, not the batch's.
         self.processors = procs.build_processors(
@@ -324,7 +335,7 @@ def _rows(ctx: Context) -> list[Row]:
         assistant = _assistant(ctx)
 
         def drafter(row: Row):
-            return ModelDrafter(assistant.model, row.prompt, row.draft_score, row.generator, row.sample, s.eos_ids)
+            return ModelDrafter(assistant, row.prompt, row.draft_score, row.generator, row.sample, s.eos_ids)
 
         draft_len = s.num_assistant_tokens
     else:
