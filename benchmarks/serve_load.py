@@ -109,6 +109,7 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
            "--max-batch", str(args.max_batch)]
     if args.model:
         cmd += ["--model", args.model]
+    cmd += getattr(args, "extra", [])  # more `genkit serve` flags (benchmarks/serve_prefix.py)
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ})
     while True:
         line = proc.stderr.readline()

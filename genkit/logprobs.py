@@ -71,6 +71,22 @@ def openai_content(records: list[dict]) -> dict:
     ]}
 
 
+def openai_legacy(records: list[dict], offset: int = 0) -> dict:
+    """The completions API's `logprobs` object from genkit's token records: `text_offset` is
+    each token's position in the choice's text (`offset` where the tokens of an earlier chunk
+    of a stream ended), counted in the tokens' texts."""
+    offsets = []
+    for r in records:
+        offsets.append(offset)
+        offset += len(r["token"])
+    return {
+        "tokens": [r["token"] for r in records],
+        "token_logprobs": [r["logprob"] for r in records],
+        "top_logprobs": [{a["token"]: a["logprob"] for a in r.get("top_logprobs", [])} for r in records],
+        "text_offset": offsets,
+    }
+
+
 def from_openai(body: dict) -> int | None:
     """The `logprobs` setting for an OpenAI request body: None (off), or the number of alternatives."""
     if not body.get("logprobs"):

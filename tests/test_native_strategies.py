@@ -114,3 +114,29 @@ def test_continuous_batching_equals_each_prompt_alone(loaded, params):
         alone = api.generate(reference, texts[job.handle], raw=True, max_new_tokens=job.max_new_tokens,
                              seed=job.seed, **params)
         assert got[job.handle] == [r.token_ids for r in alone.results], texts[job.handle]
+
+
+def test_prefix_cache_on_the_native_decoder(loaded):
+    """genkit serve's prefix cache over a native model's continuous batch (Gemma's sliding
+    windows included): prompts that share beginnings of different lengths give the tokens a full
+    prefill gives, and most of their positions come from the cache."""
+    from genkit.engine.continuous import ContinuousBatcher, Job
+    from genkit.engine.prefixes import PrefixCache
+    from genkit.engine.settings import build
+
+    lm = loaded["native"][0]
+    s = build(lm, {"max_new_tokens": 5, "do_sample": False})
+    base = lm.tokenizer("the cat sat on the mat and the dog sat on the log " * 2)["input_ids"]
+    prompts = [base + lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("one", "two more", "x")]
+    prompts += [base[:12], lm.tokenizer("nothing alike")["input_ids"]]
+
+    def run(keep: bool):
+        b = ContinuousBatcher(lm, s, batch_size=4)
+        b.prefixes = PrefixCache(16 * 2**20) if keep else None
+        first = [r.sequences[0].token_ids for r in b.run([Job(0, prompts[0], 0, 5)])]
+        rest = {r.handle: r.sequences[0].token_ids for r in b.run([Job(i, p, 0, 5) for i, p in enumerate(prompts[1:], 1)])}
+        return first + [rest[i] for i in range(1, len(prompts))], b.prefilled_tokens
+
+    (plain, fed_plain), (reused, fed_reused) = run(False), run(True)
+    assert reused == plain
+    assert fed_reused < fed_plain * 2 / 3

@@ -34,6 +34,10 @@ def serve(
         "--max-batch", rich_help_panel=S, help="Most sequences decoded together in the shared batch.")] = 32,
     max_queue: Annotated[int, typer.Option(
         "--max-queue", rich_help_panel=S, help="Most requests waiting to start; more get HTTP 429.")] = 64,
+    prefix_cache_mb: Annotated[float, typer.Option(
+        "--prefix-cache-mb", rich_help_panel=S,
+        help="Memory for recent prompts' KV cache (MiB): a prompt that begins like one of them prefills "
+             "only the rest (0: off).")] = 256.0,
     shutdown_timeout: Annotated[float, typer.Option(
         "--shutdown-timeout", rich_help_panel=S,
         help="Seconds SIGTERM / Ctrl-C lets running requests finish before cancelling them.")] = 30.0,
@@ -46,6 +50,8 @@ def serve(
     for name, value in (("--max-batch", max_batch), ("--max-queue", max_queue)):
         if value < 1:
             raise GenkitError(f"{name} {value}: expected at least 1")
+    if prefix_cache_mb < 0:
+        raise GenkitError(f"--prefix-cache-mb {prefix_cache_mb:g}: expected 0 (off) or more")
     if not 0 <= port <= 65535:
         raise GenkitError(f"--port {port}: expected a port number from 0 to 65535")
     if preset:
@@ -61,7 +67,8 @@ def serve(
     from genkit.server.service import Service
 
     svc = Service(lm, name=served_name, preset=preset)
-    engine = Engine(lm, settings_mod.build(lm, {}), max_rows=max_batch, max_waiting=max_queue)
+    engine = Engine(lm, settings_mod.build(lm, {}), max_rows=max_batch, max_waiting=max_queue,
+                    prefix_cache_bytes=int(prefix_cache_mb * 2**20))
     app = server_app.create_app(svc, engine, api_key=api_key)
 
     def ready(bound_host: str, bound_port: int) -> None:

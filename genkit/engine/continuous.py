@@ -30,6 +30,7 @@ from transformers.cache_utils import DynamicLayer
 from genkit.engine import constrain
 from genkit.engine import processors as procs
 from genkit.engine.core import row_generator
+from genkit.engine.kvbuffers import KVLayer as _Layer, left_pad as _left_pad, pack as _pack
 from genkit.engine.runner import with_cache
 from genkit.engine.settings import DecodeSettings
 from genkit.engine.strategies.base import processed_logprobs, sample_rows
@@ -51,6 +52,8 @@ class Job:
     seed: int
     max_new_tokens: int
     stop_strings: list[str] | None = None
+    reuse: Any = None  # (prefixes.Entry, positions): a kept prefix this prompt begins with
+    cached_tokens: int = 0  # prompt positions whose keys and values came from the prefix cache
 
 
 @dataclass
@@ -99,50 +102,6 @@ class _Row:
     history: list[int] = field(default_factory=list)  # prompt + generated, for the processors
     matcher: Any = None  # the row's llguidance matcher when the output is constrained
     alternatives: list = field(default_factory=list)
-
-
-class _Layer(DynamicLayer):
-    """A cache layer whose keys and values are views into a buffer with room to grow.
-
-    DynamicLayer appends a token with torch.cat, which copies the layer's whole cache on every
-    step; at batch 64 that costs as much as the attention itself. Here a step writes one column
-    in place, and the buffer is only rebuilt when rows join or leave (or, rarely, when it is
-    full). Attention reads the same numbers either way (a strided view, bitwise the same result).
-    """
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
-        super().__init__()
-        self.dtype, self.device = keys.dtype, keys.device
-        self.is_initialized = True
-        self._k, self._v, self.length = keys, values, length
-        self.keys, self.values = keys[:, :, :length], values[:, :, :length]
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        end = self.length + key_states.shape[-2]
-        if end > self._k.shape[2]:  # full: move to a larger buffer (rare, see ContinuousBatcher._spare)
-            room = max(64, end - self.length)
-            self._k, self._v = _pack([self.keys], self.length, room), _pack([self.values], self.length, room)
-        self._k[:, :, self.length:end] = key_states
-        self._v[:, :, self.length:end] = value_states
-        self.length = end
-        self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
-        return self.keys, self.values
-
-
-def _pack(parts: list[torch.Tensor], width: int, spare: int) -> torch.Tensor:
-    """Rows of `parts` (each (rows, heads, w <= width, dim)) stacked and right-aligned at
-    `width`, zeros on their left (masked padding must hold finite numbers: 0 x NaN is NaN),
-    with `spare` free columns on the right to grow into."""
-    rows = sum(p.shape[0] for p in parts)
-    first = parts[0]
-    buf = first.new_empty((rows, first.shape[1], width + spare, first.shape[3]))
-    at = 0
-    for p in parts:
-        n, w = p.shape[0], p.shape[2]
-        buf[at:at + n, :, :width - w].zero_()
-        buf[at:at + n, :, width - w:width] = p
-        at += n
-    return buf
 
 
 def supported(lm, settings: DecodeSettings) -> bool:
@@ -203,6 +162,8 @@ class ContinuousBatcher:
         self.mask: torch.Tensor | None = None  # (rows, width) 1 for real tokens
         self.next_pos: torch.Tensor | None = None  # (rows,) position id of the next token
         self.last: torch.Tensor | None = None  # (rows,) the token to feed next
+        self.prefixes = None  # genkit.engine.prefixes.PrefixCache: recent prompts' KV, when kept
+        self.prefilled_tokens = 0  # prompt tokens fed to the model (not taken from `prefixes`)
 
     # ------------------------------------------------------------------ the loop
 
@@ -251,31 +212,50 @@ class ContinuousBatcher:
 
     def _admit(self, group: list[Job]) -> Iterator[JobResult]:
         """Prefill the group in chunks of similar length (jobs come sorted), so that a short
-        prompt is not padded to the longest of the group: prefill is most of the work."""
+        prompt is not padded to the longest of the group: prefill is most of the work. The
+        length that counts is what a prompt must feed, after the prefix it finds kept."""
         chunk: list[Job] = []
+        width = 0
         for job in group:
-            width = max([len(j.input_ids) for j in chunk] + [len(job.input_ids)])
-            if chunk and (len(chunk) + 1) * width > PREFILL_TOKENS:
+            need = self._plan_reuse(job)
+            if chunk and (len(chunk) + 1) * max(width, need) > PREFILL_TOKENS:
                 yield from self._prefill(chunk)
-                chunk = []
+                chunk, width = [], 0
+                need = self._plan_reuse(job)  # the chunk just prefilled may hold its prefix now
             chunk.append(job)
+            width = max(width, need)
         if chunk:
             yield from self._prefill(chunk)
 
+    def _plan_reuse(self, job: Job) -> int:
+        """How many prompt tokens the job must feed: those after the longest kept prefix."""
+        job.reuse = self.prefixes.lookup(job.input_ids) if self.prefixes is not None else None
+        return len(job.input_ids) - (job.reuse[1] if job.reuse else 0)
+
     def _prefill(self, group: list[Job]) -> Iterator[JobResult]:
-        """Prefill jobs together, choose their first tokens and merge them into the batch."""
+        """Prefill jobs together, choose their first tokens and merge them into the batch.
+
+        Each row feeds the same number of new tokens (`new`, the most any job needs); a row
+        whose prompt is longer takes its first positions from its kept prefix, a shorter one is
+        left-padded. Either way its real tokens stay contiguous and right-aligned."""
         pad = self.s.pad_id
-        width = max(len(j.input_ids) for j in group)
-        ids = torch.full((len(group), width), pad, dtype=torch.long)
+        new = max(len(j.input_ids) - (j.reuse[1] if j.reuse else 0) for j in group)
+        for j in group:
+            j.cached_tokens = max(0, len(j.input_ids) - new)
+        kept = max(j.cached_tokens for j in group)
+        width = kept + new
+        ids = torch.full((len(group), new), pad, dtype=torch.long)
         mask = torch.zeros((len(group), width), dtype=torch.long)
         for i, j in enumerate(group):
-            ids[i, width - len(j.input_ids):] = torch.tensor(j.input_ids)
+            fed = j.input_ids[j.cached_tokens:]
+            ids[i, new - len(fed):] = torch.tensor(fed)
             mask[i, width - len(j.input_ids):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        cache = _new_cache(self.lm)
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, kept:]
+        cache = self._cache_from_prefixes(group, kept, new)
         started = time.perf_counter()
         logits = self._forward(ids, mask, positions, cache)
+        self._remember(group, cache)
         rows = self._new_rows(group, started)
         counts = [self.rows_of(job) for job in group]
         if any(n > 1 for n in counts):
@@ -295,6 +275,35 @@ class ContinuousBatcher:
             self._merge(cache, mask.index_select(0, index), next_pos.index_select(0, index),
                         tokens.index_select(0, index), [rows[i] for i in keep])
         yield from self._results([rows[i] for i in done])
+
+    def _cache_from_prefixes(self, group: list[Job], kept: int, room: int) -> DynamicCache:
+        """A cache holding each job's reused prefix, right-aligned in `kept` columns, with
+        `room` columns for the tokens it feeds (empty when no job reuses any)."""
+        cache = _new_cache(self.lm)
+        if not kept:
+            return cache
+        ref = next(j.reuse[0] for j in group if j.cached_tokens)
+
+        def parts(layer: int, which: str) -> list[torch.Tensor]:
+            return [getattr(j.reuse[0] if j.cached_tokens else ref, which)[layer][None, :, :j.cached_tokens]
+                    for j in group]
+
+        cache.layers = [_Layer(_pack(parts(i, "keys"), kept, room), _pack(parts(i, "values"), kept, room), kept)
+                        for i in range(len(ref.keys))]
+        for j in group:
+            if j.cached_tokens:
+                self.prefixes.count(j.cached_tokens)
+        return cache
+
+    def _remember(self, group: list[Job], cache: DynamicCache) -> None:
+        """Count the prompt tokens fed, and keep each prompt's keys and values for later ones."""
+        self.prefilled_tokens += sum(len(j.input_ids) - j.cached_tokens for j in group)
+        if self.prefixes is None:
+            return
+        for i, j in enumerate(group):
+            n = len(j.input_ids)
+            self.prefixes.store(j.input_ids, [layer.keys[i, :, -n:] for layer in cache.layers],
+                                [layer.values[i, :, -n:] for layer in cache.layers])
 
     def _new_rows(self, group: list[Job], started: float) -> list[_Row]:
         rows = []
@@ -461,13 +470,3 @@ class ContinuousBatcher:
             ]
             yield JobResult(active.job.handle, seqs, len(active.job.input_ids), active.started_at,
                             active.first_token_at, now)
-
-
-def _left_pad(t: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
-    """Zeros on the left of `dim` up to `width` (masked positions: their values never count)."""
-    missing = width - t.shape[dim]
-    if missing <= 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)

@@ -24,6 +24,7 @@ class Event:
     text: str = ""  # the text these tokens add
     logprobs: list[float] | None = None
     finish_reason: str | None = None  # eos, stop, length, time, cancelled
+    alternatives: list | None = None  # per token its best alternatives [(id, logprob)], where asked
 
     @property
     def finished(self) -> bool:

@@ -56,7 +56,8 @@ def create_app(svc: S.Service, engine: Engine, *, api_key: str | None = None) ->
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": svc.name, "running_rows": engine.running, "waiting": engine.waiting}
+        return {"status": "ok", "model": svc.name, "running_rows": engine.running, "waiting": engine.waiting,
+                **engine.stats()}
 
     @app.get("/v1/models", dependencies=auth)
     async def models():
@@ -125,14 +126,17 @@ async def _events(p: S.Prepared, request: Request | None) -> AsyncIterator[tuple
     left, next_look = len(p.works), loop.time() + DISCONNECT_POLL_S
     queue = p.channel.queue
     while left:
-        try:
-            item = queue.get_nowait() if not queue.empty() else await asyncio.wait_for(
-                queue.get(), max(0.01, next_look - loop.time()))
-        except asyncio.TimeoutError:
-            item = None
-        if loop.time() >= next_look:
+        if request is None:  # a stream: nothing to poll, and no timer per token
+            item = await queue.get()
+        else:
+            try:
+                item = queue.get_nowait() if not queue.empty() else await asyncio.wait_for(
+                    queue.get(), max(0.01, next_look - loop.time()))
+            except asyncio.TimeoutError:
+                item = None
+        if request is not None and loop.time() >= next_look:
             next_look = loop.time() + DISCONNECT_POLL_S
-            if request is not None and await request.is_disconnected():
+            if await request.is_disconnected():
                 p.cancel()
                 return
         if item is None:
@@ -143,16 +147,18 @@ async def _events(p: S.Prepared, request: Request | None) -> AsyncIterator[tuple
 
 
 async def _collect(p: S.Prepared, request: Request) -> S.Collected:
-    c = S.Collected(texts=[""] * p.choices, finish=[None] * p.choices)
+    c = S.Collected(texts=[""] * p.choices, finish=[None] * p.choices, records=[[] for _ in range(p.choices)])
     async for i, item in _events(p, request):
         if isinstance(item, Done):
             c.prompt_tokens += item.prompt_tokens
             c.completion_tokens += item.completion_tokens
+            c.cached_tokens += item.cached_tokens
             c.error = c.error or item.error
             continue
         at = i * p.n + item.index
         c.texts[at] += item.text
         c.finish[at] = item.finish_reason or c.finish[at]
+        c.records[at] += S.records(p, item)
     return c
 
 
@@ -161,25 +167,45 @@ def _data(obj) -> str:
 
 
 async def _sse(p: S.Prepared) -> AsyncIterator[str]:
-    """OpenAI's chunks: the role first (chat), text deltas, each choice's finish, the usage."""
-    prompt_tokens = completion_tokens = 0
+    """The stream's events; those ready together (a request's n rows, or tokens that came while
+    the loop was busy) go out in one write: fewer sends for the server and reads for the client."""
+    pending: list[str] = []
     try:
-        if p.object == "chat.completion":
-            yield _data(S.chunk(p, [S.delta_choice(p, k, "", None, first=True) for k in range(p.choices)]))
-        async for i, item in _events(p, None):
-            if isinstance(item, Done):
-                prompt_tokens += item.prompt_tokens
-                completion_tokens += item.completion_tokens
-                if item.error:
-                    yield _data(schema.APIError(500, item.error, type="server_error").body())
-                continue
-            if item.text or item.finish_reason:
-                yield _data(S.chunk(p, [S.delta_choice(p, i * p.n + item.index, item.text, item.finish_reason)]))
-        if p.include_usage:
-            yield _data(S.chunk(p, [], S.usage(prompt_tokens, completion_tokens)))
-        yield "data: [DONE]\n\n"
+        async for data in _chunks(p):
+            pending.append(data)
+            if p.channel.queue.empty():
+                yield "".join(pending)
+                pending.clear()
+        if pending:
+            yield "".join(pending)
     finally:
         p.cancel()  # the client disconnected (the task was cancelled) or the stream ended
+
+
+async def _chunks(p: S.Prepared) -> AsyncIterator[str]:
+    """OpenAI's chunks: the role first (chat), text deltas (with their tokens' log-probabilities
+    when asked), each choice's finish, the usage."""
+    prompt_tokens = completion_tokens = cached_tokens = 0
+    offsets = [0] * p.choices  # where each choice's next token starts in its text (completions)
+    if p.object == "chat.completion":
+        yield _data(S.chunk(p, [S.delta_choice(p, k, "", None, first=True) for k in range(p.choices)]))
+    async for i, item in _events(p, None):
+        if isinstance(item, Done):
+            prompt_tokens += item.prompt_tokens
+            completion_tokens += item.completion_tokens
+            cached_tokens += item.cached_tokens
+            if item.error:
+                yield _data(schema.APIError(500, item.error, type="server_error").body())
+            continue
+        at = i * p.n + item.index
+        recs = S.records(p, item)
+        if item.text or item.finish_reason or recs:
+            logprobs = S.logprobs_object(p, recs, offsets[at]) if recs else None
+            offsets[at] += sum(len(r["token"]) for r in recs)
+            yield _data(S.chunk(p, [S.delta_choice(p, at, item.text, item.finish_reason, logprobs=logprobs)]))
+    if p.include_usage:
+        yield _data(S.chunk(p, [], S.usage(prompt_tokens, completion_tokens, cached_tokens)))
+    yield "data: [DONE]\n\n"
 
 
 def bind(host: str, port: int) -> socket.socket:

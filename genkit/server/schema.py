@@ -18,6 +18,7 @@ from genkit import params as P
 from genkit.batch.openai import openai_params
 from genkit.batch.requests import messages_of
 from genkit.errors import GenkitError, did_you_mean
+from genkit.logprobs import MAX_TOP, from_openai
 
 # Fields of the batch files' body that the API shares (genkit.batch maps them).
 SHARED = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop", "seed", "response_format")
@@ -112,14 +113,10 @@ def _refuse_unsupported(req: _Common) -> None:
             raise _refuse(field, "use the extra field 'repetition_penalty' (a factor, 1.0 = none; "
                                  "e.g. 1.2) or 'no_repeat_ngram_size'")
     if isinstance(req, ChatRequest):
-        if req.logprobs or req.top_logprobs:
-            raise _refuse("logprobs" if req.logprobs else "top_logprobs", "log-probabilities are not served yet")
         for field in ("tools", "tool_choice", "functions", "function_call"):
             if getattr(req, field):
                 raise _refuse(field, "genkit runs no tools or functions")
     else:
-        if req.logprobs:
-            raise _refuse("logprobs", "log-probabilities are not served yet")
         if req.echo:
             raise _refuse("echo", "the prompt is not repeated in the answer")
         if req.suffix:
@@ -153,6 +150,21 @@ def generation_params(req: _Common) -> dict:
         except GenkitError as e:
             raise APIError(400, e.message, param=key) from None
     return params
+
+
+def logprobs_of(req: _Common) -> int | None:
+    """How many alternatives per token a request wants with its log-probabilities (None: no
+    log-probabilities): chat's `logprobs: true` + `top_logprobs`, or completions' `logprobs: N`."""
+    if isinstance(req, ChatRequest):
+        try:
+            return from_openai({"logprobs": req.logprobs, "top_logprobs": req.top_logprobs})
+        except ValueError as e:
+            raise APIError(400, str(e), param="top_logprobs") from None
+    if req.logprobs is None:
+        return None
+    if not 0 <= req.logprobs <= MAX_TOP:
+        raise APIError(400, f"logprobs {req.logprobs}: expected an integer from 0 to {MAX_TOP}", param="logprobs")
+    return req.logprobs
 
 
 def _sequence_bias(logit_bias: dict[str, float]) -> list:

@@ -23,6 +23,7 @@ from genkit import seeding
 from genkit.batch.openai import OPENAI_FINISH
 from genkit.engine.tracker import Event
 from genkit.errors import GenkitError
+from genkit.logprobs import TokenText, openai_content, openai_legacy, token_records
 from genkit.server import schema
 from genkit.server.scheduler import Done, Work
 
@@ -60,6 +61,8 @@ class Prepared:
     works: list[Work]
     channel: Channel
     include_usage: bool
+    logprobs: int | None = None  # None: none asked; N: alternatives per token
+    token_text: TokenText | None = None
 
     @property
     def choices(self) -> int:
@@ -76,6 +79,7 @@ class Service:
         self.name = name or served_name(lm)
         self.default_preset = preset
         self.context = lm.context_length if not lm.is_encoder_decoder else None
+        self.token_text = TokenText(lm.tokenizer)
 
     def models(self) -> list[str]:
         return [self.name] + [f"{self.name}:{p}" for p in sorted(presets_mod.available())]
@@ -94,6 +98,7 @@ class Service:
         chat = isinstance(req, schema.ChatRequest)
         preset = self.preset_of(req.model)
         params = schema.generation_params(req)
+        logprobs = schema.logprobs_of(req)
         prompts = schema.prompts_of(req)
         try:
             resolved, settings = api.settings_for(self.lm, preset, None, None, **params)
@@ -110,12 +115,14 @@ class Service:
             ids = self._tokenize(prompt, system, raw)
             max_new = prompts_mod.fit_max_new_tokens(self.lm, len(ids), settings.max_new_tokens)
             works.append(Work(prompt=prompt, input_ids=ids, settings=settings, seed=seeding.row_seed(base_seed, i),
-                              max_new_tokens=max_new, system=system, raw=raw, deliver=channel.sender(i)))
+                              max_new_tokens=max_new, system=system, raw=raw, deliver=channel.sender(i),
+                              logprobs=logprobs))
         kind = "chatcmpl" if chat else "cmpl"
         usage = req.stream_options.include_usage if req.stream_options else None
         return Prepared(id=f"{kind}-{uuid.uuid4().hex}", object="chat.completion" if chat else "text_completion",
                         model=req.model, created=int(time.time()), n=settings.num_return_sequences,
-                        works=works, channel=channel, include_usage=usage is not False)
+                        works=works, channel=channel, include_usage=usage is not False, logprobs=logprobs,
+                        token_text=self.token_text)
 
     def _tokenize(self, prompt, system, raw) -> list[int]:
         try:
@@ -140,32 +147,50 @@ class Service:
 class Collected:
     texts: list[str]
     finish: list[str | None]
+    records: list[list[dict]]  # per choice, genkit's token records (when log-probabilities are asked)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
     error: str | None = None
+
+
+def records(p: Prepared, ev: Event) -> list[dict]:
+    """genkit's token records (genkit.logprobs) of an event's tokens; none unless asked."""
+    if p.logprobs is None or not ev.token_ids:
+        return []
+    return token_records(p.token_text, ev.token_ids, ev.logprobs or [], ev.alternatives)
+
+
+def logprobs_object(p: Prepared, recs: list[dict], offset: int = 0) -> dict | None:
+    """A choice's `logprobs`: chat's `content[]`, or the completions API's legacy object."""
+    if p.logprobs is None:
+        return None
+    return openai_content(recs) if p.object == "chat.completion" else openai_legacy(recs, offset)
 
 
 def finish_reason(reason: str | None) -> str | None:
     return None if reason is None else OPENAI_FINISH.get(reason, "length")
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def choice(p: Prepared, index: int, text: str, reason: str | None) -> dict:
+def choice(p: Prepared, index: int, text: str, reason: str | None, recs: list[dict]) -> dict:
+    lp = logprobs_object(p, recs)
     if p.object == "chat.completion":
         return {"index": index, "message": {"role": "assistant", "content": text},
-                "finish_reason": finish_reason(reason), "logprobs": None}
-    return {"index": index, "text": text, "finish_reason": finish_reason(reason), "logprobs": None}
+                "finish_reason": finish_reason(reason), "logprobs": lp}
+    return {"index": index, "text": text, "finish_reason": finish_reason(reason), "logprobs": lp}
 
 
 def completion(p: Prepared, c: Collected) -> dict:
     return {
         "id": p.id, "object": p.object, "created": p.created, "model": p.model,
-        "choices": [choice(p, i, c.texts[i], c.finish[i]) for i in range(p.choices)],
-        "usage": usage(c.prompt_tokens, c.completion_tokens),
+        "choices": [choice(p, i, c.texts[i], c.finish[i], c.records[i]) for i in range(p.choices)],
+        "usage": usage(c.prompt_tokens, c.completion_tokens, c.cached_tokens),
     }
 
 
@@ -177,8 +202,9 @@ def chunk(p: Prepared, choices: list[dict], usage_: dict | None = None) -> dict:
     return out
 
 
-def delta_choice(p: Prepared, index: int, text: str, reason: str | None, first: bool = False) -> dict:
+def delta_choice(p: Prepared, index: int, text: str, reason: str | None, first: bool = False,
+                 logprobs: dict | None = None) -> dict:
     if p.object == "chat.completion":
         delta: dict[str, Any] = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-        return {"index": index, "delta": delta, "finish_reason": finish_reason(reason), "logprobs": None}
-    return {"index": index, "text": text, "finish_reason": finish_reason(reason), "logprobs": None}
+        return {"index": index, "delta": delta, "finish_reason": finish_reason(reason), "logprobs": logprobs}
+    return {"index": index, "text": text, "finish_reason": finish_reason(reason), "logprobs": logprobs}
