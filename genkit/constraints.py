@@ -41,16 +41,17 @@ def describe(values: dict) -> str | None:
     return keys[0] if keys else None
 
 
-# Strategies whose decode loop runs the matchers (the others refuse a constraint before loading).
-STRATEGIES = ("greedy", "sampling")
+# Strategies whose decode loop runs the matchers (any other refuses a constraint before loading).
+STRATEGIES = ("greedy", "sampling", "beam", "beam-sampling", "diverse-beam", "contrastive", "dola",
+              "assisted", "prompt-lookup")
 
 
 def check(values: dict, strategy: str, where: str) -> None:
     """Reject a constraint that cannot be compiled, or that this strategy cannot run."""
     grammar_for(values, where)
     if strategy not in STRATEGIES:
-        raise GenkitError(f"{where}: {describe(values)} cannot be combined with {strategy} decoding yet; "
-                          f"use greedy or sampling")
+        raise GenkitError(f"{where}: {describe(values)} cannot be combined with {strategy} decoding; "
+                          f"use one of {', '.join(STRATEGIES)}")
 
 
 def grammar_for(values: dict, where: str) -> str | None:

@@ -227,7 +227,6 @@ def test_cli_flags(tiny_dir, tmp_path):
     (["--regex", "[a-z"], "genkit: error: --regex '[a-z': invalid regex"),
     (["--grammar", "nope.lark"], "genkit: error: --grammar nope.lark: no such file"),
     (["--regex", "a", "--choice", "b"], "genkit: error: --regex and --choice both constrain the output: choose one\n"),
-    (["--json-object", "--num-beams", "2"], "json_object cannot be combined with beam decoding yet"),
 ])
 def test_cli_bad_constraint_before_model_loads(args, message, genkit_home):
     # The model does not exist: only an error raised before loading can say what these say.

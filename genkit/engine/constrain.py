@@ -6,8 +6,8 @@ tokens), and hands every accepted token back to its row's matcher. End-of-sequen
 allowed only where the grammar accepts, and once the grammar is complete they are the only
 tokens left, so a constrained row ends by `eos` with a text the grammar accepts, or by `length`.
 
-The masks are computed by llguidance's executor (all rows in parallel, outside the GIL) into
-one int32 bitmask, then unpacked with a handful of vectorised tensor operations on the scores'
+The masks are computed by llguidance's executor (from 4 rows, in parallel, outside the GIL) into
+one int32 bitmask, then unpacked in one numpy pass on the CPU and moved to the scores'
 device. Wrapping a tokenizer for llguidance takes seconds on a 49k vocabulary, so the wrap is
 kept on the loaded model and reused by every later request.
 """
@@ -17,12 +17,15 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from genkit.errors import GenkitError
 
 _EXECUTOR = None
-_TABLES: dict = {}  # device -> (256, 8) bool: the flags of each byte's bits
+# From this many rows the masks are computed on llguidance's thread pool; below, in this thread
+# (a mask takes 0.3-0.6 ms: handing one or two to the pool costs as much as computing them).
+PARALLEL_ROWS = 4
 
 
 def _executor():
@@ -34,11 +37,21 @@ def _executor():
     return _EXECUTOR
 
 
-def _byte_table(device) -> torch.Tensor:
-    if device not in _TABLES:
-        byte = torch.arange(256, dtype=torch.int32)[:, None]
-        _TABLES[device] = ((byte >> torch.arange(8, dtype=torch.int32)) & 1).bool().to(device)
-    return _TABLES[device]
+def unpack(bits: torch.Tensor, width: int, device) -> torch.Tensor:
+    """Bool (rows, width) from llguidance's int32 bitmask (rows, words): token t is bit t % 8 of
+    byte t // 8 (little-endian words). numpy unpacks every row in one pass on the CPU, where the
+    bitmask is, some 15 times faster than a torch table lookup at batch 32; a busy CPU makes torch's
+    small multi-threaded ops wait far longer still. An empty row (a finished or failed matcher)
+    allows everything: the strategy pads that row anyway."""
+    packed = bits.numpy().view(np.uint8)
+    flags = np.unpackbits(packed, axis=-1, count=min(width, packed.shape[1] * 8), bitorder="little").view(np.bool_)
+    empty = ~packed.any(axis=-1)
+    if empty.any():
+        flags[empty] = True
+    out = torch.from_numpy(flags)
+    if out.shape[1] < width:
+        out = torch.nn.functional.pad(out, (0, width - out.shape[1]))
+    return out.to(device)
 
 
 def ll_tokenizer(lm, eos_ids: Sequence[int], vocab_size: int):
@@ -71,16 +84,17 @@ def new_matcher(lm, grammar: str, eos_ids: Sequence[int], vocab: int):
 class RowMatchers:
     """One matcher per row of the scores a strategy processes."""
 
-    def __init__(self, matchers: list, vocab: int, eos_ids: Sequence[int] = ()):
+    def __init__(self, matchers: list, vocab: int, eos_ids: Sequence[int] = (), template=None):
         self.matchers = matchers
         self.vocab = vocab
         self.eos = set(eos_ids)
         self.words = (vocab + 31) // 32
+        self.template = template  # a fresh matcher, for replay()
 
     @classmethod
     def start(cls, lm, grammar: str, rows: int, eos_ids: Sequence[int], vocab: int) -> "RowMatchers":
         first, size = new_matcher(lm, grammar, eos_ids, vocab)
-        return cls([first] + [first.deep_copy() for _ in range(rows - 1)], size, eos_ids)
+        return cls([first] + [first.deep_copy() for _ in range(rows - 1)], size, eos_ids, first.deep_copy())
 
     def __len__(self) -> int:
         return len(self.matchers)
@@ -90,22 +104,15 @@ class RowMatchers:
     def allowed(self, rows: Sequence[int], width: int, device) -> torch.Tensor:
         """Bool (len(rows), width): the tokens each of `rows` may take next. A row whose matcher
         has nothing left (finished, or failed) allows everything: the strategy pads it anyway."""
-        from llguidance.torch import fill_next_token_bitmask_par
+        from llguidance.torch import fill_next_token_bitmask, fill_next_token_bitmask_par
 
         bits = torch.empty((len(rows), self.words), dtype=torch.int32)
-        fill_next_token_bitmask_par(_executor(), [(self.matchers[r], i) for i, r in enumerate(rows)], bits)
-        empty = ~bits.ne(0).any(dim=-1)
-        # Token t is bit t % 8 of byte t // 8 (little-endian words): one table lookup unpacks a
-        # byte into its 8 flags, on the scores' device, instead of 32 shifts per word.
-        table = _byte_table(device)
-        flags = table[bits.view(torch.uint8).to(device).long()].view(len(rows), -1)
-        if flags.shape[1] >= width:
-            flags = flags[:, :width]
+        if len(rows) < PARALLEL_ROWS:
+            for i, r in enumerate(rows):
+                fill_next_token_bitmask(self.matchers[r], bits, i)
         else:
-            flags = torch.nn.functional.pad(flags, (0, width - flags.shape[1]))
-        if bool(empty.any()):
-            flags[empty.to(device)] = True
-        return flags
+            fill_next_token_bitmask_par(_executor(), [(self.matchers[r], i) for i, r in enumerate(rows)], bits)
+        return unpack(bits, width, device)
 
     def mask(self, scores: torch.Tensor, rows: Sequence[int] | None = None,
              fallback: torch.Tensor | None = None) -> torch.Tensor:
@@ -113,13 +120,7 @@ class RowMatchers:
         removed every allowed token (min_new_tokens against a complete grammar), the grammar
         wins: that row's `fallback` scores (the raw logits) are masked instead."""
         rows = range(len(self.matchers)) if rows is None else rows
-        allowed = self.allowed(rows, scores.shape[-1], scores.device)
-        out = torch.where(allowed, scores, scores.new_full((), -math.inf))
-        if fallback is not None and fallback is not scores:
-            dead = torch.isneginf(out.max(dim=-1).values)
-            if bool(dead.any()):
-                out[dead] = fallback[dead].to(out.dtype).masked_fill(~allowed[dead], -math.inf)
-        return out
+        return apply(scores, self.allowed(rows, scores.shape[-1], scores.device), fallback)
 
     # ------------------------------------------------------------------ state
 
@@ -152,6 +153,100 @@ class RowMatchers:
             matchers.append(self.matchers[i].deep_copy() if i in seen else self.matchers[i])
             seen.add(i)
         self.matchers = matchers
+
+    def advance(self, src: Sequence[int], tokens: Sequence[int], live: Sequence[bool]) -> None:
+        """Beams: row r continues row src[r] with tokens[r]. Rows that are not live (a beam with
+        no finite score, a prompt whose search is over) keep a stale matcher: nothing reads them."""
+        self.reorder(src)
+        for row, (t, ok) in enumerate(zip(tokens, live)):
+            if ok:
+                self.consume(row, [t])
+
+    def replay(self, sequences: Sequence[Sequence[int]]) -> None:
+        """Matchers for these token sequences (a beam search's final hypotheses, which are not
+        the rows the search ran on), so that `accepting` answers for them."""
+        self.matchers = []
+        for tokens in sequences:
+            m = self.template.deep_copy()
+            body = list(tokens)
+            while body and body[-1] in self.eos:
+                body.pop()
+            m.try_consume_tokens(body)
+            self.matchers.append(m)
+
+
+def apply(scores: torch.Tensor, allowed: torch.Tensor, fallback: torch.Tensor | None = None) -> torch.Tensor:
+    """`scores` at -inf wherever `allowed` is False. A row left with no finite score (the
+    processors removed every allowed token) takes its `fallback` scores, masked, instead.
+
+    `scores` is written in place unless it is `fallback` (the raw logits, which strategies read
+    again): the callers pass what their processors just made. On the CPU numpy does it in one
+    single-threaded pass: on a busy machine every extra multi-threaded torch op over the
+    (rows, vocab) scores waits milliseconds for a descheduled thread, more than the mask costs."""
+    if scores.device.type == "cpu" and scores.dtype in _NUMPY_FLOATS and scores.is_contiguous():
+        out = scores if fallback is not None and scores is not fallback else scores.clone()
+        values = out.numpy()
+        np.putmask(values, ~allowed.numpy(), -np.inf)
+        dead = np.isneginf(values.max(axis=-1))
+        dead = torch.from_numpy(dead) if dead.any() else None
+    else:
+        out = torch.where(allowed, scores, scores.new_full((), -math.inf))
+        dead = torch.isneginf(out.max(dim=-1).values)
+        dead = dead if bool(dead.any()) else None
+    if dead is not None and fallback is not None and fallback is not scores:
+        out[dead] = fallback[dead].to(out.dtype).masked_fill(~allowed[dead], -math.inf)
+    return out
+
+
+_NUMPY_FLOATS = (torch.float32, torch.float64, torch.float16)
+
+
+class Draft:
+    """One row's matcher through a draft-and-verify cycle (assisted and prompt-lookup decoding).
+
+    Draft tokens are consumed tentatively, so that each verification position j (after j draft
+    tokens) has the grammar's mask; the target's verdict then keeps the accepted ones, rolls back
+    the rest and consumes the target's own token. The target verifies against masked
+    distributions, so it accepts exactly what plain constrained decoding would have chosen."""
+
+    def __init__(self, rows: RowMatchers, row: int, width: int, device):
+        self.rows, self.row = rows, row
+        self.width, self.device = width, device
+        self.masks: list[torch.Tensor] = []  # masks[j]: allowed after j pending tokens
+        # Per pending token, whether the matcher recorded it: an eos after the grammar stopped
+        # by itself is accepted but not recorded, so a rollback must not count it.
+        self.recorded: list[bool] = []
+
+    @property
+    def pending(self) -> int:
+        """Draft tokens consumed tentatively."""
+        return len(self.recorded)
+
+    def mask(self, j: int) -> torch.Tensor:
+        """Bool (width,): the tokens allowed at verification position j."""
+        if j == len(self.masks) == self.pending:
+            self.masks.append(self.rows.allowed([self.row], self.width, self.device)[0])
+        return self.masks[j]
+
+    def push(self, tokens: Sequence[int]) -> int:
+        """Consume draft tokens tentatively up to the first the grammar forbids; the pending count."""
+        m = self.rows.matchers[self.row]
+        for t in tokens:
+            if not bool(self.mask(self.pending)[t]):
+                break
+            if m.is_stopped() and t in self.rows.eos:
+                self.recorded.append(False)
+                continue
+            if not m.consume_token(t):
+                raise GenkitError(f"constraint: draft token {t} rejected by the grammar: {m.get_error()}")
+            self.recorded.append(True)
+        return self.pending
+
+    def settle(self, accepted: int, token: int) -> None:
+        """The target kept `accepted` draft tokens and then chose `token`."""
+        self.rows.rollback(self.row, sum(self.recorded[accepted:]))
+        self.rows.consume(self.row, [token])
+        self.masks, self.recorded = [], []
 
 
 class PerRow:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import torch
 
+from genkit.engine import constrain
 from genkit.engine import processors as procs
 from genkit.engine.strategies.base import Context, Proposal
 from genkit.errors import GenkitError
@@ -209,22 +210,39 @@ class Row:
         self.seq = list(self.prompt)
         self.draft_len = draft_len
         self.schedule = schedule
+        width = ctx.model.config.get_text_config().vocab_size
+        self.grammar = None if ctx.constraint is None else constrain.Draft(ctx.constraint, index, width, self.device)
         self.drafter = drafter_factory(self)
         self.drafted = self.accepted = 0
 
-    def score(self, prefix: list[int], logits: torch.Tensor) -> torch.Tensor:
-        """Processors, warpers and watermark in generate()'s order for the token after `prefix`;
-        `logits` is (vocab,)."""
-        if not self.processing:
+    def score(self, prefix: list[int], logits: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """Processors, the grammar's mask (`allowed`), warpers and watermark in generate()'s
+        order for the token after `prefix`; `logits` is (vocab,)."""
+        if not self.processing and allowed is None:
             return logits
         ids = torch.tensor([prefix], device=self.device)
-        scores = self.processors(ids, logits.to(self.device)[None])
+        logits = logits.to(self.device)[None]
+        scores = self.processors(ids, logits)
+        if allowed is not None:
+            scores = constrain.apply(scores, allowed[None], fallback=logits)
         scores = self.warpers(ids, scores)
         return self.watermark(ids, scores)[0]
 
-    def _pick(self, prefix: list[int], logits: torch.Tensor) -> tuple[int, torch.Tensor]:
+    def draft_score(self, prefix: list[int], logits: torch.Tensor) -> torch.Tensor:
+        """`score` for the draft model: with a grammar, the draft so far is consumed
+        tentatively, so the draft model proposes only tokens the grammar allows."""
+        if self.grammar is None:
+            return self.score(prefix, logits)
+        j = len(prefix) - len(self.seq)
+        self.grammar.push(prefix[len(self.seq) + self.grammar.pending:])
+        return self.score(prefix, logits, self.grammar.mask(j))
+
+    def _allowed(self, j: int) -> torch.Tensor | None:
+        return None if self.grammar is None else self.grammar.mask(j)
+
+    def _pick(self, prefix: list[int], logits: torch.Tensor, allowed=None) -> tuple[int, torch.Tensor]:
         """The target's own token at one position, and its processed distribution (sampling)."""
-        scores = self.score(prefix, logits)
+        scores = self.score(prefix, logits, allowed)
         if not self.sample:
             return int(scores.argmax()), scores
         p = torch.softmax(scores, dim=-1)
@@ -234,7 +252,9 @@ class Row:
         """The first token, from the prompt alone (no draft yet: it arrives as fast as plain
         decoding's first token)."""
         logits = self.target.prefill().logits[0, -1]
-        token, _ = self._pick(self.seq, logits)
+        token, _ = self._pick(self.seq, logits, self._allowed(0))
+        if self.grammar is not None:
+            self.grammar.settle(0, token)
         self.last_logits = logits[None]
         self.seq.append(token)
         return [token]
@@ -244,10 +264,17 @@ class Row:
         # The target always adds one token of its own, so a longer draft would be wasted.
         k = min(self.draft_len, remaining - 1)
         draft, q = self.drafter.propose(self.seq, k)
+        if self.grammar is not None:
+            # Only the draft's allowed prefix can be accepted (the target's masked distributions
+            # give the rest probability 0): keep that much, consumed tentatively.
+            kept = self.grammar.push(draft[self.grammar.pending:])
+            draft, q = draft[:kept], (q[:kept] if q is not None else None)
         start = len(self.seq)
         fresh = torch.tensor([self.seq[self.target.length:] + draft], device=self.device)
         logits = self.target.step(fresh).logits[0, -(len(draft) + 1):]
         n, token = self._verify(draft, q, logits)
+        if self.grammar is not None:
+            self.grammar.settle(n, token)
         self.last_logits = logits[: n + 1]
         # Keep in the cache what is now part of the sequence; the new token is fed next cycle.
         self.target.crop(start + n)
@@ -261,19 +288,19 @@ class Row:
         for j, proposed in enumerate(draft):
             prefix = self.seq + draft[:j]
             if self.sample and q is not None:
-                kept, token = self._speculative(prefix, proposed, q[j], logits[j])
+                kept, token = self._speculative(prefix, proposed, q[j], logits[j], self._allowed(j))
                 if not kept:
                     return j, token
                 continue
-            token, _ = self._pick(prefix, logits[j])
+            token, _ = self._pick(prefix, logits[j], self._allowed(j))
             if token != proposed:
                 return j, token
-        token, _ = self._pick(self.seq + draft, logits[len(draft)])
+        token, _ = self._pick(self.seq + draft, logits[len(draft)], self._allowed(len(draft)))
         return len(draft), token
 
-    def _speculative(self, prefix, proposed: int, q: torch.Tensor, logits) -> tuple[bool, int]:
+    def _speculative(self, prefix, proposed: int, q: torch.Tensor, logits, allowed=None) -> tuple[bool, int]:
         """Keep `proposed` with probability min(1, p/q); else draw from norm(max(0, p - q))."""
-        p = torch.softmax(self.score(prefix, logits), dim=-1)
+        p = torch.softmax(self.score(prefix, logits, allowed), dim=-1)
         q = q.to(p.device)
         r = float(torch.rand(1, generator=self.generator))
         if r * float(q[proposed]) <= float(p[proposed]):
@@ -308,7 +335,7 @@ def _rows(ctx: Context) -> list[Row]:
         assistant = _assistant(ctx)
 
         def drafter(row: Row):
-            return ModelDrafter(assistant, row.prompt, row.score, row.generator, row.sample, s.eos_ids)
+            return ModelDrafter(assistant, row.prompt, row.draft_score, row.generator, row.sample, s.eos_ids)
 
         draft_len = s.num_assistant_tokens
     else:

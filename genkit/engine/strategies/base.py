@@ -49,16 +49,23 @@ class Context:
     def tokenizer(self):
         return self.lm.tokenizer
 
+    def consume(self, tokens: list[int], live: torch.Tensor) -> None:
+        """Hand each generating row's accepted token to its matcher (constrained output)."""
+        if self.constraint is not None:
+            self.constraint.consume_rows(tokens, live.tolist())
+
     def unfinished(self) -> torch.Tensor:
         """Bool tensor (rows,): True for rows still generating."""
         done = self.tracker.finished_mask()
         return torch.tensor([not d for d in done], device=self.input_ids.device)
 
-    def score(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Processors, the constraint's mask, warpers and watermark in generate()'s order."""
+    def score(self, input_ids: torch.Tensor, logits: torch.Tensor,
+              fallback: torch.Tensor | None = None) -> torch.Tensor:
+        """Processors, the constraint's mask, warpers and watermark in generate()'s order.
+        A row whose processed scores leave no allowed token takes `fallback` (default: `logits`)."""
         scores = self.processors(input_ids, logits)
         if self.constraint is not None:
-            scores = self.constraint.mask(scores, fallback=logits)
+            scores = self.constraint.mask(scores, fallback=logits if fallback is None else fallback)
         scores = self.warpers(input_ids, scores)
         return self.watermark(input_ids, scores)
 

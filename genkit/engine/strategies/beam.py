@@ -167,6 +167,8 @@ class Group:
         # The best candidates that did not end keep running.
         running = values + ends.to(values.dtype) * IMPOSSIBLE
         self.scores, keep = running.topk(self.size, dim=1)
+        # A running beam without a finite score (fewer allowed tokens than beams) is dead weight.
+        self.live = torch.isfinite(self.scores)
         src = self.rows.view(prompts, self.size)[:, :1] + beams.gather(1, keep)
         new = tokens.gather(1, keep)
         self._update_done(values, frozen, generated)
@@ -177,6 +179,7 @@ class Group:
             if was_done:
                 src[p] = self.rows.view(prompts, self.size)[p]
                 new[p] = search.pad
+                self.live[p] = False
         return src.reshape(-1), new.reshape(-1)
 
     def _collect(self, values, beams, tokens, ends, frozen, search, generated):
@@ -253,6 +256,7 @@ class Search:
         self.ids = None  # (prompts * beams, length): every row's sequence, prompt included
         self.logprobs = None  # (prompts * beams, generated): model log-probs, when asked
         self.step_logprobs = None  # (prompts * beams, vocab): this step's model log-probs
+        self.live = None  # (prompts * beams,) bool: rows whose new token extends a live beam
 
     def hypothesis(self, row: int, token: int, score: float) -> Hypothesis:
         """Row `row`'s generated tokens followed by `token`, as a finished hypothesis."""
@@ -274,6 +278,10 @@ class Search:
         if group.start > 0 and self.diversity:
             scores = scores - self._diversity(chosen[:, : group.start], scores.shape[-1])
         scores = LogitsProcessorList(procs[head:])(ids, scores)
+        if self.ctx.constraint is not None:
+            # Each beam's own matcher masks its row, after the processors and before the warpers.
+            rows = None if single else group.rows.tolist()
+            scores = self.ctx.constraint.mask(scores, rows, fallback=log_probs if single else log_probs[group.rows])
         scores = self.ctx.warpers(ids, scores)
         return self.ctx.watermark(ids, scores)
 
@@ -289,9 +297,11 @@ class Search:
         new = torch.empty(n, dtype=torch.long, device=log_probs.device)
         chosen = new.view(-1, self.num_beams)
         self.step_logprobs = log_probs
+        self.live = torch.empty(n, dtype=torch.bool, device=log_probs.device)
         for group in self.groups:
             scores = self.score(group, log_probs, chosen)
             src[group.rows], new[group.rows] = group.step(scores, self, generated, last, self.generators)
+            self.live[group.rows] = group.live.reshape(-1)
         return src, new
 
     def results(self, count: int) -> list[Hypothesis]:
@@ -337,6 +347,8 @@ def decode(ctx: Context):
     runner.repeat_interleave(search.num_beams)
     runner.prompt = runner.prompt.repeat_interleave(search.num_beams, dim=0)
     search.ids = runner.prompt
+    if ctx.constraint is not None:  # one matcher per beam, as one row per beam
+        ctx.constraint.reorder([p for p in range(ctx.num_prompts) for _ in range(search.num_beams)])
     if ctx.want_logprobs:
         search.logprobs = search.ids.new_zeros((search.ids.shape[0], 0), dtype=torch.float32)
     max_new = search.groups[0].rules.max_new
@@ -350,12 +362,16 @@ def decode(ctx: Context):
         if last or all(g.all_done for g in search.groups):
             break
         runner.select(src)
+        if ctx.constraint is not None:  # the matchers follow their beams
+            ctx.constraint.advance(src.tolist(), new.tolist(), search.live.tolist())
         search.ids = torch.cat([search.ids[src], new[:, None]], dim=-1)
         if search.logprobs is not None:
             picked = log_probs[src, new][:, None]
             search.logprobs = torch.cat([search.logprobs[src], picked], dim=-1)
         out = runner.step(new[:, None])
     best = search.results(ctx.settings.num_return_sequences)
+    if ctx.constraint is not None:  # completeness is asked of the returned hypotheses, not of beams
+        ctx.constraint.replay([h.tokens for h in best])
     lps = [h.logprobs for h in best] if ctx.want_logprobs else None
     if lps is not None and any(x is None for x in lps):
         lps = None

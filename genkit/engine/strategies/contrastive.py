@@ -35,9 +35,13 @@ def degeneration_penalty(context: torch.Tensor, context_mask: torch.Tensor, cand
     return cosine.max(dim=-1).values
 
 
-def rank(probs: torch.Tensor, penalty: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Index (rows,) of the best candidate; the first one wins a tie, as in 4.55."""
+def rank(probs: torch.Tensor, penalty: torch.Tensor, alpha: float, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Index (rows,) of the best candidate; the first one wins a tie, as in 4.55. Candidates
+    not `allowed` (a grammar forbids them: fewer allowed tokens than top_k) never win, even
+    where a low degeneration penalty would outweigh their zero probability."""
     score = (1.0 - alpha) * probs - alpha * penalty
+    if allowed is not None:
+        score = score.masked_fill(~allowed, float("-inf"))
     return score.argmax(dim=-1)
 
 
@@ -58,19 +62,24 @@ def decode(ctx: Context):
     context = out.hidden_states[-1]  # (rows, prompt_length, hidden)
     context_mask = ctx.attention_mask.clone()
     while True:
-        probs = torch.softmax(ctx.score(input_ids, logits), dim=-1)
+        scores = ctx.score(input_ids, logits)
+        probs = torch.softmax(scores, dim=-1)
         top_probs, top_ids = probs.topk(k, dim=-1)  # (rows, k)
+        # With a grammar, the candidates are the top_k of the allowed tokens (masked to -inf).
+        allowed = torch.isfinite(scores.gather(1, top_ids)) if ctx.constraint is not None else None
         # All k candidates of every row in one forward pass over a k-times expanded cache.
         runner.repeat_interleave(k)
         cand = runner.step(top_ids.reshape(-1, 1), hidden=True)
         cand_hidden = cand.hidden_states[-1][:, -1, :].reshape(rows, k, -1)
-        choice = rank(top_probs, degeneration_penalty(context, context_mask, cand_hidden), alpha)
+        choice = rank(top_probs, degeneration_penalty(context, context_mask, cand_hidden), alpha, allowed)
         tokens = top_ids.gather(1, choice[:, None]).squeeze(1)
         lps = token_logprobs(logits, tokens) if ctx.want_logprobs else None
         # Keep only the winners' cache rows: the cache then holds the chosen token.
         runner.select(torch.arange(rows, device=choice.device) * k + choice)
         # Finished rows are fed padding in the ids the processors see, as in generate().
-        tokens = torch.where(ctx.unfinished(), tokens, torch.full_like(tokens, s.pad_id))
+        live = ctx.unfinished()
+        tokens = torch.where(live, tokens, torch.full_like(tokens, s.pad_id))
+        ctx.consume(tokens.tolist(), live)
         yield Proposal([[t] for t in tokens.tolist()], [[x] for x in lps] if lps is not None else None)
         if ctx.tracker.all_done:
             return

@@ -27,7 +27,7 @@ import math
 import torch
 
 from genkit.engine.strategies.base import Context, Proposal, token_logprobs
-from genkit.engine.strategies.sampling import choose
+from genkit.engine.strategies.sampling import pick
 from genkit.errors import GenkitError
 
 RELATIVE_TOP = 0.1  # the paper's alpha for the adaptive plausibility constraint
@@ -143,9 +143,13 @@ def decode(ctx: Context):
     while True:
         final = out.logits[:, -1, :] if out.logits is not None else None
         scores, final = dola_logits(lm_head, out.hidden_states, layers, final)
-        tokens = choose(ctx, input_ids, scores)
+        # With a grammar, a row whose plausible tokens are all forbidden chooses among the
+        # allowed ones by the final layer's scores (the contrast is -inf for all of them).
+        tokens = pick(ctx, ctx.score(input_ids, scores, fallback=final))
         # Finished rows are fed padding and still count in the batch's layer choice, as in 4.55.
-        tokens = torch.where(ctx.unfinished(), tokens, torch.full_like(tokens, pad))
+        live = ctx.unfinished()
+        tokens = torch.where(live, tokens, torch.full_like(tokens, pad))
+        ctx.consume(tokens.tolist(), live)
         lps = token_logprobs(final, tokens) if ctx.want_logprobs else None
         yield Proposal([[t] for t in tokens.tolist()], [[x] for x in lps] if lps is not None else None)
         if ctx.tracker.all_done:

@@ -7,12 +7,8 @@ import torch
 from genkit.engine.strategies.base import Context, Proposal, processed_logprobs, sample_rows
 
 
-def choose(ctx: Context, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """The next token of every row from the last position's logits."""
-    return pick(ctx, ctx.score(input_ids, logits))
-
-
 def pick(ctx: Context, scores: torch.Tensor) -> torch.Tensor:
+    """The next token of every row from its processed scores."""
     if ctx.settings.do_sample:
         return sample_rows(torch.softmax(scores, dim=-1), ctx.generators)
     return scores.argmax(dim=-1)
@@ -31,8 +27,7 @@ def decode(ctx: Context):
         tokens = torch.where(live, tokens, torch.full_like(tokens, pad))
         lps, top = processed_logprobs(scores, tokens, ctx.top_logprobs) if ctx.want_logprobs else (None, None)
         ids = tokens.tolist()
-        if ctx.constraint is not None:
-            ctx.constraint.consume_rows(ids, live.tolist())
+        ctx.consume(ids, live)
         yield Proposal([[t] for t in ids], [[x] for x in lps] if lps is not None else None,
                        [[a] for a in top] if top is not None else None)
         if ctx.tracker.all_done:
