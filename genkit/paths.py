@@ -15,26 +15,26 @@ def _xdg(var: str, fallback: str) -> Path:
     return Path(os.environ.get(var) or Path.home() / fallback)
 
 
-def cache_dir() -> Path:
+def _genkit_dir(kind: str, xdg_var: str, fallback: str) -> Path:
+    """GENKIT_HOME/<kind> when GENKIT_HOME is set (tests, a self-contained install), else the
+    XDG directory of that kind."""
     home = os.environ.get("GENKIT_HOME")
     if home:
-        return Path(home) / "cache"
-    return _xdg("XDG_CACHE_HOME", ".cache") / "genkit"
+        return Path(home) / kind
+    return _xdg(xdg_var, fallback) / "genkit"
+
+
+def cache_dir() -> Path:
+    return _genkit_dir("cache", "XDG_CACHE_HOME", ".cache")
 
 
 def config_dir() -> Path:
-    home = os.environ.get("GENKIT_HOME")
-    if home:
-        return Path(home) / "config"
-    return _xdg("XDG_CONFIG_HOME", ".config") / "genkit"
+    return _genkit_dir("config", "XDG_CONFIG_HOME", ".config")
 
 
 def data_dir() -> Path:
     """What genkit records for the user (the SQLite log of conversations and runs)."""
-    home = os.environ.get("GENKIT_HOME")
-    if home:
-        return Path(home) / "data"
-    return _xdg("XDG_DATA_HOME", ".local/share") / "genkit"
+    return _genkit_dir("data", "XDG_DATA_HOME", ".local/share")
 
 
 def user_presets_dir() -> Path:

@@ -35,6 +35,10 @@ HELP = "\n\n".join([
 ])
 
 
+def _watermark_flag(*decls: str, help: str, default: str):
+    return typer.Option(*decls, rich_help_panel=W, show_default=False, help=o.with_default(help, default))
+
+
 def register(app: typer.Typer) -> None:
     app.command("detect", help=HELP)(detect)
 
@@ -42,24 +46,19 @@ def register(app: typer.Typer) -> None:
 def detect(
     source: Annotated[Optional[str], typer.Argument(
         help="A text, a file (JSONL or plain text), or '-' for stdin.", show_default=False)] = None,
-    preset: Annotated[Optional[str], typer.Option(
-        "--preset", "-p", rich_help_panel=W, show_default=False,
-        help=o.with_default("Take the watermark settings of this preset (name or YAML file).", "none"))] = None,
-    bias: Annotated[Optional[float], typer.Option(
-        "--bias", rich_help_panel=W, show_default=False,
-        help=o.with_default("Accepted for symmetry with generation; detection does not use it.", "unused"))] = None,
-    greenlist_ratio: Annotated[Optional[float], typer.Option(
-        "--greenlist-ratio", rich_help_panel=W, show_default=False,
-        help=o.with_default("Fraction of the vocabulary on each green list.", "the preset's, else 0.25"))] = None,
-    seeding_scheme: Annotated[Optional[str], typer.Option(
-        "--seeding-scheme", rich_help_panel=W, show_default=False,
-        help=o.with_default("lefthash or selfhash.", "the preset's, else lefthash"))] = None,
-    context_width: Annotated[Optional[int], typer.Option(
-        "--context-width", rich_help_panel=W, show_default=False,
-        help=o.with_default("Previous tokens that seed each green list.", "the preset's, else 1"))] = None,
-    hashing_key: Annotated[Optional[int], typer.Option(
-        "--hashing-key", rich_help_panel=W, show_default=False,
-        help=o.with_default("Key of the green-list hash.", "the preset's, else 15485863"))] = None,
+    preset: Annotated[Optional[str], _watermark_flag(
+        "--preset", "-p", help="Take the watermark settings of this preset (name or YAML file).", default="none")] = None,
+    bias: Annotated[Optional[float], _watermark_flag(
+        "--bias", help="Accepted for symmetry with generation; detection does not use it.", default="unused")] = None,
+    greenlist_ratio: Annotated[Optional[float], _watermark_flag(
+        "--greenlist-ratio", help="Fraction of the vocabulary on each green list.",
+        default="the preset's, else 0.25")] = None,
+    seeding_scheme: Annotated[Optional[str], _watermark_flag(
+        "--seeding-scheme", help="lefthash or selfhash.", default="the preset's, else lefthash")] = None,
+    context_width: Annotated[Optional[int], _watermark_flag(
+        "--context-width", help="Previous tokens that seed each green list.", default="the preset's, else 1")] = None,
+    hashing_key: Annotated[Optional[int], _watermark_flag(
+        "--hashing-key", help="Key of the green-list hash.", default="the preset's, else 15485863")] = None,
     model: o.Model = None,
     device: Annotated[str, typer.Option(
         "--device", help="Where the text was generated: cpu or cuda (their green lists differ).")] = "cpu",
