@@ -93,3 +93,47 @@ def test_run_json_and_batch_logprobs(tiny_dir, tiny, tmp_path):
     content = a["logprobs"]["content"]
     assert [c["logprob"] for c in content] == pytest.approx(want.logprobs, abs=1e-4)
     assert len(content[0]["top_logprobs"]) == 2 and b["logprobs"] is None
+
+
+def _scored(lm, **params):
+    return genkit.generate(lm, ["Hello there", "The capital of France is"], raw=True, max_new_tokens=8,
+                           suppress_tokens=[2], logprobs=4, **params).results
+
+
+@pytest.mark.parametrize("params", [{"prompt_lookup_num_tokens": 3}, {"assistant_model": "itself",
+                                                                       "num_assistant_tokens": 3}])
+def test_drafting_strategies_report_greedys_logprobs(tiny, params):
+    """Assisted greedy and prompt lookup choose greedy's tokens from greedy's processed
+    distributions, so they report greedy's log-probabilities and alternatives."""
+    greedy = _scored(tiny, repetition_penalty=1.3)
+    assistant = tiny if "assistant_model" in params else None
+    ours = genkit.generate(tiny, ["Hello there", "The capital of France is"], raw=True, max_new_tokens=8,
+                           suppress_tokens=[2], logprobs=4, repetition_penalty=1.3, assistant=assistant,
+                           **params).results
+    for a, b in zip(ours, greedy):
+        assert a.token_ids == b.token_ids
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+        assert [[i for i, _ in alt] for alt in a.alternatives] == [[i for i, _ in alt] for alt in b.alternatives]
+
+
+@pytest.mark.parametrize("params", [
+    {"dola_layers": "high", "repetition_penalty": 1.2},
+    {"penalty_alpha": 0.6, "top_k": 4},
+    {"num_beams": 3, "num_return_sequences": 2},
+    {"num_beams": 4, "num_beam_groups": 2, "diversity_penalty": 1.0},
+])
+def test_every_strategy_reports_alternatives(tiny, params):
+    """Each token's log-probability and its alternatives come from one processed distribution:
+    the alternatives are sorted, at most N, and the chosen token's value is at most the best
+    one's (DoLa, greedy over its processed scores, takes the best; contrastive search's token is
+    among the top_k it was chosen from, so among 4 alternatives)."""
+    for r in _scored(tiny, **params):
+        assert len(r.logprobs) == len(r.alternatives) == len(r.token_ids) > 0
+        for token, lp, alts in zip(r.token_ids, r.logprobs, r.alternatives):
+            values = [v for _, v in alts]
+            assert 0 < len(alts) <= 4 and values == sorted(values, reverse=True)
+            assert lp <= values[0] + 1e-6
+            if "dola_layers" in params:
+                assert alts[0][0] == token and lp == pytest.approx(values[0], abs=1e-6)
+            if "penalty_alpha" in params:
+                assert (token, pytest.approx(lp, abs=1e-6)) in alts

@@ -12,7 +12,7 @@ Position ids are per row (the count of the row's real tokens before), so what a 
 does not depend on the padding its neighbours force on it.
 
 Reused rather than rewritten: SequenceState (stopping rules, incremental text), the processors
-and warpers of genkit.engine.processors, sample_rows / token_logprobs, and row_generator, so a
+and warpers of genkit.engine.processors, sample_rows / processed_logprobs, and row_generator, so a
 seeded job draws the same tokens here as through `Generation`.
 """
 

@@ -44,7 +44,7 @@ import torch
 
 from genkit.engine import constrain
 from genkit.engine import processors as procs
-from genkit.engine.strategies.base import Context, Proposal
+from genkit.engine.strategies.base import Context, Proposal, processed_logprobs
 from genkit.errors import GenkitError
 
 HEURISTIC_SCHEDULES = ("heuristic", "heuristic_transient")
@@ -214,6 +214,7 @@ class Row:
         self.grammar = None if ctx.constraint is None else constrain.Draft(ctx.constraint, index, width, self.device)
         self.drafter = drafter_factory(self)
         self.drafted = self.accepted = 0
+        self.verified: list[torch.Tensor] = []  # this cycle's processed scores, one per position checked
 
     def score(self, prefix: list[int], logits: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
         """Processors, the grammar's mask (`allowed`), warpers and watermark in generate()'s
@@ -227,6 +228,13 @@ class Row:
             scores = constrain.apply(scores, allowed[None], fallback=logits)
         scores = self.warpers(ids, scores)
         return self.watermark(ids, scores)[0]
+
+    def _scored(self, prefix: list[int], logits: torch.Tensor, allowed=None) -> torch.Tensor:
+        """`score` for the target at a verification position, kept (`self.verified`): the
+        distributions the kept tokens were chosen from, for their log-probabilities."""
+        scores = self.score(prefix, logits, allowed)
+        self.verified.append(scores)
+        return scores
 
     def draft_score(self, prefix: list[int], logits: torch.Tensor) -> torch.Tensor:
         """`score` for the draft model: with a grammar, the draft so far is consumed
@@ -242,7 +250,7 @@ class Row:
 
     def _pick(self, prefix: list[int], logits: torch.Tensor, allowed=None) -> tuple[int, torch.Tensor]:
         """The target's own token at one position, and its processed distribution (sampling)."""
-        scores = self.score(prefix, logits, allowed)
+        scores = self._scored(prefix, logits, allowed)
         if not self.sample:
             return int(scores.argmax()), scores
         p = torch.softmax(scores, dim=-1)
@@ -252,10 +260,10 @@ class Row:
         """The first token, from the prompt alone (no draft yet: it arrives as fast as plain
         decoding's first token)."""
         logits = self.target.prefill().logits[0, -1]
+        self.verified = []
         token, _ = self._pick(self.seq, logits, self._allowed(0))
         if self.grammar is not None:
             self.grammar.settle(0, token)
-        self.last_logits = logits[None]
         self.seq.append(token)
         return [token]
 
@@ -270,12 +278,12 @@ class Row:
             kept = self.grammar.push(draft[self.grammar.pending:])
             draft, q = draft[:kept], (q[:kept] if q is not None else None)
         start = len(self.seq)
+        self.verified = []
         fresh = torch.tensor([self.seq[self.target.length:] + draft], device=self.device)
         logits = self.target.step(fresh).logits[0, -(len(draft) + 1):]
         n, token = self._verify(draft, q, logits)
         if self.grammar is not None:
             self.grammar.settle(n, token)
-        self.last_logits = logits[: n + 1]
         # Keep in the cache what is now part of the sequence; the new token is fed next cycle.
         self.target.crop(start + n)
         self.drafter.agree(start + n)
@@ -300,7 +308,7 @@ class Row:
 
     def _speculative(self, prefix, proposed: int, q: torch.Tensor, logits, allowed=None) -> tuple[bool, int]:
         """Keep `proposed` with probability min(1, p/q); else draw from norm(max(0, p - q))."""
-        p = torch.softmax(self.score(prefix, logits, allowed), dim=-1)
+        p = torch.softmax(self._scored(prefix, logits, allowed), dim=-1)
         q = q.to(p.device)
         r = float(torch.rand(1, generator=self.generator))
         if r * float(q[proposed]) <= float(p[proposed]):
@@ -317,11 +325,12 @@ class Row:
         if self.schedule in HEURISTIC_SCHEDULES and drafted:
             self.draft_len = self.draft_len + 2 if accepted == drafted else max(1, self.draft_len - 1)
 
-    def logprobs(self, count: int) -> list[float]:
-        """Log-probabilities of the last `count` tokens under the raw target logits."""
-        tokens = torch.tensor(self.seq[-count:], device=self.last_logits.device)
-        lp = torch.log_softmax(self.last_logits[-count:], dim=-1)
-        return lp.gather(-1, tokens[:, None]).squeeze(-1).tolist()
+    def logprobs(self, count: int, top: int):
+        """(log-probabilities, `top` alternatives or None) of the last `count` tokens under the
+        processed distributions the target chose them from (one per position this cycle checked:
+        the accepted draft tokens and the target's own token)."""
+        tokens = torch.tensor(self.seq[-count:], device=self.device)
+        return processed_logprobs(torch.stack(self.verified[-count:]).to(self.device), tokens, top)
 
 
 # ---------------------------------------------------------------- the strategy
@@ -357,12 +366,15 @@ def decode(ctx: Context):
     while active:
         tokens: list[list[int]] = [[] for _ in range(n)]
         logprobs: list[list[float]] | None = [[] for _ in range(n)] if ctx.want_logprobs else None
+        alternatives: list[list] | None = [[] for _ in range(n)] if ctx.want_logprobs and ctx.top_logprobs else None
         for row in active:
             state = ctx.tracker.seqs[row.index]
             new = row.first() if first else row.cycle(state.max_new - len(state.ids))
             tokens[row.index] = new
             if logprobs is not None:
-                logprobs[row.index] = row.logprobs(len(new))
+                logprobs[row.index], top = row.logprobs(len(new), ctx.top_logprobs)
+                if alternatives is not None:
+                    alternatives[row.index] = top
         first = False
-        yield Proposal(tokens, logprobs)
+        yield Proposal(tokens, logprobs, alternatives)
         active = [r for r in active if not ctx.tracker.seqs[r.index].done]

@@ -80,11 +80,6 @@ def sample_rows(probs: torch.Tensor, generators: list[torch.Generator] | None) -
     return torch.cat(out).to(probs.device)
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> list[float]:
-    """The model's log-probability of each chosen token (raw logits, before processing)."""
-    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1).tolist()
-
-
 def processed_logprobs(scores: torch.Tensor, tokens: torch.Tensor, top: int):
     """(log-probability of each row's chosen token, its `top` most likely alternatives as
     [(id, logprob)] per row or None) under the processed distribution the token was chosen from:

@@ -60,6 +60,7 @@ class Hypothesis:
     score: float  # normalised by length
     tokens: list[int]
     logprobs: list[float] | None = None
+    alternatives: list[list[tuple[int, float]]] | None = None  # per token, with top_logprobs
 
 
 @dataclass
@@ -254,17 +255,39 @@ class Search:
         self.processors = _per_row(ctx.processors, self.size)
         self.generators = ctx.generators if s.do_sample else None
         self.ids = None  # (prompts * beams, length): every row's sequence, prompt included
-        self.logprobs = None  # (prompts * beams, generated): model log-probs, when asked
-        self.step_logprobs = None  # (prompts * beams, vocab): this step's model log-probs
+        # With log-probabilities asked: each row's tokens' log-probabilities (prompts * beams,
+        # generated) under the processed distributions they were chosen from, their `top`
+        # alternatives per row, and this step's processed log-probabilities (rows, vocab).
+        self.top = ctx.top_logprobs
+        self.logprobs = None
+        self.alternatives: list[list] | None = None
+        self.step_logprobs = None
         self.live = None  # (prompts * beams,) bool: rows whose new token extends a live beam
 
     def hypothesis(self, row: int, token: int, score: float) -> Hypothesis:
         """Row `row`'s generated tokens followed by `token`, as a finished hypothesis."""
         tokens = self.ids[row, self.prompt_length:].tolist() + [token]
-        lps = None
+        lps = alts = None
         if self.logprobs is not None:
             lps = self.logprobs[row].tolist() + [self.step_logprobs[row, token].item()]
-        return Hypothesis(score, tokens, lps)
+            if self.alternatives is not None:
+                alts = self.alternatives[row] + [self._top(self.step_logprobs[row : row + 1])[0]]
+        return Hypothesis(score, tokens, lps, alts)
+
+    def _top(self, logprobs: torch.Tensor) -> list[list[tuple[int, float]]]:
+        """The `top` most likely tokens of each row of processed log-probabilities."""
+        values, ids = logprobs.topk(min(self.top, logprobs.shape[-1]), dim=-1)
+        return [[(i, v) for i, v in zip(r_ids, r_values) if v != float("-inf")]
+                for r_ids, r_values in zip(ids.tolist(), values.tolist())]
+
+    def extend_logprobs(self, src: torch.Tensor, new: torch.Tensor) -> None:
+        """The rows continue `src`'s with the tokens `new`: their log-probabilities follow."""
+        if self.logprobs is None:
+            return
+        self.logprobs = torch.cat([self.logprobs[src], self.step_logprobs[src, new][:, None]], dim=-1)
+        if self.alternatives is not None:
+            tops = self._top(self.step_logprobs[src])
+            self.alternatives = [self.alternatives[s] + [top] for s, top in zip(src.tolist(), tops)]
 
     def score(self, group: Group, log_probs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """Processed scores of one group's rows; `chosen` holds this step's tokens of earlier groups."""
@@ -296,10 +319,13 @@ class Search:
         src = torch.empty(n, dtype=torch.long, device=log_probs.device)
         new = torch.empty(n, dtype=torch.long, device=log_probs.device)
         chosen = new.view(-1, self.num_beams)
-        self.step_logprobs = log_probs
+        if self.logprobs is not None:
+            self.step_logprobs = torch.empty_like(log_probs)
         self.live = torch.empty(n, dtype=torch.bool, device=log_probs.device)
         for group in self.groups:
             scores = self.score(group, log_probs, chosen)
+            if self.logprobs is not None:  # before the group's step, which may finish hypotheses
+                self.step_logprobs[group.rows] = torch.log_softmax(scores.float(), dim=-1)
             src[group.rows], new[group.rows] = group.step(scores, self, generated, last, self.generators)
             self.live[group.rows] = group.live.reshape(-1)
         return src, new
@@ -351,6 +377,7 @@ def decode(ctx: Context):
         ctx.constraint.reorder([p for p in range(ctx.num_prompts) for _ in range(search.num_beams)])
     if ctx.want_logprobs:
         search.logprobs = search.ids.new_zeros((search.ids.shape[0], 0), dtype=torch.float32)
+        search.alternatives = [[] for _ in range(search.ids.shape[0])] if ctx.top_logprobs else None
     max_new = search.groups[0].rules.max_new
     out = runner.prefill()
     generated = 0
@@ -365,9 +392,7 @@ def decode(ctx: Context):
         if ctx.constraint is not None:  # the matchers follow their beams
             ctx.constraint.advance(src.tolist(), new.tolist(), search.live.tolist())
         search.ids = torch.cat([search.ids[src], new[:, None]], dim=-1)
-        if search.logprobs is not None:
-            picked = log_probs[src, new][:, None]
-            search.logprobs = torch.cat([search.logprobs[src], picked], dim=-1)
+        search.extend_logprobs(src, new)
         out = runner.step(new[:, None])
     best = search.results(ctx.settings.num_return_sequences)
     if ctx.constraint is not None:  # completeness is asked of the returned hypotheses, not of beams
@@ -375,4 +400,7 @@ def decode(ctx: Context):
     lps = [h.logprobs for h in best] if ctx.want_logprobs else None
     if lps is not None and any(x is None for x in lps):
         lps = None
-    yield Proposal([h.tokens for h in best], lps)
+    alts = [h.alternatives for h in best] if lps is not None and ctx.top_logprobs else None
+    if alts is not None and any(x is None for x in alts):
+        alts = None
+    yield Proposal([h.tokens for h in best], lps, alts)

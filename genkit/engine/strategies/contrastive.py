@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from genkit.engine.strategies.base import Context, Proposal, token_logprobs
+from genkit.engine.strategies.base import Context, Proposal, processed_logprobs
 
 
 def degeneration_penalty(context: torch.Tensor, context_mask: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -73,14 +73,17 @@ def decode(ctx: Context):
         cand_hidden = cand.hidden_states[-1][:, -1, :].reshape(rows, k, -1)
         choice = rank(top_probs, degeneration_penalty(context, context_mask, cand_hidden), alpha, allowed)
         tokens = top_ids.gather(1, choice[:, None]).squeeze(1)
-        lps = token_logprobs(logits, tokens) if ctx.want_logprobs else None
+        # The distribution the candidates were taken from (the choice among them also weighs
+        # the degeneration penalty, which is not a distribution).
+        lps, top = processed_logprobs(scores, tokens, ctx.top_logprobs) if ctx.want_logprobs else (None, None)
         # Keep only the winners' cache rows: the cache then holds the chosen token.
         runner.select(torch.arange(rows, device=choice.device) * k + choice)
         # Finished rows are fed padding in the ids the processors see, as in generate().
         live = ctx.unfinished()
         tokens = torch.where(live, tokens, torch.full_like(tokens, s.pad_id))
         ctx.consume(tokens.tolist(), live)
-        yield Proposal([[t] for t in tokens.tolist()], [[x] for x in lps] if lps is not None else None)
+        yield Proposal([[t] for t in tokens.tolist()], [[x] for x in lps] if lps is not None else None,
+                       [[a] for a in top] if top is not None else None)
         if ctx.tracker.all_done:
             return
         input_ids = torch.cat([input_ids, tokens[:, None]], dim=-1)

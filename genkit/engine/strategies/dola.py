@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from genkit.engine.strategies.base import Context, Proposal, token_logprobs
+from genkit.engine.strategies.base import Context, Proposal, processed_logprobs
 from genkit.engine.strategies.sampling import pick
 from genkit.errors import GenkitError
 
@@ -145,13 +145,15 @@ def decode(ctx: Context):
         scores, final = dola_logits(lm_head, out.hidden_states, layers, final)
         # With a grammar, a row whose plausible tokens are all forbidden chooses among the
         # allowed ones by the final layer's scores (the contrast is -inf for all of them).
-        tokens = pick(ctx, ctx.score(input_ids, scores, fallback=final))
+        processed = ctx.score(input_ids, scores, fallback=final)
+        tokens = pick(ctx, processed)
         # Finished rows are fed padding and still count in the batch's layer choice, as in 4.55.
         live = ctx.unfinished()
         tokens = torch.where(live, tokens, torch.full_like(tokens, pad))
         ctx.consume(tokens.tolist(), live)
-        lps = token_logprobs(final, tokens) if ctx.want_logprobs else None
-        yield Proposal([[t] for t in tokens.tolist()], [[x] for x in lps] if lps is not None else None)
+        lps, top = processed_logprobs(processed, tokens, ctx.top_logprobs) if ctx.want_logprobs else (None, None)
+        yield Proposal([[t] for t in tokens.tolist()], [[x] for x in lps] if lps is not None else None,
+                       [[a] for a in top] if top is not None else None)
         if ctx.tracker.all_done:
             return
         input_ids = torch.cat([input_ids, tokens[:, None]], dim=-1)
