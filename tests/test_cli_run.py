@@ -201,7 +201,9 @@ def test_ctrl_c_keeps_text_and_exits_130(embedded_dir):
     )
     first = proc.stdout.read(20)  # wait until text is streaming
     proc.send_signal(signal.SIGINT)
-    rest, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
-    assert len(first + rest) > 20  # what was printed stays printed
+    rest, err = proc.communicate(timeout=180)  # a loaded machine: the log write and exit can be slow
+    assert proc.returncode == 130, err
+    # What was printed stays printed, and the text ends its line. (The signal may land before
+    # another token: when the first 20 characters end with a newline, nothing more is written.)
+    assert len(first) == 20 and (first + rest).endswith("\n")
     assert "finish: cancelled" in err and "Traceback" not in err
