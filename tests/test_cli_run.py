@@ -198,12 +198,13 @@ def test_ctrl_c_keeps_text_and_exits_130(embedded_dir):
         [sys.executable, "-m", "genkit", "run", "--preset", "creative", "--seed", "1", "-n", "400",
          "--set", "min_new_tokens=400", "Write a very long story."],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
+        # As a shell's foreground job: a background job (`&` in a script, as CI may run the
+        # suite) inherits SIGINT ignored, and Python then keeps ignoring it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     first = proc.stdout.read(20)  # wait until text is streaming
     proc.send_signal(signal.SIGINT)
-    rest, err = proc.communicate(timeout=180)  # a loaded machine: the log write and exit can be slow
+    rest, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    # What was printed stays printed, and the text ends its line. (The signal may land before
-    # another token: when the first 20 characters end with a newline, nothing more is written.)
-    assert len(first) == 20 and (first + rest).endswith("\n")
+    assert len(first) == 20 and (first + rest).endswith("\n")  # what was printed stays, its line ended
     assert "finish: cancelled" in err and "Traceback" not in err

@@ -16,6 +16,7 @@ Strategies never look at the backend: they ask `lm.backend.runner(...)` for a Ru
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,14 +69,26 @@ def choose(model, requested: str = "auto") -> Backend:
         return Backend("static", model, graphs=requested == "static" and _on_cuda(model))
     if requested == "transformers":
         return Backend("transformers", model)
-    from genkit.native.llama import fast_llama
-
-    fast = fast_llama(model)
+    fast = _fast_decoder(model)
     if fast is not None:
         return Backend("genkit", model, fast=fast)
     if _on_cuda(model) and static_runner.eligible(model):
         return Backend("static", model, graphs=True)
     return Backend("transformers", model)
+
+
+# genkit's decoder over a model's weights, built once per model: building it fuses q/k/v and
+# gate/up and points the model's Linears at the fused tensors, so a second one would copy the
+# weights again and leave the first one's tensors unshared.
+_FAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _fast_decoder(model):
+    if model not in _FAST:
+        from genkit.native.llama import fast_llama
+
+        _FAST[model] = fast_llama(model)
+    return _FAST[model]
 
 
 def _on_cuda(model) -> bool:
