@@ -126,3 +126,21 @@ def test_light_commands_do_not_import_torch(genkit_home):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     # pydantic came with typer 0.29 and cost these commands 60-180 ms (pyproject pins typer below it)
     assert r.stdout.strip().splitlines()[-1] == "False False False", r.stderr
+
+
+def test_decode_settings_has_a_typed_field_per_parameter():
+    """DecodeSettings holds every parameter as its own field with PARAMS' default, so the engine
+    reads `settings.top_k` from a declared field and a parameter added to PARAMS needs one."""
+    import dataclasses
+
+    from genkit.engine.settings import DecodeSettings
+
+    fields = {f.name: f for f in dataclasses.fields(DecodeSettings)}
+    assert set(fields) - set(P.PARAMS) == {"strategy", "eos_ids", "pad_id", "explicit"}
+    assert set(P.PARAMS) <= set(fields)
+    defaults = DecodeSettings()
+    for name, p in P.PARAMS.items():
+        expected = P.DEFAULT_MAX_NEW_TOKENS if name == "max_new_tokens" else p.default
+        assert getattr(defaults, name) == expected, name
+        assert fields[name].type not in ("Any", "object"), name
+    assert defaults.params() == {**P.effective({}), "max_new_tokens": P.DEFAULT_MAX_NEW_TOKENS}

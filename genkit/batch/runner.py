@@ -148,7 +148,7 @@ class Runner:
         return self.opts.continuous and self._continuous[settings.strategy]
 
     def group_key(self, it: Item) -> str:
-        values = dict(it.settings.values)
+        values = it.settings.params()
         values.pop("seed", None)
         if self.continuous(it.settings):
             # Each row of a continuous batch has its own length limit and stop strings.
@@ -221,7 +221,7 @@ class Runner:
     def run_static(self, settings, batch: list[Item]) -> None:
         from genkit.engine import Generation
 
-        s = dataclasses.replace(settings, values={**settings.values, "max_new_tokens": batch[0].max_new})
+        s = dataclasses.replace(settings, max_new_tokens=batch[0].max_new)
         try:
             gen = Generation(
                 self.lm, [it.engine_prompt for it in batch], s, raw=self.opts.raw,

@@ -257,7 +257,7 @@ class PerRow:
     def __init__(self, lm, settings, vocab: int):
         from genkit import constraints
 
-        grammar = constraints.grammar_for(settings.values, "settings")
+        grammar = constraints.grammar_for(settings.params(), "settings")
         self.template, self.size, self.eos_ids = None, vocab, settings.eos_ids
         if grammar is not None:
             self.template, self.size = new_matcher(lm, grammar, settings.eos_ids, vocab)

@@ -100,10 +100,10 @@ class Generation:
         self.alternatives: dict[int, list] = {}
         # The draft model of assisted decoding: the caller's, else the one the settings name,
         # loaded once per target model (genkit.models.draft_model).
-        if assistant is None and settings.values.get("assistant_model"):
+        if assistant is None and settings.assistant_model:
             from genkit.models import draft_model
 
-            assistant = draft_model(lm, settings.values["assistant_model"])
+            assistant = draft_model(lm, settings.assistant_model)
         self.assistant = assistant
         self.templated = prompts_mod.uses_chat(lm, raw)
         self.texts = [prompts_mod.to_text(lm, p, system=system, raw=raw) for p in prompts]
@@ -135,7 +135,7 @@ class Generation:
             input_ids = input_ids.repeat_interleave(n, dim=0)
             mask = mask.repeat_interleave(n, dim=0)
         def fresh_runner():
-            return lm.backend.runner(input_ids, mask, s.values.get("decoder_start_token_id"),
+            return lm.backend.runner(input_ids, mask, s.decoder_start_token_id,
                                      capacity=input_ids.shape[1] + max_new)
 
         if self.turn_cache is None:
@@ -198,7 +198,7 @@ class Generation:
         """One matcher per output row when the settings constrain the output."""
         from genkit import constraints
 
-        grammar = constraints.grammar_for(self.settings.values, "settings")
+        grammar = constraints.grammar_for(self.settings.params(), "settings")
         if grammar is None:
             return None
         from genkit.engine.constrain import RowMatchers

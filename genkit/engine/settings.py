@@ -19,23 +19,74 @@ MODEL_CONFIG_KEYS = set(P.PARAMS) - {"seed", "assistant_model", "watermark", "js
                                      "choice", "grammar"}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DecodeSettings:
-    values: dict[str, Any]  # every parameter of genkit/params.py, effective values
-    strategy: str
-    eos_ids: list[int]
-    pad_id: int
+    """Every generation parameter (genkit/params.py) as the engine will use it, plus what
+    `build` derives from them. A field per parameter, typed, so a misspelt name fails where it
+    is read and an editor knows what each holds; a test keeps the fields and PARAMS in step.
+    The defaults are PARAMS' (max_new_tokens: genkit's own, never "no limit")."""
+
+    # length and stopping
+    max_new_tokens: int = P.DEFAULT_MAX_NEW_TOKENS
+    min_new_tokens: int | None = None
+    max_time: float | None = None
+    stop_strings: list[str] | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    decoder_start_token_id: int | None = None
+    # strategy
+    do_sample: bool = False
+    num_beams: int = 1
+    num_beam_groups: int = 1
+    diversity_penalty: float = 0.0
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False  # True, False or "never"
+    num_return_sequences: int = 1
+    penalty_alpha: float | None = None
+    dola_layers: str | list[int] | None = None  # "low", "high" or layer indices
+    prompt_lookup_num_tokens: int | None = None
+    max_matching_ngram_size: int | None = None
+    num_assistant_tokens: int = 20
+    num_assistant_tokens_schedule: str = "constant"
+    assistant_model: str | None = None
+    # sampling warpers
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    min_p: float | None = None
+    typical_p: float = 1.0
+    epsilon_cutoff: float = 0.0
+    eta_cutoff: float = 0.0
+    # logits processors
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    bad_words_ids: list[list[int]] | None = None
+    sequence_bias: list[list] | None = None  # [[token ids], bias] pairs
+    suppress_tokens: list[int] | None = None
+    watermark: dict[str, Any] | None = None
+    # constrained output: at most one of these
+    json_schema: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    # genkit's own
+    seed: int | None = None
+
+    # derived by `build`
+    strategy: str = "greedy"  # as genkit.params.strategy_of names it
+    eos_ids: list[int] = field(default_factory=list)
+    pad_id: int = 0
     explicit: dict[str, Any] = field(default_factory=dict)  # what the user set (for reports)
 
-    def __getattr__(self, name):
-        try:
-            return self.__dict__["values"][name]
-        except KeyError:
-            raise AttributeError(name) from None
+    def params(self) -> dict[str, Any]:
+        """The generation parameters by name, as genkit/params.py lists them."""
+        return {name: getattr(self, name) for name in P.PARAMS}
 
     def generation_config(self):
         """The same settings as a transformers GenerationConfig."""
-        gc = to_generation_config(self.values)
+        gc = to_generation_config(self.params())
         gc.eos_token_id = self.eos_ids if len(self.eos_ids) != 1 else self.eos_ids[0]
         gc.pad_token_id = self.pad_id
         return gc
@@ -122,7 +173,7 @@ def build(lm, generation: dict) -> DecodeSettings:
         raise GenkitError("contrastive search (penalty_alpha) works with decoder-only models only")
     _check_token_ids(values, pad, lm.model.config.get_text_config().vocab_size)
     return DecodeSettings(
-        values=values,
+        **values,
         strategy=P.strategy_of(merged),
         eos_ids=eos_ids,
         pad_id=pad,
