@@ -62,8 +62,9 @@ def _check_modes(model: str | None, opts: LoadOptions) -> None:
     native = [flag for flag, on in (("--native-4bit", opts.native_4bit), ("--native-8bit", opts.native_8bit)) if on]
     if native and opts.backend != "auto":
         raise GenkitError(f"{native[0]} runs on genkit's own decoder: drop --backend {opts.backend}")
-    if opts.int8_activations and not opts.native_4bit:
-        raise GenkitError("--int8-activations applies to --native-4bit's products: add --native-4bit or drop it")
+    if opts.int8_activations and not (opts.native_4bit or (model or "").endswith(".gguf")):
+        raise GenkitError("--int8-activations applies to genkit's GGUF kernels: give a .gguf --model "
+                          "(or --native-4bit), or drop it")
     on_cpu = opts.device_map in (None, "cpu")
     if opts.native_4bit:
         if bnb:

@@ -274,7 +274,7 @@ def _load_checked(model, opts: LoadOptions, progress) -> LoadedModel:
     if (gguf := _native_gguf(model, opts)) is not None:
         from genkit.native.gguf_load import load_native
 
-        return load_native(gguf, progress)
+        return load_native(gguf, progress, byte_activations=opts.int8_activations)
     name, source, location = resolve_source(model, progress)
     if opts.native_4bit:
         return _load_native(model, name, source, location, opts, progress)

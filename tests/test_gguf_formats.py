@@ -57,7 +57,7 @@ def test_one_table_for_python_cpp_and_gguf():
 def test_block_product_equals_gguf_dequantisation(kind, rows):
     """x @ W.T over the raw blocks equals the product with gguf.quants' dequantised W (in float64).
     Tolerance, relative to sum |x| |w| per output: 2e-6 where rows are decoded to floats (float32
-    rounding only), 5e-5 for the int16 activations of Q4_0 / Q4_1 / Q8_0 below 16 rows."""
+    rounding only), 5e-5 for the int16 activations of the integer formats below 16 rows."""
     cols = 512
     raw = random_rows(kind, 40, cols, seed=rows)
     w = reference(raw, kind)
@@ -65,6 +65,22 @@ def test_block_product_equals_gguf_dequantisation(kind, rows):
     x = torch.randn(rows, cols)
     y = kernels.gguf_matmul(x, torch.from_numpy(raw.reshape(-1)), kind, cols)
     assert_product(y, x, w, 5e-5 if kind in kernels.INTEGER_KINDS and rows < 16 else 2e-6)
+
+
+@pytest.mark.parametrize("kind", kernels.INTEGER_KINDS)
+def test_byte_activations_on_every_integer_format(kind):
+    """The same blocks times activations quantised to signed bytes (llama.cpp's rounding): within
+    byte rounding of the dequantised product, per output, and coarser than the int16 product,
+    which a kernel that ignored the flag would return."""
+    cols = 512
+    raw = random_rows(kind, 40, cols, seed=7)
+    w, blocks = reference(raw, kind), torch.from_numpy(raw.reshape(-1))
+    torch.manual_seed(7)
+    x = torch.randn(3, cols)
+    exact = (x.double() @ w.T)
+    coarse = kernels.gguf_matmul(x, blocks, kind, cols, byte_activations=True)
+    assert_product(coarse, x, w, 1.5e-2)
+    assert (coarse.double() - exact).abs().max() > (kernels.gguf_matmul(x, blocks, kind, cols).double() - exact).abs().max()
 
 
 def test_mixed_parts_with_norm_and_glu():

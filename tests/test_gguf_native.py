@@ -93,6 +93,34 @@ def test_greedy_tokens_equal_transformers(pair):
     assert torch.equal(torch.cat(got, 1), want)
 
 
+def test_byte_activations_decode_close_to_exact(tmp_path):
+    """--int8-activations on a .gguf: a decode step's products (one row: the integer paths) take
+    activations quantised to bytes, as llama.cpp does. The logits stay within byte rounding of the
+    exact ones, and differ from them (the flag reached the kernels). Weights quantised from the
+    model's own (random k-quant blocks have weights far from zero-mean, whose large cancelling
+    sums magnify any rounding; tests/test_gguf_formats.py checks those products one by one)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    from genkit.native.decoder import GGUFDecoder
+    from genkit.native.llama import StaticKV
+
+    model = gguf_writer.random_model(gguf_writer.tiny_config("llama", tie_word_embeddings=True))
+    path = gguf_writer.write(model, tmp_path / "q5_0.gguf", {"*": "Q5_0", "token_embd.weight": "Q8_0"})
+    config = AutoConfig.from_pretrained(str(tmp_path), gguf_file=path.name)
+    exact, coarse = (GGUFDecoder(path, config, GenerationConfig.from_model_config(config), byte_activations=b)
+                     for b in (False, True))
+    assert set(coarse.head.kinds) == {kernels.kind_code("Q8_0", True)}
+    ids = torch.tensor([[5, 17, 42, 9]])
+    logits = []
+    for m in (exact, coarse):
+        cache = StaticKV(m, 1, 16)
+        for i in range(ids.shape[1]):  # one token at a time: the decode path
+            out = m.forward(ids[:, i:i + 1], torch.tensor([[i]]), cache, i, torch.ones(1, i + 1, dtype=torch.long), 1)
+        logits.append(out[0, -1])
+    scale = logits[0].abs().max()
+    assert 1e-6 * scale < (logits[1] - logits[0]).abs().max() < 3e-2 * scale
+
+
 def test_unsupported_block_type_names_the_tensor(tmp_path):
     import gguf
     import numpy as np

@@ -17,7 +17,7 @@ from conftest import run_cli
 @pytest.mark.parametrize("opts, message", [
     (LoadOptions(native_4bit=True, native_8bit=True), "--native-4bit and --native-8bit exclude each other"),
     (LoadOptions(load_in_4bit=True, load_in_8bit=True), "--load-in-4bit and --load-in-8bit exclude each other"),
-    (LoadOptions(int8_activations=True), "--int8-activations applies to --native-4bit"),
+    (LoadOptions(int8_activations=True), "--int8-activations applies to genkit.s GGUF kernels"),
     (LoadOptions(native_4bit=True, dtype="float32"), "--native-4bit runs on the CPU"),
     (LoadOptions(native_8bit=True, device_map="auto"), "--native-8bit runs on the CPU"),
     (LoadOptions(dtype="float64"), "--dtype float64: expected auto"),

@@ -146,7 +146,7 @@ def test_native_modes_exclude_each_other():
         models.load(None, models.LoadOptions(native_4bit=True, native_8bit=True))
     with pytest.raises(GenkitError, match="--native-8bit runs on the CPU from float32"):
         models.load(None, models.LoadOptions(native_8bit=True, dtype="bfloat16"))
-    with pytest.raises(GenkitError, match="--int8-activations applies to --native-4bit"):
+    with pytest.raises(GenkitError, match="--int8-activations applies to genkit.s GGUF kernels"):
         models.load(None, models.LoadOptions(int8_activations=True))
 
 

@@ -105,8 +105,8 @@ LOAD_FLAGS: dict[str, tuple] = {
         help="Quantise the weights to Q8_0 blocks for genkit's CPU kernels (fast; Llama models).")], False),
     "int8_activations": (Annotated[bool, _model_flag(
         "--int8-activations",
-        help="With --native-4bit: activations as bytes per block of 32, as llama.cpp does "
-             "(faster; greedy output can drift).")], False),
+        help="With a .gguf run natively or --native-4bit: activations quantised to bytes, as llama.cpp "
+             "does (faster; greedy output can drift from the fp32 path at near ties).")], False),
     "threads": (Annotated[Optional[int], _model_flag(
         "--threads", min=1, help="CPU threads for torch and genkit's kernels.",
         default="OMP_NUM_THREADS, else every usable core")], None),

@@ -106,8 +106,9 @@ class GGUFDecoder(DecodeLlama):
     mode = "gguf-native"
     continuous_batching = True  # forward_transformers over the continuous batcher's cache (engine/continuous.py)
 
-    def __init__(self, path: Path, config, generation_config, index: dict | None = None):
-        self.file = f = GGUFFile(path, index)
+    def __init__(self, path: Path, config, generation_config, index: dict | None = None,
+                 byte_activations: bool = False):
+        self.file = f = GGUFFile(path, index, byte_activations)
         arch = f.architecture
         if arch not in SPECS:
             raise GenkitError(f"{path.name}: architecture {arch!r} does not run natively (genkit runs "

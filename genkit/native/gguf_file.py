@@ -55,8 +55,9 @@ def read_index(path: Path, meta=None) -> dict:
 class GGUFFile:
     """The tensors of one .gguf file by name, over one copy-on-write map of the whole file."""
 
-    def __init__(self, path: Path, index: dict | None = None):
+    def __init__(self, path: Path, index: dict | None = None, byte_activations: bool = False):
         self.path = path
+        self.byte_activations = byte_activations  # the integer products take byte activations
         self.index = index or read_index(path)
         self.architecture = self.index["architecture"]
         self.tensors = {row[0]: TensorInfo(row[0], row[1], tuple(row[2]), row[3], row[4])
@@ -112,7 +113,8 @@ class GGUFFile:
             tensor = torch.from_numpy(data.view(np.int16).reshape(out_features, in_features)).view(torch.bfloat16)
         else:
             tensor = torch.from_numpy(data.reshape(-1))
-        return tensor, kernels.FORMATS[t.kind].code, in_features, out_features
+        return tensor, kernels.kind_code(t.kind, self.byte_activations) if t.kind not in kernels.DENSE else \
+            kernels.FORMATS[t.kind].code, in_features, out_features
 
 
 def shape(t: TensorInfo) -> tuple[int, ...]:

@@ -27,8 +27,9 @@ INDEX = "gguf-index.json"
 NOT_TOKENIZER_ARGS = ("tokenizer_class", "backend", "is_local", "local_files_only", "auto_map", "name_or_path")
 
 
-def load_native(path: Path, progress=None):
-    """A LoadedModel over the file itself (genkit.models.load calls this for .gguf files)."""
+def load_native(path: Path, progress=None, byte_activations: bool = False):
+    """A LoadedModel over the file itself (genkit.models.load calls this for .gguf files).
+    `byte_activations`: the integer products take activations quantised to bytes (--int8-activations)."""
     from transformers import AutoConfig, GenerationConfig
 
     from genkit import models
@@ -39,10 +40,10 @@ def load_native(path: Path, progress=None):
         tokenizer = pool.submit(load_tokenizer, entry)
         config = AutoConfig.from_pretrained(str(entry))
         index = json.loads((entry / INDEX).read_text())
-        model = GGUFDecoder(path, config, GenerationConfig.from_model_config(config), index)
+        model = GGUFDecoder(path, config, GenerationConfig.from_model_config(config), index, byte_activations)
         tokenizer = tokenizer.result()
     models.fix_tokenizer(tokenizer, model)
-    info = {"mode": "gguf-native", "architecture": model.architecture}
+    info = {"mode": "gguf-native" + (" int8-activations" if byte_activations else ""), "architecture": model.architecture}
     return models.LoadedModel(model=model, tokenizer=tokenizer, name=path.name, source=str(path), path=str(path),
                               info=info)
 

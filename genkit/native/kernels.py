@@ -28,7 +28,7 @@ from genkit import paths
 SOURCE = Path(__file__).with_name("kernels.cpp")
 # Sources besides SOURCE that the build includes: part of the build's digest.
 FORMAT_TABLE = Path(__file__).with_name("formats.def")
-HEADERS = [Path(__file__).with_name(name) for name in ("blocks.h", "quantized.h", "dense.h", "weights.h",
+HEADERS = [Path(__file__).with_name(name) for name in ("blocks.h", "quantized.h", "subblocks.h", "dense.h", "weights.h",
                                                        "attention.h")] + [FORMAT_TABLE]
 
 
@@ -53,7 +53,9 @@ DENSE = ("F32", "BF16")  # multiplied as torch tensors of that dtype, not as raw
 # GGUF block formats the kernels multiply as raw bytes (every format but the dense ones).
 GGUF_KINDS = {name: f.code for name, f in FORMATS.items() if name not in DENSE}
 BLOCK_BYTES = {name: f.bytes for name, f in FORMATS.items()}
-INTEGER_KINDS = ("Q4_0", "Q4_1", "Q8_0")  # with integer dot products, and byte activations as an option
+# with integer dot products (quantized.h, subblocks.h), and byte activations as an option; the
+# others (F16, Q2_K) are multiplied by decoding rows to floats
+INTEGER_KINDS = ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 INT8_ACTIVATIONS = 32  # added to an integer kind: the same blocks times activations quantised to bytes
 # no-tree-loop-distribute-patterns: GCC would turn the zeroing of a register tile's accumulators
 # into a memset and then keep them in memory, a store per FMA (kernels.cpp, panel_tile).
@@ -122,7 +124,7 @@ def library() -> Path | None:
 
 
 def kind_code(kind: str, byte_activations: bool = False) -> int:
-    """The kernels' code for a GGUF block type; Q4_0 / Q4_1 / Q8_0 are multiplied with int16 or
+    """The kernels' code for a GGUF block type; INTEGER_KINDS are multiplied with int16 or
     (faster, coarser) byte activations, the other formats with their rows decoded to floats."""
     return GGUF_KINDS[kind] + (INT8_ACTIVATIONS if byte_activations and kind in INTEGER_KINDS else 0)
 

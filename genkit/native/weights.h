@@ -47,7 +47,8 @@ Part make_part(torch::Tensor data, int64_t kind, int64_t in_features) {
     }
     const int64_t format = kind >= kInt8Activations ? kind - kInt8Activations : kind;
     const FormatInfo* f = find_format(format);
-    TORCH_CHECK(f && data.scalar_type() == torch::kUInt8 && (kind < kInt8Activations || format <= 2),
+    TORCH_CHECK(f && data.scalar_type() == torch::kUInt8 &&
+                    (kind < kInt8Activations || format <= 2 || sub_format(format).has_value()),
                 "unknown weight kind ", kind);
     TORCH_CHECK(in_features % f->weights == 0, "in_features must be a multiple of ", f->weights, " for ", f->name);
     const int64_t row_bytes = in_features / f->weights * f->bytes;
@@ -106,9 +107,11 @@ struct Activations {
     int64_t M, I;
     std::optional<QuantizedRows<int16_t>> q16;
     std::optional<QuantizedRows<int8_t>> q8;
+    std::optional<SuperRows> q8k;
     std::vector<float> panels;
     const QuantizedRows<int16_t>& int16() { if (!q16) q16 = quantize_rows<int16_t>(rows, M, I); return *q16; }
     const QuantizedRows<int8_t>& int8() { if (!q8) q8 = quantize_rows<int8_t>(rows, M, I); return *q8; }
+    const SuperRows& super8() { if (!q8k) q8k = quantize_super(rows, M, I); return *q8k; }
     const float* panel() { if (panels.empty()) panels = pack_panels(rows, M, I); return panels.data(); }
 };
 
@@ -117,7 +120,27 @@ void part_product(Activations& a, const Part& p, float* y, int64_t O, bool add) 
     const int64_t M = a.M, I = a.I, P = p.out;
     const float* rows = a.rows;
     const int64_t format = p.kind >= kInt8Activations ? p.kind - kInt8Activations : p.kind;
-    if (blocks::decoded(format)) {
+    const auto sub = sub_format(format);
+    if (sub && M < kMinGgufPanelRows) {  // Q5_0, Q5_1, Q3_K..Q6_K: integer dot products per sub-block
+        const uint8_t* wp = p.data.data_ptr<uint8_t>();
+        auto run = [&](const auto& xq) {
+            at::parallel_for(0, P, kGrain, [&](int64_t b, int64_t e) {
+                with_sub_format(*sub, [&](auto F) { sub_rows<decltype(F)::value>(xq, wp, y, M, I, O, b, e, add); });
+            });
+        };
+        if (p.kind >= kInt8Activations && *sub >= SubFormat::Q3_K) {
+            const auto& xq = a.super8();
+            at::parallel_for(0, P, kGrain, [&](int64_t b, int64_t e) {
+                with_sub_format(*sub, [&](auto F) {
+                    if constexpr (kSuper<decltype(F)::value>) super_rows<decltype(F)::value>(xq, wp, y, M, I, O, b, e, add);
+                });
+            });
+        } else if (p.kind >= kInt8Activations) {
+            run(a.int8());
+        } else {
+            run(a.int16());
+        }
+    } else if (blocks::decoded(format)) {
         const uint8_t* wp = p.data.data_ptr<uint8_t>();
         const float* panels = M >= kMinGgufPanelRows ? a.panel() : nullptr;
         at::parallel_for(0, P, kGrain, [&](int64_t b, int64_t e) {
@@ -169,7 +192,7 @@ void part_product(Activations& a, const Part& p, float* y, int64_t O, bool add) 
 void product(const float* x, int64_t M, const Weight& w, const float* norm, float eps, bool glu, float* y,
              bool add) {
     std::vector<float> buffer;
-    Activations a{prepare_rows(x, M, w.in, norm, eps, glu, buffer), M, w.in, {}, {}, {}};
+    Activations a{prepare_rows(x, M, w.in, norm, eps, glu, buffer), M, w.in, {}, {}, {}, {}};
     int64_t column = 0;
     for (const Part& p : w.parts) {
         part_product(a, p, y + column, w.out, add);
