@@ -30,6 +30,20 @@ def settings_for(lm, preset: str | None = None, generation_config: str | None = 
     return resolved, settings_mod.build(lm, resolved.generation)
 
 
+def prepare(lm, resolved: presets_mod.Preset, prompts: list, *, system: str | None = None, settings=None,
+            **options) -> Generation:
+    """The one way a resolved preset and prompts become a Generation (the API, run, compare and
+    chat): the preset's settings on this model unless `settings` are given, each text prompt
+    through the preset's template (a list of messages is taken as it is), and the preset's
+    system prompt unless `system` is given. `options` are Generation's (raw, streamer, logprobs,
+    assistant, turn_cache); Generation loads the draft model once per target model and seeds
+    each row by genkit/seeding.py's rule."""
+    if settings is None:
+        settings = settings_mod.build(lm, resolved.generation)
+    texts = [presets_mod.render_prompt(resolved, p) if isinstance(p, str) else p for p in prompts]
+    return Generation(lm, texts, settings, system=system if system is not None else resolved.system, **options)
+
+
 def stream(
     lm,
     prompt,
@@ -50,11 +64,8 @@ def stream(
     """
     resolved, s = settings_for(lm, preset, generation_config, vars, **params)
     batch = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], dict) else [prompt]
-    texts = [presets_mod.render_prompt(resolved, p) if isinstance(p, str) else p for p in batch]
-    return Generation(
-        lm, texts, s, system=system if system is not None else resolved.system, raw=raw,
-        streamer=streamer, logprobs=logprobs, assistant=assistant,
-    )
+    return prepare(lm, resolved, batch, system=system, settings=s, raw=raw, streamer=streamer, logprobs=logprobs,
+                   assistant=assistant)
 
 
 @dataclass
@@ -79,4 +90,4 @@ def generate(lm, prompt, **kwargs) -> Result:
     return Result(gen.results, gen.stats, gen.seed)
 
 
-__all__ = ["load", "generate", "stream", "settings_for", "Result", "GenkitError"]
+__all__ = ["load", "generate", "stream", "prepare", "settings_for", "Result", "GenkitError"]

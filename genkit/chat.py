@@ -155,10 +155,11 @@ class ChatSession:
             self.conversation_id = logs.new_conversation_id()
 
     def _answer(self, added: bool):
-        from genkit.engine import Generation
+        from genkit.api import prepare
 
-        gen = Generation(self.lm, [list(self.messages)], self.settings, system=self.system, raw=self.raw,
-                         assistant=self.assistant, turn_cache=self.cache)
+        # The messages hold each user text already through the preset's template (`ask`).
+        gen = prepare(self.lm, self.resolved, [list(self.messages)], settings=self.settings, system=self.system,
+                      raw=self.raw, assistant=self.assistant, turn_cache=self.cache)
         try:
             yield from gen
         finally:

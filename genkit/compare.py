@@ -10,8 +10,6 @@ from dataclasses import dataclass
 
 from genkit import params as P
 from genkit import presets as presets_mod
-from genkit.engine import Generation
-from genkit.engine.settings import build
 from genkit.errors import GenkitError
 
 
@@ -53,10 +51,10 @@ def check_prompts(todo: list[Variant], prompt: str) -> None:
 
 
 def run_variant(lm, v: Variant, prompt: str, *, system=None, raw=False, assistant=None) -> Row:
-    settings = build(lm, v.preset.generation)
-    text = presets_mod.render_prompt(v.preset, prompt)
-    gen = Generation(lm, [text], settings, system=system if system is not None else v.preset.system,
-                     raw=raw, assistant=assistant)
+    from genkit.api import prepare
+
+    gen = prepare(lm, v.preset, [prompt], system=system, raw=raw, assistant=assistant)
+    settings = gen.settings
     results = gen.run()
     diff = presets_mod.diff_from_defaults(settings.explicit)
     if settings.do_sample:

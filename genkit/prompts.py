@@ -51,6 +51,23 @@ def encode(lm, texts: list[str], *, templated: bool, max_new_tokens: int):
     return enc["input_ids"].to(lm.device), enc["attention_mask"].to(lm.device), lengths
 
 
+def pad(lm, rows: list[list[int]]):
+    """Tokenised prompts as a padded (input ids, attention mask) on the model's device, padded
+    with the pad token on the side the tokenizer pads (the left for decoder-only models): what
+    `encode` gives for their texts. (tokenizer.pad would warn that a fast tokenizer tokenises
+    faster than it pads.)"""
+    import torch
+
+    tok, width = lm.tokenizer, max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        at = slice(width - len(row), width) if tok.padding_side == "left" else slice(0, len(row))
+        ids[i, at] = torch.tensor(row, dtype=torch.long)
+        mask[i, at] = 1
+    return ids.to(lm.device), mask.to(lm.device)
+
+
 def fit_max_new_tokens(lm, prompt_tokens: int, max_new_tokens: int) -> int:
     """Cap generation at the model's context; the finish reason 'length' reports it."""
     ctx = lm.context_length

@@ -467,3 +467,15 @@ def test_beam_search_and_encoder_decoder_run_in_padded_batches(tiny, tiny_dir, t
     assert recs[2]["text"] == alone.texts
     code, out, _ = cli("batch", prompts_txt, "--model", tiny_t5_dir, "-n", "3")
     assert code == 0 and [r["id"] for r in records(out)] == [1, 3, 4, 5]
+
+
+def test_pad_gives_what_encode_gives(tiny):
+    """A batch job tokenises each prompt once and pads the ids (prompts.pad): the engine must
+    see what tokenising the texts together (prompts.encode) gives."""
+    from genkit import prompts
+
+    texts = ["Hello", "Once upon a time, in a land far away", "x y"]
+    ids, mask, _ = prompts.encode(tiny, texts, templated=False, max_new_tokens=4)
+    rows = [tiny.tokenizer(t)["input_ids"] for t in texts]
+    padded_ids, padded_mask = prompts.pad(tiny, rows)
+    assert padded_ids.tolist() == ids.tolist() and padded_mask.tolist() == mask.tolist()

@@ -20,8 +20,8 @@ class Item:
 
     req: Request
     settings: Any  # DecodeSettings
-    engine_prompt: Any  # what Generation renders into the same text
-    input_ids: list[int]
+    text: str  # the prompt as the model reads it (chat template and system prompt applied)
+    input_ids: list[int]  # `text` tokenised, once: every engine takes these ids
     seed: int
     max_new: int  # max_new_tokens capped by the model's context
     params: dict  # parameters that differ from the defaults (for the record)
@@ -128,7 +128,7 @@ class Runner:
             raise GenkitError(f"the prompt is {len(ids)} tokens but the model's context holds {ctx}: shorten it")
         params = presets_mod.diff_from_defaults({k: v for k, v in settings.explicit.items() if k != "seed"})
         params["max_new_tokens"] = settings.max_new_tokens
-        return Item(req, settings, engine_prompt(prompt, system, templated, text), ids, req.seed,
+        return Item(req, settings, text, ids, req.seed,
                      prompts.fit_max_new_tokens(lm, len(ids), settings.max_new_tokens), params)
 
     def groups(self, items: list[Item]) -> Iterator[tuple[Any, list[Item]]]:
@@ -219,13 +219,14 @@ class Runner:
             yield batch
 
     def run_static(self, settings, batch: list[Item]) -> None:
+        from genkit import prompts
         from genkit.engine import Generation
 
         s = dataclasses.replace(settings, max_new_tokens=batch[0].max_new)
         try:
             gen = Generation(
-                self.lm, [it.engine_prompt for it in batch], s, raw=self.opts.raw,
-                seeds=[it.seed for it in batch], logprobs=self.group_logprobs(batch),
+                self.lm, [it.text for it in batch], s, raw=self.opts.raw, seeds=[it.seed for it in batch],
+                logprobs=self.group_logprobs(batch), inputs=prompts.pad(self.lm, [it.input_ids for it in batch]),
             )
             gen.run()
         except Exception as e:  # an engine failure must not lose the other records
@@ -239,17 +240,6 @@ class Runner:
             self.succeed(it, [r.text for r in seqs], [r.finish_reason for r in seqs], tokens,
                          timing_record(stats.elapsed_s, stats.time_to_first_token_s, tokens), seqs)
 
-
-
-def engine_prompt(prompt: Any, system: str | None, templated: bool, text: str) -> Any:
-    """What `Generation` (which applies no system prompt here) renders into `text`: the chat
-    with its system message for chat models, the text itself otherwise."""
-    if not templated:
-        return text
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    if system and not any(m.get("role") == "system" for m in messages):
-        messages = [{"role": "system", "content": system}] + messages
-    return messages
 
 
 def failure_message(error: Exception, what: str) -> str:

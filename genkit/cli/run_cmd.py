@@ -93,13 +93,14 @@ def run(
     # Everything the user typed is checked before the model loads.
     args = locals()
     resolved = presets.resolve(preset, generation_config, generation_overrides(args), presets.parse_vars(var or []))
-    text = presets.render_prompt(resolved, o.prompt_from(prompt))
+    asked = o.prompt_from(prompt)
+    presets.render_prompt(resolved, asked)  # a template's missing variable fails before the model loads
     conversation_id, history, logged_system = continued_conversation(args)
     if system is None:
         system = logged_system
 
     lm = o.load_model(model, load)
-    _generate(lm, resolved, text, system, raw, json_out, stats, logprobs, history=history,
+    _generate(lm, resolved, asked, system, raw, json_out, stats, logprobs, history=history,
               log_to=None if no_log else conversation_id)
 
 
@@ -163,17 +164,18 @@ def _dola_flag(value: Optional[str]):
         raise GenkitError(f"--dola-layers {value!r}: expected low, high or layer indices like 28,30") from None
 
 
-def _generate(lm, resolved, text, system, raw, json_out, want_stats, logprobs, *, history=(), log_to=None) -> None:
+def _generate(lm, resolved, asked, system, raw, json_out, want_stats, logprobs, *, history=(), log_to=None) -> None:
     from rich.console import Console
 
     from genkit import presets, render
-    from genkit.engine.settings import build
-    from genkit.engine import Generation, strategies
+    from genkit.api import prepare
+    from genkit.engine import strategies
 
-    settings = build(lm, resolved.generation)
-    system = system if system is not None else resolved.system
-    prompt = [*history, {"role": "user", "content": text}] if history else text
-    gen = Generation(lm, [prompt], settings, system=system, raw=raw, logprobs=logprobs)
+    text = presets.render_prompt(resolved, asked)  # what the user asked, as logged and reported
+    # A continued conversation's messages are taken as they are: the new one joins them rendered.
+    prompt = [*history, {"role": "user", "content": text}] if history else asked
+    gen = prepare(lm, resolved, [prompt], system=system, raw=raw, logprobs=logprobs)
+    settings, system = gen.settings, gen.system
     err = Console(stderr=True, highlight=False)
     if strategies.get(settings.strategy).beams and err.is_terminal and not json_out:
         err.print(f"[dim]{settings.strategy}: the text appears once the search has finished[/dim]")

@@ -87,13 +87,15 @@ class Generation:
         turn_cache=None,
     ):
         self.lm = lm
-        # Pre-tokenized (input_ids, attention_mask), left-padded: used as they are, so a test can
-        # feed the exact ids another library saw. `prompts` then only counts the rows.
+        # Pre-tokenized (input_ids, attention_mask), padded as prompts.encode pads: used as they
+        # are, so a caller that tokenised already (a batch job) or a test that feeds the exact ids
+        # another library saw does not tokenise again. `prompts` then only counts the rows.
         self.inputs = inputs
         # A conversation's KV cache kept between turns (genkit.engine.turns.TurnCache), or None.
         self.turn_cache = turn_cache
         self.settings = settings
         self.streamer = streamer
+        self.system = system  # the system prompt the chat template is given (None: none)
         # logprobs: False / None, True (each token's), or N >= 0: each token's and its N best alternatives
         self.want_logprobs = logprobs is not None and logprobs is not False
         self.top_logprobs = 0 if isinstance(logprobs, bool) or not logprobs else int(logprobs)
@@ -106,7 +108,9 @@ class Generation:
             assistant = draft_model(lm, settings.assistant_model)
         self.assistant = assistant
         self.templated = prompts_mod.uses_chat(lm, raw)
-        self.texts = [prompts_mod.to_text(lm, p, system=system, raw=raw) for p in prompts]
+        # With `inputs` the prompts are the texts those ids came from: nothing to render again.
+        self.texts = (list(prompts) if inputs is not None else
+                      [prompts_mod.to_text(lm, p, system=system, raw=raw) for p in prompts])
         # One rule (genkit/seeding.py): row i samples with row_seed(base, i) unless the caller
         # seeded it (batch jobs seed each row from their record's id).
         base_seed = settings.seed if settings.seed is not None else seeding.fresh_seed()
