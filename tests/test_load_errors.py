@@ -25,6 +25,7 @@ from conftest import run_cli
     (LoadOptions(device_map="cuda"), "--device-map cuda: this machine has no CUDA GPU"),
     (LoadOptions(device_map='{"": 0}'), "this machine has no CUDA GPU"),
     (LoadOptions(threads=0), "--threads 0"),
+    (LoadOptions(backend="statc"), "--backend statc: expected one of auto, transformers"),
 ])
 def test_every_option_is_checked_before_the_gguf_is_converted(opts, message, tmp_path, monkeypatch):
     import torch

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from genkit.errors import GenkitError
-from genkit.loadopts import BACKENDS as CHOICES
+from genkit.loadopts import BACKENDS
 
 
 @dataclass
@@ -52,9 +52,9 @@ class Backend:
 
 def choose(model, requested: str = "auto") -> Backend:
     """The backend for `model` (see the module's docstring); GenkitError when the requested one
-    cannot run this model."""
-    if requested not in CHOICES:
-        raise GenkitError(f"--backend {requested}: expected one of {', '.join(CHOICES)}")
+    cannot run this model. `requested` is one of genkit.loadopts.BACKENDS: loadopts.check names
+    an unknown one to the user before anything loads, here it is a programming error."""
+    assert requested in BACKENDS, requested
     if getattr(model, "native_runner", None) is not None:
         if requested != "auto":
             raise GenkitError(f"--backend {requested}: this model runs on genkit's native decoder only; "
