@@ -221,6 +221,26 @@ def test_cli_flags(tiny_dir, tmp_path):
     assert rec["finish_reason"] == "length" and rec["incomplete"] is True
 
 
+def test_cli_flags_on_compare_and_chat(tiny_dir):
+    """The constraint flags are declared once (constraint_opts.constraint_options) and reach
+    every command that takes them; chat receives run's flags one by one."""
+    r = run_cli("compare", "--model", str(tiny_dir), "--raw", "--json", "--presets", "greedy,creative",
+                "--choice", "red,green", "x")
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(line)["text"] in ("red", "green") for line in r.stdout.splitlines()] == [True, True]
+    r = run_cli("chat", "--model", str(tiny_dir), "--raw", "--choice", "red,green", input="x\ny\n")
+    assert r.returncode == 0, r.stderr
+    assert all(line in ("red", "green") for line in r.stdout.splitlines()) and len(r.stdout.splitlines()) == 2
+
+
+@pytest.mark.parametrize("command", [["compare", "--presets", "greedy", "x"], ["batch", "-"], ["chat"]])
+def test_cli_bad_constraint_before_model_loads_on_every_command(command, genkit_home):
+    r = run_cli(command[0], "--model", "/nonexistent/model", "--regex", "a", "--choice", "b", *command[1:],
+                input="x\n")
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr == "genkit: error: --regex and --choice both constrain the output: choose one\n"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--json-schema", "{bad"], "genkit: error: --json-schema: not valid JSON: Expecting property name enclosed in double quotes at line 1 column 2\n"),
     (["--json-schema", "missing.json"], "genkit: error: missing.json: no such JSON schema file"),

@@ -28,6 +28,7 @@ def register(app: typer.Typer) -> None:
 
 
 @o.model_options
+@c.constraint_options
 def batch(
     input: Annotated[str, typer.Argument(
         help="Prompts: a .txt file (one per line), a .jsonl file (genkit or OpenAI batch records), or - for stdin.",
@@ -76,11 +77,7 @@ def batch(
     logprobs: Annotated[Optional[int], typer.Option(
         "--logprobs", metavar="N", min=0, max=20, rich_help_panel=J,
         help="Each token's log-probability and its N (0-20) most likely alternatives in every record (default: none).")] = None,
-    json_schema: c.JsonSchema = None,
-    json_object: c.JsonObject = False,
-    regex: c.Regex = None,
-    choice: c.Choice = None,
-    grammar: c.Grammar = None,
+    constraints: Optional[dict] = None,  # the "Structured output" flags: constraint_options
     load: LoadOptions = None,
 ) -> None:
     """Run every prompt of a file and write one JSON record per prompt (resumable)."""
@@ -95,7 +92,7 @@ def batch(
             k, v = P.check_param(key, value, "--" + key.replace("_", "-"))
             params[k] = v
     params.update(presets.parse_set(set_ or []))
-    params = P.merge(params, c.params(json_schema, json_object, regex, choice, grammar))
+    params = P.merge(params, constraints)
     opts = B.JobOptions(
         input=input, output=output, input_format=input_format, output_format=output_format,
         preset=preset, generation_config=generation_config, params=params,

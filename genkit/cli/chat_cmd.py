@@ -11,7 +11,7 @@ import inspect
 import sys
 import typer
 
-from genkit.cli import run_cmd
+from genkit.cli import constraint_opts, run_cmd
 from genkit.cli.chat_commands import run_command, stats_line
 from genkit.errors import GenkitError
 
@@ -29,7 +29,9 @@ def chat(**args) -> None:
     turns. Piped, each line of stdin is one message and each answer one line of stdout."""
     from genkit import presets
 
-    # Everything the user typed is checked before the model loads, as in `genkit run`.
+    # Everything the user typed is checked before the model loads, as in `genkit run`. chat
+    # receives run's flags one by one: the constraint flags become run's one mapping here.
+    args = {**args, "constraints": constraint_opts.from_flags(args)}
     overrides = run_cmd.generation_overrides(args)
     presets.resolve(args["preset"], args["generation_config"], overrides, presets.parse_vars(args["var"] or []))
     opts = run_cmd.load_options(args)

@@ -18,6 +18,7 @@ def register(app: typer.Typer) -> None:
 
 
 @o.model_options
+@c.constraint_options
 def compare(
     prompt: Annotated[Optional[str], typer.Argument(
         help="The prompt; '-' or a pipe reads stdin.", show_default=False)] = None,
@@ -38,11 +39,7 @@ def compare(
     var: o.Var = None,
     json_out: Annotated[bool, typer.Option(
         "--json", help="One JSON line per variant (the default when piped).")] = False,
-    json_schema: c.JsonSchema = None,
-    json_object: c.JsonObject = False,
-    regex: c.Regex = None,
-    choice: c.Choice = None,
-    grammar: c.Grammar = None,
+    constraints: Optional[dict] = None,  # the "Structured output" flags: constraint_options
     model: o.Model = None,
     load: LoadOptions = None,
 ) -> None:
@@ -52,7 +49,7 @@ def compare(
     from genkit import compare as cmp
 
     common = {k: v for k, v in {"max_new_tokens": max_new_tokens, "seed": seed}.items() if v is not None}
-    common.update(c.params(json_schema, json_object, regex, choice, grammar))
+    common.update(constraints)
     names = [p.strip() for p in presets_.split(",") if p.strip()]
     from genkit import presets
 

@@ -1,7 +1,9 @@
-"""Flags that constrain the output (run, compare, batch) and turn into generation parameters.
+"""Flags that constrain the output (run, compare, batch, chat) and turn into generation parameters.
 
-They are checked here, naming the flag, before any model loads; genkit/constraints.py does
-the compiling. Every flag has a parameter of the same name for presets, --set and batch records.
+`constraint_options` gives a command the five flags and hands them to it as one `constraints`
+mapping of generation parameters, checked here, naming the flag, before any model loads;
+genkit/constraints.py does the compiling. Every flag has a parameter of the same name for
+presets, --set and batch records.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from genkit.cli.options import flag_group
 from genkit.errors import GenkitError
 
 PANEL = "Structured output"
@@ -54,3 +57,23 @@ def params(json_schema: Optional[str] = None, json_object: bool = False, regex: 
     for key in out:
         constraints.grammar_for(out, "--" + key.replace("_", "-"))
     return out
+
+
+# name -> (annotation, default) of the flags `constraint_options` adds, in the help's order.
+FLAGS: dict[str, tuple] = {
+    "json_schema": (JsonSchema, None),
+    "json_object": (JsonObject, False),
+    "regex": (Regex, None),
+    "choice": (Choice, None),
+    "grammar": (Grammar, None),
+}
+
+
+def from_flags(values: dict) -> dict:
+    """The generation parameters of the constraint flags' values, by flag name (`genkit chat`,
+    built on run's signature, receives them one by one)."""
+    return params(**{name: values[name] for name in FLAGS})
+
+
+# The constraint flags, handed to the command as one checked `constraints` mapping.
+constraint_options = flag_group(FLAGS, "constraints", from_flags)

@@ -121,25 +121,31 @@ LOAD_FLAGS: dict[str, tuple] = {
 }
 
 
-def model_options(command):
-    """Give `command` every model-loading flag; it receives them as one LoadOptions `load`
-    (the flag values as typed: --threads None means genkit's default)."""
-    signature = inspect.signature(command, eval_str=True)
-    own = [p for p in signature.parameters.values() if p.name != "load"]
-    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
-             for name, (annotation, default) in LOAD_FLAGS.items()]
+def flag_group(flags: dict[str, tuple], name: str, combine):
+    """A decorator that gives a command every flag of `flags` (name -> (annotation, default))
+    and hands it `combine(the flags' values by name)` as its parameter `name` instead: a group
+    of flags is declared once and each command sees one value. The flags take the place of
+    `name` in the signature, so the command decides where their help panel comes."""
 
-    @functools.wraps(command)
-    def with_load_options(*args, **kwargs):
-        load = load_options(kwargs)
-        for name in LOAD_FLAGS:
-            del kwargs[name]
-        return command(*args, load=load, **kwargs)
+    def decorate(command):
+        signature = inspect.signature(command, eval_str=True)
+        params = list(signature.parameters.values())
+        at = [p.name for p in params].index(name)
+        added = [inspect.Parameter(flag, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+                 for flag, (annotation, default) in flags.items()]
 
-    params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + added
-    with_load_options.__signature__ = signature.replace(parameters=params)
-    with_load_options.__annotations__ = {p.name: p.annotation for p in params}
-    return with_load_options
+        @functools.wraps(command)
+        def with_group(*args, **kwargs):
+            values = {flag: kwargs.pop(flag) for flag in flags}
+            return command(*args, **{name: combine(values)}, **kwargs)
+
+        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params[:at] + params[at + 1:]]
+        params[at:at] = added
+        with_group.__signature__ = signature.replace(parameters=params)
+        with_group.__annotations__ = {p.name: p.annotation for p in params}
+        return with_group
+
+    return decorate
 
 
 def load_options(values: dict):
@@ -148,6 +154,11 @@ def load_options(values: dict):
     from genkit.models import LoadOptions
 
     return LoadOptions(**{name: values[name] for name in LOAD_FLAGS})
+
+
+# Every model-loading flag, handed to the command as one LoadOptions `load` (the flag values as
+# typed: --threads None means genkit's default).
+model_options = flag_group(LOAD_FLAGS, "load", load_options)
 
 
 def load_model(model, opts, quiet: bool = False):

@@ -26,6 +26,7 @@ def register(app: typer.Typer) -> None:
 
 
 @o.model_options
+@c.constraint_options
 def run(
     prompt: Annotated[Optional[str], typer.Argument(
         help="The prompt; '-' or a pipe reads stdin.", show_default=False)] = None,
@@ -68,11 +69,7 @@ def run(
     generation_config: o.GenConfig = None,
     set_: o.Set = None,
     var: o.Var = None,
-    json_schema: c.JsonSchema = None,
-    json_object: c.JsonObject = False,
-    regex: c.Regex = None,
-    choice: c.Choice = None,
-    grammar: c.Grammar = None,
+    constraints: Optional[dict] = None,  # the "Structured output" flags: constraint_options
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print a summary line on stderr.")] = False,
     logprobs: Annotated[Optional[int], typer.Option(
@@ -142,9 +139,7 @@ def generation_overrides(a: dict) -> dict:
             k, v = P.check_param(key, value, "--" + key.replace("_", "-"))
             overrides[k] = v
     overrides.update(presets.parse_set(a["set_"] or []))
-    constrained = c.params(a.get("json_schema"), a.get("json_object", False), a.get("regex"), a.get("choice"),
-                           a.get("grammar"))
-    return P.merge(overrides, constrained)
+    return P.merge(overrides, a["constraints"])
 
 
 def load_options(a: dict):
