@@ -68,15 +68,21 @@ inline void q2_k(const uint8_t* b, float* y) {
 
 // Q3_K (110 bytes, 256 weights): 32 bytes of high bits, 64 bytes of 2-bit codes (as Q2_K),
 // 12 bytes of sixteen 6-bit scales, f16 d.  w = d (sc - 32) (q - (high bit ? 0 : 4)).
-inline void q3_k(const uint8_t* b, float* y) {
-    const uint8_t *hm = b, *q = b + 32, *packed = b + 96;
-    const float d = half(b + 108);
-    int scales[16];
+// Q3_K's sixteen 6-bit scales (12 bytes), each minus 32: low 4 bits from the first 8 bytes'
+// nibbles, top 2 bits from the last 4 bytes' bit pairs.
+inline void q3_k_scales(const uint8_t* packed, int16_t* scales) {
     for (int i = 0; i < 16; ++i) {
         const int low = (packed[i % 8] >> (4 * (i / 8))) & 0x0F;
         const int high = (packed[8 + i % 4] >> (2 * (i / 4))) & 0x03;
-        scales[i] = (low | (high << 4)) - 32;
+        scales[i] = static_cast<int16_t>((low | (high << 4)) - 32);
     }
+}
+
+inline void q3_k(const uint8_t* b, float* y) {
+    const uint8_t *hm = b, *q = b + 32;
+    const float d = half(b + 108);
+    int16_t scales[16];
+    q3_k_scales(b + 96, scales);
     int is = 0, bit = 0;
     for (int n = 0; n < 256; n += 128, q += 32)
         for (int shift = 0; shift < 8; shift += 2, ++bit)

@@ -40,8 +40,14 @@ class Spec:
 
     @property
     def plain(self) -> bool:
-        """Whether the layers are exactly DecodeLlama's (and can run in the C++ DecodeStack)."""
+        """Whether the layers are exactly DecodeLlama's."""
         return not (self.qkv_bias or self.qk_norm or self.post_norms or self.gelu)
+
+    @property
+    def stackable(self) -> bool:
+        """Whether a decode step's layers can run in the C++ DecodeStack (which adds q/k/v biases
+        and q/k norms to DecodeLlama's layer)."""
+        return not (self.post_norms or self.gelu)
 
 
 SPECS = {
@@ -175,9 +181,26 @@ class GGUFDecoder(DecodeLlama):
         return self.head
 
     def forward(self, tokens, positions, cache, start: int, attention_mask, logits_for, hidden: bool = False):
-        if self.spec.plain and self.attn_softcap is None and len(self.tables) == 1 and self.window is None:
+        one_table = self.attn_softcap is None and len(self.tables) == 1 and self.window is None
+        if one_table and self.spec.plain:
+            return super().forward(tokens, positions, cache, start, attention_mask, logits_for, hidden)
+        if one_table and self.spec.stackable and tokens.shape[1] == 1 and cache.fusable() and self.decode_stack():
+            # a decode step through the C++ stack: DecodeLlama's fused path reads whole tables
+            table = next(iter(self.tables.values()))
+            table(positions)  # extended to these positions
+            self.cos, self.sin_signed = table.cos, table.sin
             return super().forward(tokens, positions, cache, start, attention_mask, logits_for, hidden)
         return self._forward(tokens, positions, cache, start, attention_mask, logits_for, hidden)
+
+    def decode_stack(self):
+        """DecodeLlama's stack, with each layer's q/k/v bias and q/k norms where the spec has them."""
+        if "_stack" in self.__dict__:
+            return self._stack
+        stack = super().decode_stack()
+        if stack is not None and (self.spec.qkv_bias or self.spec.qk_norm):
+            for i, L in enumerate(self.layers):
+                stack.add_extras(i, L.get("qkv_bias"), L.get("q_norm"), L.get("k_norm"))
+        return stack
 
     def _rms(self, x, weight):
         return F.rms_norm(x, (x.shape[-1],), weight, self.eps)

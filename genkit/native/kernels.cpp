@@ -69,6 +69,24 @@ class DecodeStack {
         layers_.push_back(std::move(L));
     }
 
+    // What Qwen2 and Qwen3 add to a layer: a bias on q/k/v ((hq + 2 hk) d), an RMS norm over each
+    // head of q and of k (d each, after the bias, before the rotary embedding).
+    void add_extras(int64_t layer, std::optional<torch::Tensor> qkv_bias, std::optional<torch::Tensor> q_norm,
+                    std::optional<torch::Tensor> k_norm) {
+        TORCH_CHECK(layer >= 0 && layer < static_cast<int64_t>(layers_.size()), "no layer ", layer);
+        auto check = [](const std::optional<torch::Tensor>& t, int64_t n) {
+            TORCH_CHECK(!t || (t->scalar_type() == torch::kFloat32 && t->is_contiguous() && t->numel() == n),
+                        "extras must be contiguous float32 vectors of the layer's sizes");
+        };
+        check(qkv_bias, (hq_ + 2 * hk_) * d_);
+        check(q_norm, d_);
+        check(k_norm, d_);
+        TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "q and k norms come together");
+        Layer& L = layers_[layer];
+        if (qkv_bias) L.qkv_bias = *qkv_bias;
+        if (q_norm) L.q_norm = *q_norm, L.k_norm = *k_norm;
+    }
+
     // x (B, hidden): the new token's embeddings, updated in place to the last layer's output.
     // states (n_layers, B, hidden), when given, receives each layer's input (DoLa, contrastive).
     void forward(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, std::vector<torch::Tensor> keys,
@@ -93,6 +111,7 @@ class DecodeStack {
             const Layer& L = layers_[i];
             if (saved) std::copy(h, h + B * hidden, saved + i * B * hidden);
             product(h, B, L.qkv, L.attn_norm.data_ptr<float>(), eps_, false, qkv.data(), false);
+            if (L.qkv_bias.defined() || L.q_norm.defined()) finish_qkv(L, B, qkv.data());
             attention(s, qkv.data(), cos.data_ptr<float>(), sin.data_ptr<float>(), keys[i].data_ptr<float>(),
                       values[i].data_ptr<float>(), slot, first.data_ptr<int64_t>(), attn.data());
             product(attn.data(), B, L.o, nullptr, 0.0f, false, h, true);
@@ -106,7 +125,30 @@ class DecodeStack {
     struct Layer {
         torch::Tensor attn_norm, ffn_norm;
         Weight qkv, o, gate_up, down;
+        torch::Tensor qkv_bias, q_norm, k_norm;  // undefined where the architecture has none
     };
+
+    // The bias, then each q and k head RMS-normed (as torch's rms_norm: mean of squares in
+    // double, times the weight), on B rows of (hq + 2 hk) d projections.
+    void finish_qkv(const Layer& L, int64_t B, float* qkv) const {
+        const int64_t width = (hq_ + 2 * hk_) * d_;
+        for (int64_t b = 0; b < B; ++b) {
+            float* row = qkv + b * width;
+            if (L.qkv_bias.defined()) {
+                const float* bias = L.qkv_bias.data_ptr<float>();
+                for (int64_t i = 0; i < width; ++i) row[i] += bias[i];
+            }
+            if (!L.q_norm.defined()) continue;
+            for (int64_t h = 0; h < hq_ + hk_; ++h) {
+                float* v = row + h * d_;
+                const float* w = (h < hq_ ? L.q_norm : L.k_norm).data_ptr<float>();
+                double squares = 0.0;
+                for (int64_t i = 0; i < d_; ++i) squares += static_cast<double>(v[i]) * v[i];
+                const float inv_rms = 1.0f / std::sqrt(static_cast<float>(squares / d_) + eps_);
+                for (int64_t i = 0; i < d_; ++i) v[i] = v[i] * inv_rms * w[i];
+            }
+        }
+    }
     int64_t hq_, hk_, d_;
     float eps_;
     std::vector<Layer> layers_;
@@ -168,6 +210,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     py::class_<DecodeStack>(m, "DecodeStack")
         .def(py::init<int64_t, int64_t, int64_t, double>())
         .def("add_layer", &DecodeStack::add_layer)
+        .def("add_extras", &DecodeStack::add_extras, py::arg("layer"), py::arg("qkv_bias") = py::none(),
+             py::arg("q_norm") = py::none(), py::arg("k_norm") = py::none())
         .def("forward", &DecodeStack::forward, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("keys"),
              py::arg("values"), py::arg("slot"), py::arg("first"), py::arg("states") = py::none(),
              py::call_guard<py::gil_scoped_release>());

@@ -234,6 +234,18 @@ struct Dot<int8_t> {
     static __m256 dot(__m256i c, const int8_t* x) { return block_dot8<F == Format::Q8_0>(c, x); }
 };
 
+// The R results of an output row from two accumulators and two offset sums per activation row:
+// y[(m0 + r) O] = (or +=) their total.
+template <int R>
+inline void store_rows(const __m256 (&acc)[2][R], const float (&offset)[2][R], float* y, int64_t O, int64_t m0,
+                       bool add) {
+    for (int r = 0; r < R; ++r) {
+        const float v = hsum(_mm256_add_ps(acc[0][r], acc[1][r])) + offset[0][r] + offset[1][r];
+        float& out = y[(m0 + r) * O];
+        out = add ? out + v : v;
+    }
+}
+
 // One output row against R activation rows (R a compile-time constant, so the accumulators live
 // in registers): each weight block is decoded once and used R times. Two accumulators per row,
 // for even and odd blocks: with one, every block's fma waits for the previous block's (4
@@ -265,11 +277,7 @@ inline void gguf_row(const QuantizedRows<Q>& xq, int64_t m0, const uint8_t* row,
         block(b + 1, acc[1], offset[1]);
     }
     if (b < blocks) block(b, acc[0], offset[0]);
-    for (int r = 0; r < R; ++r) {
-        const float v = hsum(_mm256_add_ps(acc[0][r], acc[1][r])) + offset[0][r] + offset[1][r];
-        float& out = y[(m0 + r) * O];
-        out = add ? out + v : v;
-    }
+    store_rows<R>(acc, offset, y, O, m0, add);
 }
 
 template <Format F, typename Q>

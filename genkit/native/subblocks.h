@@ -144,14 +144,10 @@ inline void unpack_q6_k(const uint8_t* b, Fn&& use) {
 // bytes 32 (j / 4) .. and bit j of the high bytes.
 template <typename Fn>
 inline void unpack_q3_k(const uint8_t* b, Fn&& use) {
-    const uint8_t *hm = b, *q = b + 32, *packed = b + 96;
+    const uint8_t *hm = b, *q = b + 32;
     const float d = half_to_float(b + 108);
-    int16_t scales[16];
-    for (int i = 0; i < 16; ++i) {
-        const int low = (packed[i % 8] >> (4 * (i / 8))) & 0x0F;
-        const int high = (packed[8 + i % 4] >> (2 * (i / 4))) & 0x03;
-        scales[i] = static_cast<int16_t>((low | (high << 4)) - 32);
-    }
+    alignas(16) int16_t scales[16];
+    blocks::q3_k_scales(b + 96, scales);
     const __m256i highs = load32(hm), three = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
     const __m256i all[2] = {_mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales))),
                             _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + 8)))};
@@ -244,11 +240,7 @@ inline void sub_row(const QuantizedRows<Q>& xq, int64_t m0, const uint8_t* row, 
             }
         });
     }
-    for (int r = 0; r < R; ++r) {
-        const float v = hsum(_mm256_add_ps(acc[0][r], acc[1][r])) + offset[0][r] + offset[1][r];
-        float& out = y[(m0 + r) * O];
-        out = add ? out + v : v;
-    }
+    store_rows<R>(acc, offset, y, O, m0, add);
 }
 
 template <SubFormat F, typename Q>

@@ -121,6 +121,7 @@ void part_product(Activations& a, const Part& p, float* y, int64_t O, bool add) 
     const float* rows = a.rows;
     const int64_t format = p.kind >= kInt8Activations ? p.kind - kInt8Activations : p.kind;
     const auto sub = sub_format(format);
+    const bool super8 = sub && p.kind >= kInt8Activations && *sub >= SubFormat::Q3_K;
     if (sub && M < kMinGgufPanelRows) {  // Q5_0, Q5_1, Q3_K..Q6_K: integer dot products per sub-block
         const uint8_t* wp = p.data.data_ptr<uint8_t>();
         auto run = [&](const auto& xq) {
@@ -128,7 +129,7 @@ void part_product(Activations& a, const Part& p, float* y, int64_t O, bool add) 
                 with_sub_format(*sub, [&](auto F) { sub_rows<decltype(F)::value>(xq, wp, y, M, I, O, b, e, add); });
             });
         };
-        if (p.kind >= kInt8Activations && *sub >= SubFormat::Q3_K) {
+        if (super8) {
             const auto& xq = a.super8();
             at::parallel_for(0, P, kGrain, [&](int64_t b, int64_t e) {
                 with_sub_format(*sub, [&](auto F) {
