@@ -173,6 +173,32 @@ def _same(ours: list[list[int]], theirs: list[list[int]], eos: int | None) -> bo
     return [cut(r) for r in ours] == [cut(r) for r in theirs]
 
 
+# Where the reference's logits for its own token and for genkit's differ by less than this share
+# of their largest magnitude, the two runs parted at a near tie: rounding (quantised weights or
+# activations, another summation order) is enough to swap them.
+NEAR_TIE = 0.01
+
+
+def first_difference(ref, sc: Scenario, ours: list[list[int]], theirs: list[list[int]]) -> str:
+    """Where two greedy runs first part, and whether the reference model saw a near tie there:
+    its logits for its own token and for genkit's, one forward pass over the shared prefix."""
+    for row, (a, b) in enumerate(zip(ours, theirs)):
+        k = common_prefix(a, b)
+        if k < min(len(a), len(b)):
+            break
+    else:
+        return "lengths differ"
+    from genkit import prompts
+
+    text = prompts.to_text(ref, sc.prompts[row], raw=sc.raw)
+    ids, _, _ = prompts.encode(ref, [text], templated=prompts.uses_chat(ref, sc.raw), max_new_tokens=0)
+    with torch.inference_mode():
+        logits = ref.model(torch.cat([ids, torch.tensor([b[:k]], dtype=ids.dtype)], 1).to(ref.device)).logits[0, -1]
+    gap = float(logits[b[k]] - logits[a[k]])
+    tie = "a near tie" if gap <= NEAR_TIE * float(logits.abs().max()) else "not a near tie"
+    return f"parts at token {k + 1}: {tie} (reference logits {float(logits[b[k]]):.3f} vs {float(logits[a[k]]):.3f})"
+
+
 def _plain_greedy(sc: Scenario) -> Scenario | None:
     """The greedy run a scenario is compared with: same prompts, no strategy of its own."""
     if not sc.versus_greedy:
@@ -207,13 +233,15 @@ def bench(lm, *, new_tokens=64, rounds=3, assistant=None, only=None, reference=N
             row.transformers_ttft = min((r[1] for r in theirs if r[1] is not None), default=None)
             if not sc.params.get("do_sample"):
                 row.same_tokens = _same(best[2], tb[2], lm.tokenizer.eos_token_id)
+                if not row.same_tokens and sc.params.get("num_beams", 1) == 1:
+                    row.note = first_difference(ref, sc, best[2], tb[2])
         if greedy_runs and sc.versus_greedy == "step":
             cost = max(greedy_runs) / row.genkit_tps
-            row.note = f"step {cost:.2f}x greedy"
+            row.note = "; ".join(filter(None, [f"step {cost:.2f}x greedy", row.note]))
             row.extra["step_cost_vs_greedy"] = round(cost, 3)
         elif greedy_runs:
             speedup = row.genkit_tps / max(greedy_runs)
-            row.note = f"{speedup:.2f}x genkit greedy"
+            row.note = "; ".join(filter(None, [f"{speedup:.2f}x genkit greedy", row.note]))
             row.extra["speedup_vs_greedy"] = round(speedup, 3)
         rows.append(row)
     return rows

@@ -45,3 +45,30 @@ def test_bench_rejects_zero_rounds_and_tokens(genkit_home):
         r = run_cli("bench", flag, "0")
         assert r.returncode == 2 and "Traceback" not in r.stderr
         assert f"Invalid value for '{flag}': 0 is not in the range x>=1." in r.stderr
+
+
+def test_first_difference_says_whether_the_reference_saw_a_near_tie(tiny):
+    """Where genkit's greedy ids part from the reference's, bench names the token and whether the
+    reference's logits for the two tokens there were within NEAR_TIE of each other."""
+    import torch
+
+    import genkit
+    from genkit import bench as B
+    from genkit import prompts
+
+    sc = B.Scenario("greedy-b1", ["Name a colour."], {"max_new_tokens": 4})
+    theirs = genkit.generate(tiny, sc.prompts[0], max_new_tokens=4, min_new_tokens=4,
+                              do_sample=False).results[0].token_ids
+    ids, _, _ = prompts.encode(tiny, [prompts.to_text(tiny, sc.prompts[0])], templated=prompts.uses_chat(tiny, False),
+                               max_new_tokens=0)
+    with torch.inference_mode():
+        logits = tiny.model(torch.cat([ids, torch.tensor([theirs[:2]])], 1)).logits[0, -1]
+    order = logits.argsort(descending=True).tolist()
+    assert order[0] == theirs[2]
+    for swapped in (order[1], order[-1]):
+        ours = theirs[:2] + [swapped] + theirs[3:]
+        note = B.first_difference(tiny, sc, [ours], [theirs])
+        gap = float(logits[theirs[2]] - logits[swapped])
+        tie = gap <= B.NEAR_TIE * float(logits.abs().max())
+        assert note.startswith("parts at token 3: " + ("a near tie" if tie else "not a near tie")), note
+    assert "not a near tie" in B.first_difference(tiny, sc, [theirs[:2] + [order[-1]] + theirs[3:]], [theirs])

@@ -51,7 +51,8 @@ def bench(
         rows = B.bench(lm, new_tokens=new_tokens, rounds=rounds, assistant=assistant, only=names,
                        reference=reference, progress=lambda n: status.update(f"benchmarking {n}…"))
     llama = None
-    if load.native_4bit and (names is None or "greedy-b1" in names):
+    on_gguf = load.native_4bit or lm.info.get("mode", "").startswith("gguf-native")
+    if on_gguf and (names is None or "greedy-b1" in names):
         gguf = model or str(models.default_gguf_path())
         with err.status("benchmarking llama.cpp…"):
             llama = B.versus_llama_cpp(lm, gguf, new_tokens=new_tokens, rounds=rounds)
@@ -67,7 +68,7 @@ def bench(
                               "ratio": None if r.ratio is None else round(r.ratio, 3),
                               "genkit_ttft_s": r.genkit_ttft, "transformers_ttft_s": r.transformers_ttft,
                               "memory_mb": round(r.memory_mb, 1), "same_tokens": r.same_tokens, **r.extra}))
-        if load.native_4bit:
+        if on_gguf:
             print(json.dumps({**header, "scenario": "llama.cpp greedy-b1", **llama_line}))
         return
     table = Table(title=f"genkit bench · {lm.name} · {device} · {torch.get_num_threads()} threads · "
@@ -81,7 +82,7 @@ def bench(
                       {True: "yes", False: "NO", None: "-"}[r.same_tokens], r.note)
     console = Console(highlight=False, width=max(120, Console().width))
     console.print(table)
-    if load.native_4bit:
+    if on_gguf:
         # the terminal's own width: the table's console is at least 120 wide and would break words
         Console(highlight=False).print("llama.cpp greedy-b1: " + llama_line["note"], markup=False)
 
