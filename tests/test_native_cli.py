@@ -83,7 +83,10 @@ def test_bench_runs_natively_against_the_dequantized_file(gguf):
                          "--rounds", "1", "--new-tokens", "4", "--json")
     assert code == 0, err
     rows = {r["scenario"]: r for r in map(json.loads, out.splitlines())}
-    assert set(rows) == {"greedy-b1", "greedy-b8", "beam4", "dola", "contrastive"}
+    assert set(rows) == {"greedy-b1", "greedy-b8", "beam4", "dola", "contrastive", "llama.cpp greedy-b1"}
+    # llama.cpp on the same file beside genkit's greedy-b1, where llama-cpp-python is installed
+    llama = rows["llama.cpp greedy-b1"]
+    assert llama["tokens_per_s"] is None or (llama["tokens_per_s"] > 0 and llama["genkit_tokens_per_s"] > 0)
     for name in ("greedy-b1", "greedy-b8", "beam4"):
         assert rows[name]["same_tokens"] is True, name  # transformers' generate() on the dequantised file
         assert rows[name]["genkit_tokens_per_s"] > 0 and rows[name]["transformers_tokens_per_s"] > 0
