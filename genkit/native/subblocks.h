@@ -78,8 +78,6 @@ inline void unpack_q5(const uint8_t* b, Fn&& use) {
                Offset ? half_to_float(b + 2) : -16.0f * d});
 }
 
-// Q4_K / Q5_K: f16 d, f16 dmin, 12 bytes of 6-bit scales and mins, (Q5_K) 32 bytes of fifth
-// bits, 128 bytes of nibbles; each 32 nibble bytes hold two sub-blocks, low nibbles first.
 // The eight 6-bit scales and eight 6-bit mins of Q4_K / Q5_K, packed in 12 bytes (blocks.h's
 // scale_min_k4 one at a time), all at once: as 32-bit words w0 w1 w2, the first four scales are
 // the low 6 bits of w0's bytes and the first four mins those of w1's; the last four take their low
