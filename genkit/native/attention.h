@@ -12,8 +12,12 @@ namespace {
 //   of the first half folded into sn (y = x cos + roll(x, d/2) sin); slot: where the token goes;
 //   start (B): each row's first real slot (left padding before it is never looked at).
 //   out (B, hq d).
+//   Optional: the scores' scale (0: 1 / sqrt(d)); a sliding window (0: none) of the keys a query
+//   sees, itself included (gemma's local layers).
 struct AttentionShape {
     int64_t B, hq, hk, d, cap;
+    float scale = 0.0f;
+    int64_t window = 0;
 };
 
 // Eight dot products at once: q against keys k, k + d, ..., k + 7d (d a multiple of 8), summed
@@ -108,11 +112,12 @@ void attention(const AttentionShape& s, const float* x, const float* cs, const f
             }
         }
     });
-    const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+    const float scale = s.scale > 0.0f ? s.scale : 1.0f / std::sqrt(static_cast<float>(d));
     at::parallel_for(0, B * hq, 1, [&](int64_t begin, int64_t end) {
         std::vector<float> p(slot + 9);
         for (int64_t idx = begin; idx < end; ++idx) {
-            const int64_t b = idx / hq, h = idx % hq, g = h / (hq / hk), t0 = start[b];
+            const int64_t b = idx / hq, h = idx % hq, g = h / (hq / hk);
+            const int64_t t0 = s.window > 0 ? std::max(start[b], slot + 1 - s.window) : start[b];
             const int64_t base = ((b * hk + g) * cap + t0) * d;
             attend(q.data() + idx * d, kc + base, vc + base, slot + 1 - t0, d, scale, p.data(), o + idx * d);
         }

@@ -8,8 +8,9 @@ those knobs; the rest (shapes, bases, windows, scales) comes from the transforme
 `AutoConfig` reads from the file's metadata, so the forward pass computes what transformers'
 own model computes with the same weights (the tests check logits and greedy tokens).
 
-Weights stay in the file (gguf_file.py). A plain Llama layer stack runs through DecodeLlama's
-C++ DecodeStack; the other architectures through the per-layer forward below.
+Weights stay in the file (gguf_file.py). A decode step runs every layer in one call of the C++
+DecodeStack (DecodeLlama's, given the spec's knobs); prompts and Gemma 2's soft-capped scores go
+through the per-layer forward below.
 """
 
 from __future__ import annotations
@@ -42,12 +43,6 @@ class Spec:
     def plain(self) -> bool:
         """Whether the layers are exactly DecodeLlama's."""
         return not (self.qkv_bias or self.qk_norm or self.post_norms or self.gelu)
-
-    @property
-    def stackable(self) -> bool:
-        """Whether a decode step's layers can run in the C++ DecodeStack (which adds q/k/v biases
-        and q/k norms to DecodeLlama's layer)."""
-        return not (self.post_norms or self.gelu)
 
 
 SPECS = {
@@ -181,26 +176,46 @@ class GGUFDecoder(DecodeLlama):
         return self.head
 
     def forward(self, tokens, positions, cache, start: int, attention_mask, logits_for, hidden: bool = False):
-        one_table = self.attn_softcap is None and len(self.tables) == 1 and self.window is None
-        if one_table and self.spec.plain:
+        if self.spec.plain and self.attn_softcap is None and len(self.tables) == 1 and self.window is None:
             return super().forward(tokens, positions, cache, start, attention_mask, logits_for, hidden)
-        if one_table and self.spec.stackable and tokens.shape[1] == 1 and cache.fusable() and self.decode_stack():
-            # a decode step through the C++ stack: DecodeLlama's fused path reads whole tables
-            table = next(iter(self.tables.values()))
-            table(positions)  # extended to these positions
-            self.cos, self.sin_signed = table.cos, table.sin
-            return super().forward(tokens, positions, cache, start, attention_mask, logits_for, hidden)
+        if self.attn_softcap is None and tokens.shape[1] == 1 and cache.fusable() and self.decode_stack() is not None:
+            return self._stack_forward(tokens, positions, cache, start, attention_mask, logits_for, hidden)
         return self._forward(tokens, positions, cache, start, attention_mask, logits_for, hidden)
 
     def decode_stack(self):
-        """DecodeLlama's stack, with each layer's q/k/v bias and q/k norms where the spec has them."""
+        """DecodeLlama's C++ stack with the spec's knobs: q/k/v biases, q/k norms, post norms,
+        gelu, the attention scale, and each layer's sliding window and rotary table."""
         if "_stack" in self.__dict__:
             return self._stack
         stack = super().decode_stack()
-        if stack is not None and (self.spec.qkv_bias or self.spec.qk_norm):
+        if stack is not None:
+            order = list(self.tables)
+            stack.set_options(self.scale, self.spec.gelu)
             for i, L in enumerate(self.layers):
-                stack.add_extras(i, L.get("qkv_bias"), L.get("q_norm"), L.get("k_norm"))
+                kind = self.layer_types[i]
+                window = self.window if kind == "sliding_attention" and self.window else 0
+                stack.add_extras(i, L.get("qkv_bias"), L.get("q_norm"), L.get("k_norm"), L.get("post_attn_norm"),
+                                 L.get("post_ffn_norm"), window, order.index(kind) if kind in order else 0)
         return stack
+
+    def _stack_forward(self, tokens, positions, cache, start: int, attention_mask, logits_for, hidden: bool):
+        """One new token per row, every layer in one DecodeStack call; _forward's contract."""
+        b = tokens.shape[0]
+        x = self.embed[tokens].reshape(b, -1).contiguous()
+        tables = list(self.tables.values())
+        for table in tables:
+            table(positions)  # extended to these positions
+        cos = torch.stack([t.cos[positions[:, 0]] for t in tables])
+        sin = torch.stack([t.sin[positions[:, 0]] for t in tables])
+        first = (attention_mask == 0).sum(-1)
+        states = torch.empty(self.n_layers, b, 1, x.shape[-1]) if hidden else None
+        x = self._stack_step(self.decode_stack(), x, cos, sin, cache, start, first, states).view(b, 1, -1)
+        logits = None
+        if logits_for is not None:
+            logits = self.head(x, self.norm, self.eps)
+            if self.final_softcap:
+                logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return (logits, (*states.unbind(0), self._rms(x, self.norm))) if hidden else logits
 
     def _rms(self, x, weight):
         return F.rms_norm(x, (x.shape[-1],), weight, self.eps)

@@ -69,10 +69,14 @@ class DecodeStack {
         layers_.push_back(std::move(L));
     }
 
-    // What Qwen2 and Qwen3 add to a layer: a bias on q/k/v ((hq + 2 hk) d), an RMS norm over each
-    // head of q and of k (d each, after the bias, before the rotary embedding).
+    // What the other architectures add to a layer: a bias on q/k/v ((hq + 2 hk) d; qwen2), an RMS
+    // norm over each head of q and of k (d each, after the bias, before the rotary embedding;
+    // qwen3, gemma3), RMS norms on the attention and MLP outputs before they join the residual
+    // stream (hidden each; gemma), a sliding window (0: none) and which rotary table the layer
+    // uses (gemma's local and global layers).
     void add_extras(int64_t layer, std::optional<torch::Tensor> qkv_bias, std::optional<torch::Tensor> q_norm,
-                    std::optional<torch::Tensor> k_norm) {
+                    std::optional<torch::Tensor> k_norm, std::optional<torch::Tensor> post_attn_norm,
+                    std::optional<torch::Tensor> post_ffn_norm, int64_t window, int64_t table) {
         TORCH_CHECK(layer >= 0 && layer < static_cast<int64_t>(layers_.size()), "no layer ", layer);
         auto check = [](const std::optional<torch::Tensor>& t, int64_t n) {
             TORCH_CHECK(!t || (t->scalar_type() == torch::kFloat32 && t->is_contiguous() && t->numel() == n),
@@ -81,13 +85,29 @@ class DecodeStack {
         check(qkv_bias, (hq_ + 2 * hk_) * d_);
         check(q_norm, d_);
         check(k_norm, d_);
+        const int64_t hidden = layers_[layer].attn_norm.numel();
+        check(post_attn_norm, hidden);
+        check(post_ffn_norm, hidden);
         TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "q and k norms come together");
+        TORCH_CHECK(window >= 0 && table >= 0, "window and table are counts");
         Layer& L = layers_[layer];
         if (qkv_bias) L.qkv_bias = *qkv_bias;
         if (q_norm) L.q_norm = *q_norm, L.k_norm = *k_norm;
+        if (post_attn_norm) L.post_attn_norm = *post_attn_norm;
+        if (post_ffn_norm) L.post_ffn_norm = *post_ffn_norm;
+        L.window = window;
+        L.table = table;
+    }
+
+    // The attention scores' scale (0: 1 / sqrt(head_dim)) and the MLP's activation: gelu (tanh
+    // approximation, gemma) instead of silu.
+    void set_options(double attention_scale, bool gelu) {
+        scale_ = static_cast<float>(attention_scale);
+        gelu_ = gelu;
     }
 
     // x (B, hidden): the new token's embeddings, updated in place to the last layer's output.
+    // cos, sin: (B, d), or (tables, B, d) where layers use different rotary tables.
     // states (n_layers, B, hidden), when given, receives each layer's input (DoLa, contrastive).
     void forward(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, std::vector<torch::Tensor> keys,
                  std::vector<torch::Tensor> values, int64_t slot, torch::Tensor first,
@@ -98,26 +118,41 @@ class DecodeStack {
                     "x must be contiguous float32 (B, hidden)");
         TORCH_CHECK(static_cast<int64_t>(keys.size()) == n && static_cast<int64_t>(values.size()) == n,
                     "one key and one value buffer per layer");
-        check_rotation(cos, sin, first, B, d_);
-        const AttentionShape s{B, hq_, hk_, d_, keys[0].size(2)};
+        const bool tables = cos.dim() == 3;
+        for (int64_t t = 0; t < (tables ? cos.size(0) : 1); ++t)
+            check_rotation(tables ? cos[t] : cos, tables ? sin[t] : sin, first, B, d_);
+        for (const Layer& L : layers_) TORCH_CHECK(L.table < (tables ? cos.size(0) : 1), "a layer's rotary table is missing");
+        AttentionShape s{B, hq_, hk_, d_, keys[0].size(2), scale_, 0};
         for (int64_t i = 0; i < n; ++i) check_cache(keys[i], values[i], s, slot);
         TORCH_CHECK(!states || (states->scalar_type() == torch::kFloat32 && states->is_contiguous() &&
                                 states->numel() == n * B * hidden),
                     "states must be contiguous float32 (n_layers, B, hidden)");
         float* saved = states ? states->data_ptr<float>() : nullptr;
         std::vector<float> qkv(B * (hq_ + 2 * hk_) * d_), attn(B * hq_ * d_), gate_up(B * layers_[0].gate_up.out);
+        std::vector<float> out(B * hidden), inner;
         float* h = x.data_ptr<float>();
+        const int64_t per_table = B * d_;
         for (int64_t i = 0; i < n; ++i) {
             const Layer& L = layers_[i];
             if (saved) std::copy(h, h + B * hidden, saved + i * B * hidden);
             product(h, B, L.qkv, L.attn_norm.data_ptr<float>(), eps_, false, qkv.data(), false);
             if (L.qkv_bias.defined() || L.q_norm.defined()) finish_qkv(L, B, qkv.data());
-            attention(s, qkv.data(), cos.data_ptr<float>(), sin.data_ptr<float>(), keys[i].data_ptr<float>(),
+            s.window = L.window;
+            attention(s, qkv.data(), cos.data_ptr<float>() + L.table * per_table,
+                      sin.data_ptr<float>() + L.table * per_table, keys[i].data_ptr<float>(),
                       values[i].data_ptr<float>(), slot, first.data_ptr<int64_t>(), attn.data());
-            product(attn.data(), B, L.o, nullptr, 0.0f, false, h, true);
+            add_output(attn.data(), B, L.o, L.post_attn_norm, false, out.data(), h, hidden);
             gate_up.resize(B * L.gate_up.out);
             product(h, B, L.gate_up, L.ffn_norm.data_ptr<float>(), eps_, false, gate_up.data(), false);
-            product(gate_up.data(), B, L.down, nullptr, 0.0f, true, h, true);
+            if (gelu_) {  // gelu(gate) * up here; the kernels' own GLU is silu's
+                const int64_t I = L.gate_up.out / 2;
+                inner.resize(B * I);
+                for (int64_t b = 0; b < B; ++b)
+                    gelu_glu_row(gate_up.data() + b * 2 * I, gate_up.data() + b * 2 * I + I, inner.data() + b * I, I);
+                add_output(inner.data(), B, L.down, L.post_ffn_norm, false, out.data(), h, hidden);
+            } else {
+                add_output(gate_up.data(), B, L.down, L.post_ffn_norm, true, out.data(), h, hidden);
+            }
         }
     }
 
@@ -126,7 +161,28 @@ class DecodeStack {
         torch::Tensor attn_norm, ffn_norm;
         Weight qkv, o, gate_up, down;
         torch::Tensor qkv_bias, q_norm, k_norm;  // undefined where the architecture has none
+        torch::Tensor post_attn_norm, post_ffn_norm;
+        int64_t window = 0, table = 0;
     };
+
+    // h += the product of x with w, RMS-normed by `post_norm` first where the layer has one (the
+    // product then lands in `out`, B rows of `hidden`, before it is added).
+    void add_output(const float* x, int64_t B, const Weight& w, const torch::Tensor& post_norm, bool glu, float* out,
+                    float* h, int64_t hidden) const {
+        if (!post_norm.defined()) {
+            product(x, B, w, nullptr, 0.0f, glu, h, true);
+            return;
+        }
+        product(x, B, w, nullptr, 0.0f, glu, out, false);
+        const float* weight = post_norm.data_ptr<float>();
+        for (int64_t b = 0; b < B; ++b) {
+            const float* row = out + b * hidden;
+            double squares = 0.0;
+            for (int64_t i = 0; i < hidden; ++i) squares += static_cast<double>(row[i]) * row[i];
+            const float inv_rms = 1.0f / std::sqrt(static_cast<float>(squares / hidden) + eps_);
+            for (int64_t i = 0; i < hidden; ++i) h[b * hidden + i] += row[i] * inv_rms * weight[i];
+        }
+    }
 
     // The bias, then each q and k head RMS-normed (as torch's rms_norm: mean of squares in
     // double, times the weight), on B rows of (hq + 2 hk) d projections.
@@ -150,7 +206,8 @@ class DecodeStack {
         }
     }
     int64_t hq_, hk_, d_;
-    float eps_;
+    float eps_, scale_ = 0.0f;
+    bool gelu_ = false;
     std::vector<Layer> layers_;
 };
 
@@ -211,7 +268,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         .def(py::init<int64_t, int64_t, int64_t, double>())
         .def("add_layer", &DecodeStack::add_layer)
         .def("add_extras", &DecodeStack::add_extras, py::arg("layer"), py::arg("qkv_bias") = py::none(),
-             py::arg("q_norm") = py::none(), py::arg("k_norm") = py::none())
+             py::arg("q_norm") = py::none(), py::arg("k_norm") = py::none(), py::arg("post_attn_norm") = py::none(),
+             py::arg("post_ffn_norm") = py::none(), py::arg("window") = 0, py::arg("table") = 0)
+        .def("set_options", &DecodeStack::set_options, py::arg("attention_scale"), py::arg("gelu"))
         .def("forward", &DecodeStack::forward, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("keys"),
              py::arg("values"), py::arg("slot"), py::arg("first"), py::arg("states") = py::none(),
              py::call_guard<py::gil_scoped_release>());

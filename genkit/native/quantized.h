@@ -136,6 +136,26 @@ void glu_row(const float* gate, const float* up, float* out, int64_t n) {
     for (; i < n; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
 }
 
+// gelu(gate) * up over n values, gelu's tanh approximation as torch computes it:
+// 0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3))), with tanh(z) = 1 - 2 / (e^(2z) + 1).
+void gelu_glu_row(const float* gate, const float* up, float* out, int64_t n) {
+    constexpr float kSqrt2OverPi = 0.7978845608028654f, kCube = 0.044715f;
+    int64_t i = 0;
+    const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f), half = _mm256_set1_ps(0.5f);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        const __m256 inner = _mm256_mul_ps(_mm256_set1_ps(kSqrt2OverPi),
+                                           _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(kCube), g), _mm256_mul_ps(g, g), g));
+        const __m256 tanh = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(exp8(_mm256_mul_ps(two, inner)), one)));
+        const __m256 gelu = _mm256_mul_ps(_mm256_mul_ps(half, g), _mm256_add_ps(one, tanh));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(gelu, _mm256_loadu_ps(up + i)));
+    }
+    for (; i < n; ++i) {
+        const float g = gate[i];
+        out[i] = 0.5f * g * (1.0f + std::tanh(kSqrt2OverPi * (g + kCube * g * g * g))) * up[i];
+    }
+}
+
 // The rows a product actually multiplies, computed from x in one pass: with `glu`, x holds
 // 2I columns and the input is silu(x[:, :I]) * x[:, I:] (the MLP's gate and up halves); with
 // `norm`, an RMS norm with that weight. Each would otherwise be a few separate torch calls per
