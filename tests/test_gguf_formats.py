@@ -57,7 +57,9 @@ def test_one_table_for_python_cpp_and_gguf():
 def test_block_product_equals_gguf_dequantisation(kind, rows):
     """x @ W.T over the raw blocks equals the product with gguf.quants' dequantised W (in float64).
     Tolerance, relative to sum |x| |w| per output: 2e-6 where rows are decoded to floats (float32
-    rounding only), 5e-5 for the int16 activations of the integer formats below 16 rows."""
+    rounding only), 5e-5 for the 16-bit activations of the integer formats below 16 rows (per 32
+    inputs for Q4_0..Q5_1, per 256 as two byte planes for the k-quants); bytes would miss it by
+    two orders of magnitude."""
     cols = 512
     raw = random_rows(kind, 40, cols, seed=rows)
     w = reference(raw, kind)

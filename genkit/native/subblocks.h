@@ -1,8 +1,9 @@
 // Integer products for the GGUF formats whose blocks split into 32-weight sub-blocks with small
 // integer scales: Q5_0 and Q5_1 (a block is one sub-block) and the k-quants Q3_K, Q4_K, Q5_K and
 // Q6_K (eight sub-blocks per 256-weight super-block). A sub-block is unpacked once into 32 codes
-// as bytes plus its scales, then multiplied with up to four activation rows quantised per 32
-// (QuantizedRows), as quantized.h does for Q4_0 / Q4_1 / Q8_0. Decoding rows to floats
+// as bytes plus its scales, then multiplied with up to four activation rows: quantised per 32 for
+// Q5 (QuantizedRows, as quantized.h does for Q4_0 / Q4_1 / Q8_0), per 256 for the k-quants
+// (SuperRows), whose sub-block products then sum as integers. Decoding rows to floats
 // (blocks.h) took three times the instructions per weight, which a decode step cannot afford.
 // Q2_K keeps the decoded path: its offsets change every 16 weights, finer than the activation
 // sums kept per 32. Layouts: ggml's block structs (ggml-common.h), as blocks.h decodes them.
@@ -16,8 +17,8 @@ enum class SubFormat { Q5_0, Q5_1, Q3_K, Q4_K, Q5_K, Q6_K };
 // One sub-block: w_j = d * s_(j / 16) * c_j + m, for j in 0..31 (d: the whole block's scale).
 struct Sub {
     __m256i codes;  // c_j as bytes: signed for Q3_K and Q6_K, else unsigned (< 32)
-    int16_t s0, s1;  // integer scales of weights 0..15 and 16..31 (equal but for Q3_K, Q6_K; 1 for Q5)
-    __m256i pairs;  // the same as int16 multipliers of the 16 maddubs pairs: s0 x 8 (low 128 bits), s1 x 8
+    __m256i pairs;  // the integer scales s of weights 0..15 (8 x int16, low 128 bits) and 16..31 (high):
+                    // multipliers of the 16 maddubs pairs; equal but for Q3_K and Q6_K, 1 for Q5
     float d, m;
 };
 
@@ -44,14 +45,8 @@ constexpr int64_t kSubBytes = F == SubFormat::Q5_0 ? 22 : F == SubFormat::Q5_1 ?
 template <SubFormat F>
 constexpr bool kSignedCodes = F == SubFormat::Q3_K || F == SubFormat::Q6_K;
 template <SubFormat F>
-constexpr bool kTwoScales = kSignedCodes<F>;  // the formats scaling every 16 weights
-template <SubFormat F>
 constexpr bool kSuper = kSubs<F> == 8;  // the k-quants
 
-// The float factor of a sub-block's integer dot product where its scales were not applied to
-// the codes (one scale per 32 weights), else the block's d alone.
-template <SubFormat F>
-inline float sub_factor(const Sub& s) { return kTwoScales<F> ? s.d : s.d * s.s0; }
 template <SubFormat F>
 constexpr bool kOffset = !kSignedCodes<F>;
 
@@ -74,7 +69,7 @@ inline void unpack_q5(const uint8_t* b, Fn&& use) {
     const uint8_t* at = b + (Offset ? 4 : 2);
     uint32_t qh;
     std::memcpy(&qh, at, 4);
-    use(0, Sub{_mm256_or_si256(q4_bytes(at + 4), fifth_bits(qh)), 1, 1, _mm256_set1_epi16(1), d,
+    use(0, Sub{_mm256_or_si256(q4_bytes(at + 4), fifth_bits(qh)), _mm256_set1_epi16(1), d,
                Offset ? half_to_float(b + 2) : -16.0f * d});
 }
 
@@ -110,7 +105,7 @@ inline void unpack_q45_k(const uint8_t* b, Fn&& use) {
             const __m256i bit = _mm256_and_si256(_mm256_srl_epi16(high, _mm_cvtsi32_si128(j)), _mm256_set1_epi8(1));
             codes = _mm256_or_si256(codes, _mm256_slli_epi16(bit, 4));
         }
-        use(j, Sub{codes, scales[j], scales[j], pick_pairs(all, j, j), d, -dmin * mins[j]});
+        use(j, Sub{codes, pick_pairs(all, j, j), d, -dmin * mins[j]});
     }
 }
 
@@ -131,8 +126,7 @@ inline void unpack_q6_k(const uint8_t* b, Fn&& use) {
         for (int k = 0; k < 4; ++k) {
             const __m256i top = _mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128(2 * k)), two);
             const __m256i codes = _mm256_sub_epi8(_mm256_or_si256(q[k], _mm256_slli_epi16(top, 4)), bias);
-            const int8_t* s = sc + 8 * n + 2 * k;
-            use(4 * n + k, Sub{codes, s[0], s[1], pick_pairs(all, 2 * k, 2 * k + 1), d, 0.0f});
+            use(4 * n + k, Sub{codes, pick_pairs(all, 2 * k, 2 * k + 1), d, 0.0f});
         }
     }
 }
@@ -154,8 +148,7 @@ inline void unpack_q3_k(const uint8_t* b, Fn&& use) {
         const __m256i bit = _mm256_and_si256(_mm256_srl_epi16(highs, _mm_cvtsi32_si128(j)), one);
         // q - 4 + 4 * bit
         const __m256i codes = _mm256_add_epi8(_mm256_sub_epi8(two_bits, _mm256_set1_epi8(4)), _mm256_slli_epi16(bit, 2));
-        use(j, Sub{codes, scales[2 * j], scales[2 * j + 1], pick_pairs(all[j / 4], 2 * (j % 4), 2 * (j % 4) + 1), d,
-                   0.0f});
+        use(j, Sub{codes, pick_pairs(all[j / 4], 2 * (j % 4), 2 * (j % 4) + 1), d, 0.0f});
     }
 }
 
@@ -175,46 +168,38 @@ inline void unpack(const uint8_t* b, Fn&& use) {
 template <typename Q, SubFormat F>
 struct SubDot;
 
-// int16 activations: codes widened to int16, times their scale (|s c| <= 32 * 128, so a madd
-// pair stays below 2^28 and four of them below 2^31).
+// int16 activations (Q5_0 / Q5_1; the k-quants take SuperRows): codes widened to int16.
 template <SubFormat F>
 struct SubDot<int16_t, F> {
+    static_assert(!kSuper<F>, "k-quants multiply SuperRows (super_row)");
     __m256i first, second;  // weights 0..15 and 16..31
-    explicit SubDot(const Sub& s) {
-        const __m128i lo = _mm256_castsi256_si128(s.codes), hi = _mm256_extracti128_si256(s.codes, 1);
-        if constexpr (kSignedCodes<F>) {
-            first = _mm256_cvtepi8_epi16(lo);
-            second = _mm256_cvtepi8_epi16(hi);
-        } else {
-            first = _mm256_cvtepu8_epi16(lo);
-            second = _mm256_cvtepu8_epi16(hi);
-        }
-        if constexpr (kTwoScales<F>) {
-            first = _mm256_mullo_epi16(first, _mm256_set1_epi16(s.s0));
-            second = _mm256_mullo_epi16(second, _mm256_set1_epi16(s.s1));
-        }
-    }
+    explicit SubDot(const Sub& s)
+        : first(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(s.codes))),
+          second(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(s.codes, 1))) {}
     __m256 operator()(const int16_t* x) const { return block_dot(Codes{first, second}, x); }
 };
 
 // int8 activations: maddubs wants unsigned codes, so signed ones lend their sign to x; the
-// scales then weight the pairs in the madd that sums them (pairs 0..7 hold weights 0..15).
+// sub-block's scales weight the pairs in the madd that sums them (pairs 0..7 hold weights 0..15).
 template <SubFormat F>
 struct SubDot<int8_t, F> {
     __m256i codes, signs, scales;
     explicit SubDot(const Sub& s)
         : codes(kSignedCodes<F> ? _mm256_sign_epi8(s.codes, s.codes) : s.codes),
           signs(s.codes),
-          scales(kTwoScales<F> ? s.pairs : _mm256_set1_epi16(1)) {}
-    __m256 operator()(const int8_t* x) const {
+          scales(s.pairs) {}
+    // sum_j s c_j x_j as eight int32 partial sums
+    __m256i pair_sums(const int8_t* x) const {
         __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
         if constexpr (kSignedCodes<F>) xv = _mm256_sign_epi8(xv, signs);
-        return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), scales));
+        return _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), scales);
     }
+    __m256 operator()(const int8_t* x) const { return _mm256_cvtepi32_ps(pair_sums(x)); }
 };
 
 // One output row against R activation rows, as gguf_row: every sub-block unpacked once and used
 // R times, two accumulators per row (even and odd sub-blocks), offsets summed apart.
+// Q5_0 / Q5_1 (one 32-weight block per sub-block) against activations quantised per 32.
 template <SubFormat F, typename Q, int R>
 inline void sub_row(const QuantizedRows<Q>& xq, int64_t m0, const uint8_t* row, int64_t blocks, float* y, int64_t O,
                     bool add) {
@@ -228,7 +213,7 @@ inline void sub_row(const QuantizedRows<Q>& xq, int64_t m0, const uint8_t* row, 
     for (int64_t b0 = 0; b0 < blocks; b0 += S) {
         unpack<F>(row + b0 / S * kSubBytes<F>, [&](int j, const Sub& s) {
             const SubDot<Q, F> prepared(s);
-            const float factor = sub_factor<F>(s);
+            const float factor = s.d;  // Q5 sub-blocks have no integer scale
             const int64_t b = b0 + j;
             for (int r = 0; r < R; ++r) {
                 const int64_t xb = (m0 + r) * blocks + b;
@@ -253,33 +238,48 @@ void sub_rows(const QuantizedRows<Q>& xq, const uint8_t* w, float* y, int64_t M,
     }
 }
 
-// int8 activations for the k-quants, quantised per 256 inputs as llama.cpp's Q8_K does (one
-// scale per super-block): the eight sub-block products of a super-block are then summed as
-// integers, scales applied in the madd, and turned float once, not once per 32 weights.
+// Activations for the k-quants quantised per 256 inputs (one scale per super-block), so that the
+// eight sub-block products of a super-block sum as integers and turn float once, not once per 32
+// weights. Bytes (wide = false) are llama.cpp's Q8_K. Wide rows keep 16 bits, v = 256 hi + lo with
+// hi signed and lo unsigned, as two byte planes: a product is then two maddubs, one per plane, at
+// a third of the cost of widening the codes to int16 (measured on Q4_K rows).
 struct SuperRows {
-    std::vector<int8_t> q;
+    std::vector<int8_t> q;  // bytes, or the high bytes of wide rows
+    std::vector<uint8_t> low;  // wide rows: the low bytes
     std::vector<float> scale;  // per 256 inputs
     std::vector<float> sum;  // per 32 inputs: scale * the codes' sum, for the Q4_K / Q5_K offsets
 };
 
 constexpr int64_t kSuperGroup = 256;
+// Wide codes stop at +-127 * 256, so that a high byte is never -128, which the sign trick for
+// signed weight codes could not negate.
+constexpr float kWideMax = 127.0f * 256.0f;
 
-SuperRows quantize_super(const float* x, int64_t M, int64_t I) {
+SuperRows quantize_super(const float* x, int64_t M, int64_t I, bool wide) {
     const int64_t supers = I / kSuperGroup;
-    SuperRows r{std::vector<int8_t>(M * I), std::vector<float>(M * supers), std::vector<float>(M * I / kGroup)};
+    SuperRows r{std::vector<int8_t>(M * I), std::vector<uint8_t>(wide ? M * I : 0), std::vector<float>(M * supers),
+                std::vector<float>(M * I / kGroup)};
+    const float top = wide ? kWideMax : 127.0f;
+    const int limit = static_cast<int>(top);
     at::parallel_for(0, M, 4, [&](int64_t begin, int64_t end) {
         for (int64_t m = begin; m < end; ++m) {
             for (int64_t b = 0; b < supers; ++b) {
                 const int64_t at = m * I + b * kSuperGroup;
                 float amax = 0.0f;
                 for (int j = 0; j < kSuperGroup; ++j) amax = std::max(amax, std::fabs(x[at + j]));
-                const float scale = amax / 127.0f, inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+                const float scale = amax / top, inv = scale > 0.0f ? 1.0f / scale : 0.0f;
                 r.scale[m * supers + b] = scale;
                 for (int g = 0; g < kSuperGroup / kGroup; ++g) {
                     int qsum = 0;
                     for (int j = g * kGroup; j < (g + 1) * kGroup; ++j) {
-                        r.q[at + j] = static_cast<int8_t>(std::nearbyint(x[at + j] * inv));
-                        qsum += r.q[at + j];
+                        const int v = std::clamp(static_cast<int>(std::nearbyint(x[at + j] * inv)), -limit, limit);
+                        qsum += v;
+                        if (wide) {
+                            r.q[at + j] = static_cast<int8_t>(v >> 8);  // floor(v / 256)
+                            r.low[at + j] = static_cast<uint8_t>(v & 0xFF);
+                        } else {
+                            r.q[at + j] = static_cast<int8_t>(v);
+                        }
                     }
                     r.sum[(at + g * kGroup) / kGroup] = scale * static_cast<float>(qsum);
                 }
@@ -289,7 +289,7 @@ SuperRows quantize_super(const float* x, int64_t M, int64_t I) {
     return r;
 }
 
-template <SubFormat F, int R>
+template <SubFormat F, int R, bool Wide>
 inline void super_row(const SuperRows& xq, int64_t m0, const uint8_t* row, int64_t supers, float* y, int64_t O,
                       bool add) {
     // offsets: the eight sub-blocks' m times their activation sums, a vector fma per super-block
@@ -298,25 +298,29 @@ inline void super_row(const SuperRows& xq, int64_t m0, const uint8_t* row, int64
     for (int r = 0; r < R; ++r) acc[r] = offset[r] = _mm256_setzero_ps();
     const int64_t I = supers * kSuperGroup;
     for (int64_t sb = 0; sb < supers; ++sb) {
-        __m256i sums[R];
-        for (int r = 0; r < R; ++r) sums[r] = _mm256_setzero_si256();
+        // |sums| <= 8 sub-blocks * 2 * (2 * 32 * 255) * 128 < 2^26: exact as int32
+        __m256i high[R], low[R];
+        for (int r = 0; r < R; ++r) high[r] = low[r] = _mm256_setzero_si256();
         float d = 0.0f;
         alignas(32) float ms[8];
         unpack<F>(row + sb * kSubBytes<F>, [&](int j, const Sub& s) {
-            const __m256i codes = kSignedCodes<F> ? _mm256_sign_epi8(s.codes, s.codes) : s.codes;
-            const __m256i scales = s.pairs;
+            const SubDot<int8_t, F> prepared(s);
             d = s.d;
             ms[j] = s.m;
             for (int r = 0; r < R; ++r) {
                 const int64_t at = (m0 + r) * I + sb * kSuperGroup + j * kGroup;
-                __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.q.data() + at));
-                if constexpr (kSignedCodes<F>) xv = _mm256_sign_epi8(xv, s.codes);
-                sums[r] = _mm256_add_epi32(sums[r], _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), scales));
+                high[r] = _mm256_add_epi32(high[r], prepared.pair_sums(xq.q.data() + at));
+                if constexpr (Wide) {  // the unsigned plane goes first in maddubs, the codes as signed bytes
+                    const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.low.data() + at));
+                    low[r] = _mm256_add_epi32(low[r], _mm256_madd_epi16(_mm256_maddubs_epi16(lo, s.codes), s.pairs));
+                }
             }
         });
         for (int r = 0; r < R; ++r) {
             const int64_t at = (m0 + r) * supers + sb;
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r]), _mm256_set1_ps(d * xq.scale[at]), acc[r]);
+            __m256 sum = _mm256_cvtepi32_ps(high[r]);
+            if constexpr (Wide) sum = _mm256_fmadd_ps(sum, _mm256_set1_ps(256.0f), _mm256_cvtepi32_ps(low[r]));
+            acc[r] = _mm256_fmadd_ps(sum, _mm256_set1_ps(d * xq.scale[at]), acc[r]);
             if constexpr (kOffset<F>) offset[r] = _mm256_fmadd_ps(_mm256_load_ps(ms), _mm256_loadu_ps(&xq.sum[at * 8]), offset[r]);
         }
     }
@@ -327,15 +331,15 @@ inline void super_row(const SuperRows& xq, int64_t m0, const uint8_t* row, int64
     }
 }
 
-template <SubFormat F>
+template <SubFormat F, bool Wide>
 void super_rows(const SuperRows& xq, const uint8_t* w, float* y, int64_t M, int64_t I, int64_t O, int64_t o_begin,
                 int64_t o_end, bool add) {
     const int64_t supers = I / kSuperGroup, row_bytes = supers * kSubBytes<F>;
     for (int64_t o = o_begin; o < o_end; ++o) {
         const uint8_t* row = w + o * row_bytes;
         int64_t m0 = 0;
-        for (; m0 + 4 <= M; m0 += 4) super_row<F, 4>(xq, m0, row, supers, y + o, O, add);
-        with_count<3>(M - m0, [&](auto r) { super_row<F, decltype(r)::value>(xq, m0, row, supers, y + o, O, add); });
+        for (; m0 + 4 <= M; m0 += 4) super_row<F, 4, Wide>(xq, m0, row, supers, y + o, O, add);
+        with_count<3>(M - m0, [&](auto r) { super_row<F, decltype(r)::value, Wide>(xq, m0, row, supers, y + o, O, add); });
     }
 }
 

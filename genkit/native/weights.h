@@ -107,11 +107,12 @@ struct Activations {
     int64_t M, I;
     std::optional<QuantizedRows<int16_t>> q16;
     std::optional<QuantizedRows<int8_t>> q8;
-    std::optional<SuperRows> q8k;
+    std::optional<SuperRows> q8k, q16k;
     std::vector<float> panels;
     const QuantizedRows<int16_t>& int16() { if (!q16) q16 = quantize_rows<int16_t>(rows, M, I); return *q16; }
     const QuantizedRows<int8_t>& int8() { if (!q8) q8 = quantize_rows<int8_t>(rows, M, I); return *q8; }
-    const SuperRows& super8() { if (!q8k) q8k = quantize_super(rows, M, I); return *q8k; }
+    const SuperRows& super8() { if (!q8k) q8k = quantize_super(rows, M, I, false); return *q8k; }
+    const SuperRows& super16() { if (!q16k) q16k = quantize_super(rows, M, I, true); return *q16k; }
     const float* panel() { if (panels.empty()) panels = pack_panels(rows, M, I); return panels.data(); }
 };
 
@@ -121,25 +122,30 @@ void part_product(Activations& a, const Part& p, float* y, int64_t O, bool add) 
     const float* rows = a.rows;
     const int64_t format = p.kind >= kInt8Activations ? p.kind - kInt8Activations : p.kind;
     const auto sub = sub_format(format);
-    const bool super8 = sub && p.kind >= kInt8Activations && *sub >= SubFormat::Q3_K;
+    const bool bytes = p.kind >= kInt8Activations;
     if (sub && M < kMinGgufPanelRows) {  // Q5_0, Q5_1, Q3_K..Q6_K: integer dot products per sub-block
         const uint8_t* wp = p.data.data_ptr<uint8_t>();
-        auto run = [&](const auto& xq) {
-            at::parallel_for(0, P, kGrain, [&](int64_t b, int64_t e) {
-                with_sub_format(*sub, [&](auto F) { sub_rows<decltype(F)::value>(xq, wp, y, M, I, O, b, e, add); });
-            });
-        };
-        if (super8) {
-            const auto& xq = a.super8();
+        if (*sub >= SubFormat::Q3_K) {  // k-quants: activations per super-block
+            const auto& xq = bytes ? a.super8() : a.super16();
             at::parallel_for(0, P, kGrain, [&](int64_t b, int64_t e) {
                 with_sub_format(*sub, [&](auto F) {
-                    if constexpr (kSuper<decltype(F)::value>) super_rows<decltype(F)::value>(xq, wp, y, M, I, O, b, e, add);
+                    constexpr SubFormat K = decltype(F)::value;
+                    if constexpr (kSuper<K>) {
+                        if (bytes) super_rows<K, false>(xq, wp, y, M, I, O, b, e, add);
+                        else super_rows<K, true>(xq, wp, y, M, I, O, b, e, add);
+                    }
                 });
             });
-        } else if (p.kind >= kInt8Activations) {
-            run(a.int8());
         } else {
-            run(a.int16());
+            auto run = [&](const auto& xq) {
+                at::parallel_for(0, P, kGrain, [&](int64_t b, int64_t e) {
+                    with_sub_format(*sub, [&](auto F) {
+                        if constexpr (!kSuper<decltype(F)::value>) sub_rows<decltype(F)::value>(xq, wp, y, M, I, O, b, e, add);
+                    });
+                });
+            };
+            if (bytes) run(a.int8());
+            else run(a.int16());
         }
     } else if (blocks::decoded(format)) {
         const uint8_t* wp = p.data.data_ptr<uint8_t>();
