@@ -176,3 +176,23 @@ def test_truncated_file_fails_cleanly(tiny_file, tmp_path, genkit_home):
     r = run_cli("run", "--model", str(cut), "Hi")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "cut.gguf" in r.stderr and ("corrupt GGUF" in r.stderr or "truncated" in r.stderr)
+
+
+def test_rotary_tables_grow_with_the_positions_in_use(tmp_path):
+    """A plain (llama) stack's rotary tables are computed for the positions in use, not for every
+    position the config allows (131k for Llama 3: 67 MB), and extend to cover later ones."""
+    from transformers import AutoConfig, GenerationConfig
+
+    from genkit.native.decoder import GGUFDecoder
+
+    model = gguf_writer.random_model(gguf_writer.tiny_config("llama", max_position_embeddings=8192))
+    path = gguf_writer.write(model, tmp_path / "long.gguf", "Q8_0")
+    config = AutoConfig.from_pretrained(str(tmp_path), gguf_file=path.name)
+    native = GGUFDecoder(path, config, GenerationConfig.from_model_config(config))
+    assert native.cos.shape[0] == 1024
+    native._cover_positions(torch.tensor([[3000]]))
+    assert native.cos.shape[0] >= 3001
+    inv = 1.0 / (config.rope_parameters["rope_theta"] ** (torch.arange(0, native.head_dim, 2).double() / native.head_dim))
+    angles = 3000 * inv
+    torch.testing.assert_close(native.cos[3000].double(), torch.cat([angles, angles]).cos(), atol=2e-4, rtol=0)
+    torch.testing.assert_close(native.sin_signed[3000].double(), torch.cat([-angles, angles]).sin(), atol=2e-4, rtol=0)

@@ -93,11 +93,15 @@ class RopeTable:
         self.cos = torch.cat([freqs, freqs], -1).cos() * self.factor
         self.sin = torch.cat([-freqs, freqs], -1).sin() * self.factor
 
-    def __call__(self, positions: torch.Tensor):
-        """(cos, sin) rows for `positions` (any shape), each (..., 1, head_dim) to broadcast over heads."""
+    def reach(self, positions: torch.Tensor) -> None:
+        """Extend the table to cover `positions`."""
         need = int(positions.max()) + 1
         if need > self.cos.shape[0]:
             self._extend(max(need, min(2 * self.cos.shape[0], self.limit)))
+
+    def __call__(self, positions: torch.Tensor):
+        """(cos, sin) rows for `positions` (any shape), each (..., 1, head_dim) to broadcast over heads."""
+        self.reach(positions)
         return self.cos[positions].unsqueeze(-2), self.sin[positions].unsqueeze(-2)
 
 
@@ -139,10 +143,14 @@ class GGUFDecoder(DecodeLlama):
         length = config.max_position_embeddings
         types = set(getattr(config, "layer_types", None) or [None])
         self.tables = {t: RopeTable(config, t, length) for t in types}
-        # DecodeLlama's forward (plain llama stacks) reads whole tables: those models get them in full
         first = next(iter(self.tables.values()))
-        if self.spec.plain:
-            first._extend(length)
+        self.cos, self.sin_signed = first.cos, first.sin
+
+    def _cover_positions(self, positions: torch.Tensor) -> None:
+        """DecodeLlama's forward (plain stacks) reads self.cos / self.sin_signed: the first table,
+        extended to the positions in use (in full, Llama 3's 131k positions take 67 MB)."""
+        first = next(iter(self.tables.values()))
+        first.reach(positions)
         self.cos, self.sin_signed = first.cos, first.sin
 
     def _layer(self, i: int) -> dict:
@@ -204,7 +212,7 @@ class GGUFDecoder(DecodeLlama):
         x = self.embed[tokens].reshape(b, -1).contiguous()
         tables = list(self.tables.values())
         for table in tables:
-            table(positions)  # extended to these positions
+            table.reach(positions)
         cos = torch.stack([t.cos[positions[:, 0]] for t in tables])
         sin = torch.stack([t.sin[positions[:, 0]] for t in tables])
         first = (attention_mask == 0).sum(-1)

@@ -8,6 +8,7 @@ copy-on-write, so torch can wrap the arrays without a copy and nothing is ever w
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +63,9 @@ class GGUFFile:
         self.architecture = self.index["architecture"]
         self.tensors = {row[0]: TensorInfo(row[0], row[1], tuple(row[2]), row[3], row[4])
                         for row in self.index["tensors"]}
-        self.map = np.memmap(path, mode="c", dtype=np.uint8)
+        with open(path, "rb") as handle:
+            self._mmap = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        self.map = np.frombuffer(self._mmap, dtype=np.uint8)
         if any(t.offset + t.nbytes > self.map.shape[0] for t in self.tensors.values()):
             raise GenkitError(f"{path} is shorter than its tensors need (truncated); download it again")
 
@@ -107,6 +110,7 @@ class GGUFFile:
         data = self.data(name)
         if rows is not None:
             data = np.ascontiguousarray(data[rows])
+            self._drop_pages(t)
         if t.kind == "F32":
             tensor = torch.from_numpy(data.view(np.float32).reshape(out_features, in_features))
         elif t.kind == "BF16":
@@ -115,6 +119,15 @@ class GGUFFile:
             tensor = torch.from_numpy(data.reshape(-1))
         return tensor, kernels.kind_code(t.kind, self.byte_activations) if t.kind not in kernels.DENSE else \
             kernels.FORMATS[t.kind].code, in_features, out_features
+
+
+    def _drop_pages(self, t: TensorInfo) -> None:
+        """Take a tensor used only through a reordered copy out of resident memory: the pages it
+        owns whole (reading them again, which nothing does, would fault them back from the file)."""
+        page = mmap.PAGESIZE
+        start, end = -(-t.offset // page) * page, (t.offset + t.nbytes) // page * page
+        if end > start and hasattr(mmap, "MADV_DONTNEED"):
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def shape(t: TensorInfo) -> tuple[int, ...]:

@@ -86,6 +86,7 @@ class DecodeLlama:
         transformers gives them: the embeddings, each layer's output, and the last one after the
         final norm."""
         b, n = tokens.shape
+        self._cover_positions(positions)
         # Everything outside the products stays in fp32: on these CPUs small fp32 ops run 2-3x
         # faster than bf16 ones.
         x = self.embed[tokens].float()
@@ -139,6 +140,10 @@ class DecodeLlama:
             logits = self.head(x[:, -logits_for:] if logits_for else x, self.norm, self.eps)
         return (logits, tuple(states)) if hidden else logits
 
+
+    def _cover_positions(self, positions: torch.Tensor) -> None:
+        """Make self.cos / self.sin_signed reach `positions`: setup's tables already cover the
+        config's every position; GGUFDecoder's grow on demand."""
 
     def decode_stack(self):
         """genkit's C++ DecodeStack over these layers, built on first use: a decode step's layers
