@@ -116,95 +116,132 @@ struct Activations {
     const float* panel() { if (panels.empty()) panels = pack_panels(rows, M, I); return panels.data(); }
 };
 
-// y[:, 0 .. part.out) (=, or += with `add`) rows @ part.T; y's rows are O apart.
-void part_product(Activations& a, const Part& p, float* y, int64_t O, bool add) {
-    const int64_t M = a.M, I = a.I, P = p.out;
-    const float* rows = a.rows;
-    const int64_t format = p.kind >= kInt8Activations ? p.kind - kInt8Activations : p.kind;
+// How a part's rows are multiplied by M activation rows.
+enum class Route {
+    SubRows,      // Q5_0, Q5_1 below 16 rows: integer dot products per 32 (int16 or bytes)
+    SuperRows,    // the k-quants below 16 rows: integer dot products per 256 (16-bit planes or bytes)
+    Decoded,      // Q2_K, F16 (rows decoded to floats), and every decoded format from 16 rows: panels
+    BlockRows,    // Q4_0, Q4_1, Q8_0 below 16 rows: integer dot products per 32
+    BlockPanels,  // Q4_0, Q4_1, Q8_0 from 16 rows: blocks decoded into the panel product
+    DenseRows,    // F32 / BF16, up to 8 rows: rows streamed
+    DensePanels,  // F32 / BF16, 9..256 rows
+    Torch,        // F32 / BF16, more rows: torch's product
+};
+
+int64_t format_of(const Part& p) { return p.kind >= kInt8Activations ? p.kind - kInt8Activations : p.kind; }
+bool bytes_of(const Part& p) { return p.kind >= kInt8Activations; }
+
+Route route(const Part& p, int64_t M) {
+    const int64_t format = format_of(p);
     const auto sub = sub_format(format);
-    const bool bytes = p.kind >= kInt8Activations;
-    if (sub && M < kMinGgufPanelRows) {  // Q5_0, Q5_1, Q3_K..Q6_K: integer dot products per sub-block
-        const uint8_t* wp = p.data.data_ptr<uint8_t>();
-        if (*sub >= SubFormat::Q3_K) {  // k-quants: activations per super-block
-            const auto& xq = bytes ? a.super8() : a.super16();
-            at::parallel_for(0, P, kGrain, [&](int64_t b, int64_t e) {
-                with_sub_format(*sub, [&](auto F) {
-                    constexpr SubFormat K = decltype(F)::value;
-                    if constexpr (kSuper<K>) {
-                        if (bytes) super_rows<K, false>(xq, wp, y, M, I, O, b, e, add);
-                        else super_rows<K, true>(xq, wp, y, M, I, O, b, e, add);
-                    }
-                });
-            });
-        } else {
-            auto run = [&](const auto& xq) {
-                at::parallel_for(0, P, kGrain, [&](int64_t b, int64_t e) {
-                    with_sub_format(*sub, [&](auto F) {
-                        if constexpr (!kSuper<decltype(F)::value>) sub_rows<decltype(F)::value>(xq, wp, y, M, I, O, b, e, add);
-                    });
-                });
-            };
-            if (bytes) run(a.int8());
-            else run(a.int16());
-        }
-    } else if (blocks::decoded(format)) {
-        const uint8_t* wp = p.data.data_ptr<uint8_t>();
-        const float* panels = M >= kMinGgufPanelRows ? a.panel() : nullptr;
-        at::parallel_for(0, P, kGrain, [&](int64_t b, int64_t e) {
-            blocks::with_decoded(format, [&](auto K) {
-                if (panels) decoded_panel_block<decltype(K)::value>(panels, wp, y, M, I, O, b, e, add);
-                else decoded_rows<decltype(K)::value>(rows, wp, y, M, I, O, b, e, add);
-            });
-        });
-    } else if (format < kF32) {  // Q4_0, Q4_1, Q8_0: integer dot products
-        const Format f = static_cast<Format>(format);
-        const uint8_t* wp = p.data.data_ptr<uint8_t>();
-        if (M >= kMinGgufPanelRows) {
-            const float* panels = a.panel();
-            at::parallel_for(0, P, kGrain, [&](int64_t b, int64_t e) {
-                with_format(f, [&](auto F) { gguf_panel_block<decltype(F)::value>(panels, wp, y, M, I, O, b, e, add); });
-            });
-        } else if (p.kind >= kInt8Activations) {
-            const auto& xq = a.int8();
-            at::parallel_for(0, P, kGrain, [&](int64_t b, int64_t e) {
-                with_format(f, [&](auto F) { gguf_rows<decltype(F)::value>(xq, wp, y, M, I, O, b, e, add); });
-            });
-        } else {
-            const auto& xq = a.int16();
-            at::parallel_for(0, P, kGrain, [&](int64_t b, int64_t e) {
-                with_format(f, [&](auto F) { gguf_rows<decltype(F)::value>(xq, wp, y, M, I, O, b, e, add); });
-            });
-        }
-    } else if (M <= kMaxStreamRows) {
-        at::parallel_for(0, P, kGrain, [&](int64_t b, int64_t e) {
-            if (p.kind == kF32) dense_rows(rows, p.data.data_ptr<float>(), y, M, I, O, b, e, add);
-            else dense_rows(rows, reinterpret_cast<const uint16_t*>(p.data.data_ptr<at::BFloat16>()), y, M, I, O, b, e, add);
-        });
-    } else if (M <= kMaxPanelRows) {
-        const float* panels = a.panel();
-        at::parallel_for(0, P, kGrain, [&](int64_t b, int64_t e) {
-            if (p.kind == kF32) panel_block(panels, p.data.data_ptr<float>(), y, M, I, O, b, e, add);
-            else panel_block(panels, reinterpret_cast<const uint16_t*>(p.data.data_ptr<at::BFloat16>()), y, M, I, O, b, e, add);
-        });
-    } else {  // many rows (a large batch): torch's product, then the same y = / += as above
-        auto xt = torch::from_blob(const_cast<float*>(rows), {M, I}, torch::kFloat32);
-        auto result = p.kind == kF32 ? torch::mm(xt, p.data.t()) : torch::mm(xt.to(torch::kBFloat16), p.data.t()).to(torch::kFloat32);
-        auto out = torch::from_blob(y, {M, O}, torch::kFloat32).narrow(1, 0, P);
-        if (add) out.add_(result);
-        else out.copy_(result);
+    if (sub && M < kMinGgufPanelRows) return *sub >= SubFormat::Q3_K ? Route::SuperRows : Route::SubRows;
+    if (blocks::decoded(format)) return Route::Decoded;  // the sub-block formats included
+    if (format < kF32) return M < kMinGgufPanelRows ? Route::BlockRows : Route::BlockPanels;
+    if (M <= kMaxStreamRows) return Route::DenseRows;
+    return M <= kMaxPanelRows ? Route::DensePanels : Route::Torch;
+}
+
+// Makes the activation form the route reads (before any worker thread starts: the forms are
+// built lazily, once per product, and shared by every part).
+void prepare(Activations& a, const Part& p, Route r) {
+    const bool bytes = bytes_of(p);
+    switch (r) {
+        case Route::SubRows: case Route::BlockRows: bytes ? (void)a.int8() : (void)a.int16(); break;
+        case Route::SuperRows: bytes ? (void)a.super8() : (void)a.super16(); break;
+        case Route::Decoded: if (a.M >= kMinGgufPanelRows) a.panel(); break;
+        case Route::BlockPanels: case Route::DensePanels: a.panel(); break;
+        default: break;
     }
 }
 
-// y (M, w.out) = or += prepare_rows(x) @ W.T, for x (M, w.in) or (M, 2 w.in) with `glu`.
+// y[:, b .. e) (=, or += with `add`) of rows @ part.T, for output rows b..e of the part; y's rows
+// are O apart. Runs on one thread; `prepare` made the activation form.
+void part_rows(Activations& a, const Part& p, Route r, float* y, int64_t O, bool add, int64_t b, int64_t e) {
+    const int64_t M = a.M, I = a.I, format = format_of(p);
+    const bool bytes = bytes_of(p);
+    const float* rows = a.rows;
+    switch (r) {
+        case Route::SubRows:
+            with_sub_format(*sub_format(format), [&](auto F) {
+                constexpr SubFormat K = decltype(F)::value;
+                if constexpr (!kSuper<K>) {
+                    if (bytes) sub_rows<K>(*a.q8, p.data.data_ptr<uint8_t>(), y, M, I, O, b, e, add);
+                    else sub_rows<K>(*a.q16, p.data.data_ptr<uint8_t>(), y, M, I, O, b, e, add);
+                }
+            });
+            break;
+        case Route::SuperRows:
+            with_sub_format(*sub_format(format), [&](auto F) {
+                constexpr SubFormat K = decltype(F)::value;
+                if constexpr (kSuper<K>) {
+                    if (bytes) super_rows<K, false>(*a.q8k, p.data.data_ptr<uint8_t>(), y, M, I, O, b, e, add);
+                    else super_rows<K, true>(*a.q16k, p.data.data_ptr<uint8_t>(), y, M, I, O, b, e, add);
+                }
+            });
+            break;
+        case Route::Decoded:
+            blocks::with_decoded(format, [&](auto K) {
+                if (M >= kMinGgufPanelRows) decoded_panel_block<decltype(K)::value>(a.panels.data(), p.data.data_ptr<uint8_t>(), y, M, I, O, b, e, add);
+                else decoded_rows<decltype(K)::value>(rows, p.data.data_ptr<uint8_t>(), y, M, I, O, b, e, add);
+            });
+            break;
+        case Route::BlockRows:
+            with_format(static_cast<Format>(format), [&](auto F) {
+                if (bytes) gguf_rows<decltype(F)::value>(*a.q8, p.data.data_ptr<uint8_t>(), y, M, I, O, b, e, add);
+                else gguf_rows<decltype(F)::value>(*a.q16, p.data.data_ptr<uint8_t>(), y, M, I, O, b, e, add);
+            });
+            break;
+        case Route::BlockPanels:
+            with_format(static_cast<Format>(format), [&](auto F) {
+                gguf_panel_block<decltype(F)::value>(a.panels.data(), p.data.data_ptr<uint8_t>(), y, M, I, O, b, e, add);
+            });
+            break;
+        case Route::DenseRows:
+            if (p.kind == kF32) dense_rows(rows, p.data.data_ptr<float>(), y, M, I, O, b, e, add);
+            else dense_rows(rows, reinterpret_cast<const uint16_t*>(p.data.data_ptr<at::BFloat16>()), y, M, I, O, b, e, add);
+            break;
+        case Route::DensePanels:
+            if (p.kind == kF32) panel_block(a.panels.data(), p.data.data_ptr<float>(), y, M, I, O, b, e, add);
+            else panel_block(a.panels.data(), reinterpret_cast<const uint16_t*>(p.data.data_ptr<at::BFloat16>()), y, M, I, O, b, e, add);
+            break;
+        case Route::Torch:
+            break;  // whole parts, in product()
+    }
+}
+
+// Many rows of a dense part (a large batch): torch's product, then the same y = / += as above.
+void torch_part(const Activations& a, const Part& p, float* y, int64_t O, bool add) {
+    auto xt = torch::from_blob(const_cast<float*>(a.rows), {a.M, a.I}, torch::kFloat32);
+    auto result = p.kind == kF32 ? torch::mm(xt, p.data.t()) : torch::mm(xt.to(torch::kBFloat16), p.data.t()).to(torch::kFloat32);
+    auto out = torch::from_blob(y, {a.M, O}, torch::kFloat32).narrow(1, 0, p.out);
+    if (add) out.add_(result);
+    else out.copy_(result);
+}
+
+// y (M, w.out) = or += prepare_rows(x) @ W.T, for x (M, w.in) or (M, 2 w.in) with `glu`. Every
+// part's rows go through one parallel region: a fused q/k/v of three formats wakes the workers
+// once, not three times (each wake-up costs tens of microseconds with sleeping workers).
 void product(const float* x, int64_t M, const Weight& w, const float* norm, float eps, bool glu, float* y,
              bool add) {
     std::vector<float> buffer;
-    Activations a{prepare_rows(x, M, w.in, norm, eps, glu, buffer), M, w.in, {}, {}, {}, {}};
+    Activations a{prepare_rows(x, M, w.in, norm, eps, glu, buffer), M, w.in, {}, {}, {}, {}, {}};
+    std::vector<Route> routes;
+    std::vector<int64_t> starts;  // each part's first output column
     int64_t column = 0;
     for (const Part& p : w.parts) {
-        part_product(a, p, y + column, w.out, add);
+        routes.push_back(route(p, M));
+        prepare(a, p, routes.back());
+        starts.push_back(column);
+        if (routes.back() == Route::Torch) torch_part(a, p, y + column, w.out, add);
         column += p.out;
     }
+    at::parallel_for(0, w.out, kGrain, [&](int64_t b, int64_t e) {
+        for (size_t i = 0; i < w.parts.size(); ++i) {
+            const int64_t lo = std::max(b, starts[i]), hi = std::min(e, starts[i] + w.parts[i].out);
+            if (lo < hi && routes[i] != Route::Torch)
+                part_rows(a, w.parts[i], routes[i], y + starts[i], w.out, add, lo - starts[i], hi - starts[i]);
+        }
+    });
 }
 
 void check_x(const torch::Tensor& x, int64_t in_features, bool glu) {
