@@ -30,9 +30,9 @@ class LoadOptions:
     quant_type: str = "nf4"  # 4-bit: nf4 or fp4
     compute_dtype: str | None = None  # 4-bit compute dtype
     trust_remote_code: bool = False
-    native_4bit: bool = False  # run GGUF Q4_0/Q4_1 weights as they are (genkit/native/q4.py)
+    native_4bit: bool = False  # the embedded model's GGUF (or the .gguf given) natively, as .gguf files run by default
     native_8bit: bool = False  # quantise to Q8_0 blocks for genkit's kernels (genkit/native/int8.py)
-    int8_activations: bool = False  # native 4-bit: activations as bytes in the layers' products
+    int8_activations: bool = False  # native GGUF: activations as bytes in the integer products
     threads: int | None = None  # CPU threads (genkit/threads.py); None: leave torch's setting alone
     dequantize: bool = False  # a .gguf through transformers (fp32 copy in the cache), not natively
     backend: str = "auto"  # the runner (genkit/engine/backends.py): auto, transformers, static, static-eager

@@ -276,8 +276,6 @@ def _load_checked(model, opts: LoadOptions, progress) -> LoadedModel:
 
         return load_native(gguf, progress, byte_activations=opts.int8_activations)
     name, source, location = resolve_source(model, progress)
-    if opts.native_4bit:
-        return _load_native(model, name, source, location, opts, progress)
     if progress:
         progress("loading weights")
     kwargs = loadopts.transformers_kwargs(opts, cuda=_cuda())
@@ -317,15 +315,11 @@ def draft_model(lm: LoadedModel, name: str) -> LoadedModel:
 
 def _native_gguf(model: str | None, opts: LoadOptions) -> Path | None:
     """The .gguf file to run natively (the default for .gguf files on the CPU), or None: the
-    embedded model, --dequantize, the other native modes, a GPU or bitsandbytes take the
-    dequantised transformers path."""
-    if not model or not model.endswith(".gguf") or opts.dequantize or opts.native_4bit or opts.native_8bit:
-        return None
-    if opts.backend != "auto":  # a transformers runner was asked for: the dequantised model
-        return None
-    if opts.load_in_4bit or opts.load_in_8bit or opts.device_map not in (None, "cpu"):
-        return None
-    if opts.dtype not in ("auto", "float32", "fp32"):
+    embedded model, --dequantize, --native-8bit, a GPU or bitsandbytes take the dequantised
+    transformers path. --native-4bit, kept for scripts, runs the embedded model's file natively."""
+    if opts.native_4bit:
+        model = model or str(default_gguf_path())
+    elif not _native_by_default(model, opts):
         return None
     path = Path(model).expanduser()
     if not path.is_file():
@@ -338,7 +332,20 @@ def _native_gguf(model: str | None, opts: LoadOptions) -> Path | None:
     if kernels.available():
         return path
     gguf_load.drop_prefetched()  # the dequantised path converts its own tokenizer
+    if opts.native_4bit:
+        raise GenkitError("--native-4bit needs genkit's C++ kernels (a C++ compiler and an AVX2 CPU); "
+                          "drop --native-4bit to run the model through transformers")
     return None
+
+
+def _native_by_default(model: str | None, opts: LoadOptions) -> bool:
+    if not model or not model.endswith(".gguf") or opts.dequantize or opts.native_8bit:
+        return False
+    if opts.backend != "auto":  # a transformers runner was asked for: the dequantised model
+        return False
+    if opts.load_in_4bit or opts.load_in_8bit or opts.device_map not in (None, "cpu"):
+        return False
+    return opts.dtype in ("auto", "float32", "fp32")
 
 
 def _is_damage(e: BaseException) -> bool:
@@ -346,23 +353,6 @@ def _is_damage(e: BaseException) -> bool:
     if isinstance(e, (json.JSONDecodeError, UnicodeDecodeError, EOFError, struct.error)):
         return True
     return type(e).__module__.startswith("safetensors") or type(e).__name__ == "SafetensorError"
-
-
-def _load_native(model, name, source, location, opts, progress) -> LoadedModel:
-    """The native 4-bit mode: GGUF Q4 blocks multiplied as they are, on the CPU."""
-    gguf = default_gguf_path() if not model else Path(model).expanduser()
-    from transformers import AutoTokenizer
-
-    from genkit.native.q4 import Q4Llama
-
-    if progress:
-        progress("packing 4-bit weights")
-    q4 = Q4Llama(gguf, Path(location), byte_activations=opts.int8_activations)
-    with _quiet():
-        tokenizer = AutoTokenizer.from_pretrained(location)
-    fix_tokenizer(tokenizer, q4)
-    return LoadedModel(model=q4, tokenizer=tokenizer, name=name, source=source, path=location,
-                       info={"mode": "native-4bit" + (" int8-activations" if opts.int8_activations else "")})
 
 
 def _cuda() -> bool:

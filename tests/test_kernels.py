@@ -23,9 +23,17 @@ def _rel(a, b):
 
 @pytest.fixture(scope="module")
 def gguf():
-    from gguf import GGUFReader
+    """The embedded model's file as the native decoder reads it (GGUFFile)."""
+    from genkit.native.gguf_file import GGUFFile
 
-    return {t.name: t for t in GGUFReader(str(models.default_gguf_path())).tensors}
+    return GGUFFile(models.default_gguf_path())
+
+
+def _layer(f, name: str):
+    """(a layer over the file's blocks of tensor `name`, its weight as gguf.quants dequantises it)."""
+    from genkit.native.gguf_file import PartsLinear
+
+    return PartsLinear.from_file(f, [name]), f.floats(name)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 4, 7, 16, 37])
@@ -34,13 +42,10 @@ def test_gguf_product_equals_dequantised_product(gguf, name, rows):
     """Q4_1 layers and the Q8_0 head of the embedded model: the product of the raw blocks is the
     product of the dequantised weights to about 1e-5 (the int16 activations' rounding); from 16
     rows the blocks are decoded to floats for the panel product, exact to float rounding."""
-    from genkit.native.q4 import GGUFLinear, dequantize
-
-    t = gguf[name]
-    layer, w = GGUFLinear.from_gguf([t]), dequantize(t)
+    layer, w = _layer(gguf, name)
     torch.manual_seed(rows)
     x = torch.randn(rows, w.shape[1])
-    assert layer.kind == t.tensor_type.name
+    assert layer.kinds == [kernels.kind_code(gguf.type_of(name))]
     assert _rel(layer(x), x @ w.T) < (5e-6 if rows >= 16 else 1e-4)
 
 
@@ -50,12 +55,10 @@ def test_byte_activations_product(gguf, name, rows):
     """The same blocks times activations quantised to signed bytes (Q4_1 unsigned codes, the
     Q8_0 head's signed ones): within byte rounding of the exact product (~4e-3), and not the
     int16 product (which a kernel that ignored the flag would return)."""
-    from genkit.native.q4 import GGUFLinear, dequantize
+    from genkit.native.gguf_file import GGUFFile
 
-    t = gguf[name]
-    exact, coarse = GGUFLinear.from_gguf([t]), GGUFLinear.from_gguf([t])
-    coarse.byte_activations = True
-    w = dequantize(t)
+    exact, w = _layer(gguf, name)
+    coarse, _ = _layer(GGUFFile(gguf.path, byte_activations=True), name)
     torch.manual_seed(rows)
     x = torch.randn(rows, w.shape[1])
     ref = x @ w.T
@@ -83,11 +86,8 @@ def test_q4_0_blocks():
 
 
 def test_fused_rms_norm(gguf):
-    from genkit.native.q4 import GGUFLinear, dequantize
-
-    t = gguf["blk.0.attn_q.weight"]
-    layer, w = GGUFLinear.from_gguf([t]), dequantize(t)
-    norm = dequantize(gguf["blk.0.attn_norm.weight"])
+    layer, w = _layer(gguf, "blk.0.attn_q.weight")
+    norm = gguf.floats("blk.0.attn_norm.weight")
     x = torch.randn(2, 576) * 3
     ref = F.rms_norm(x, (576,), norm, 1e-5) @ w.T
     assert _rel(layer(x, norm, 1e-5), ref) < 1e-4
@@ -153,10 +153,7 @@ def test_fast_decoder_off_for_other_dtypes(tiny_dir):
 
 def test_glu_input_fused(gguf):
     """silu(gate) * up computed inside the product, for both weight kinds."""
-    from genkit.native.q4 import GGUFLinear, dequantize
-
-    t = gguf["blk.1.ffn_down.weight"]
-    layer, w = GGUFLinear.from_gguf([t]), dequantize(t)
+    layer, w = _layer(gguf, "blk.1.ffn_down.weight")
     gate_up = torch.randn(3, 2 * 1536)
     ref = (F.silu(gate_up[:, :1536]) * gate_up[:, 1536:]) @ w.T
     assert _rel(layer(gate_up, glu=True), ref) < 1e-4

@@ -43,6 +43,7 @@ def with_default(help: str, default: str | None) -> str:
 
 # ---------------------------------------------------------------- generation flags shared by commands
 
+Prompt = Annotated[Optional[str], typer.Argument(help="The prompt; '-' or a pipe reads stdin.", show_default=False)]
 Preset = Annotated[Optional[str], typer.Option(
     "--preset", "-p", rich_help_panel=GEN_PANEL, show_default=False, autocompletion=complete.preset_names,
     help=with_default("Preset name or YAML file (`genkit presets list`).", "none"))]
@@ -99,7 +100,8 @@ LOAD_FLAGS: dict[str, tuple] = {
     "trust_remote_code": (Annotated[bool, _model_flag(
         "--trust-remote-code", help="Allow the model's own Python code to run.")], False),
     "native_4bit": (Annotated[bool, _model_flag(
-        "--native-4bit", help="Run a GGUF's Q4_0/Q4_1 weights as they are on the CPU (fast; Llama models).")], False),
+        "--native-4bit", help="Run the embedded model's GGUF file natively on the CPU, as every .gguf "
+                              "--model runs by default (kept for scripts).")], False),
     "native_8bit": (Annotated[bool, _model_flag(
         "--native-8bit",
         help="Quantise the weights to Q8_0 blocks for genkit's CPU kernels (fast; Llama models).")], False),

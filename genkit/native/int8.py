@@ -3,7 +3,7 @@
 Decoding one token reads every weight once, so on the CPU a step takes as long as the weights
 take to stream from memory. Q8_0 keeps 32 weights in 34 bytes (an fp16 scale and 32 signed
 bytes, w = q * d): 3.8x fewer bytes than fp32, and the products run through the same kernels as
-the native 4-bit mode (genkit/native/kernels.cpp), against activations kept at int16 precision.
+GGUF files run natively (genkit/native/kernels.cpp), against activations kept at int16 precision.
 Embeddings, norms and everything outside the products stay in fp32.
 
 The quantisation is symmetric per block: d = max|w| / 127, q = round(w / d), so a weight is off by
@@ -16,8 +16,11 @@ from __future__ import annotations
 import torch
 
 from genkit.errors import GenkitError
+from genkit.native import kernels
+from genkit.native.gguf_file import PartsLinear
 from genkit.native.llama import DecodeLlama, DenseLinear, FastLlama, fast_llama
-from genkit.native.q4 import GROUP, GGUFLinear
+
+GROUP = 32  # weights per Q8_0 block
 
 
 def q8_0_blocks(w: torch.Tensor) -> torch.Tensor:
@@ -33,9 +36,9 @@ def q8_0_blocks(w: torch.Tensor) -> torch.Tensor:
     return blocks.reshape(-1).contiguous()
 
 
-def q8_linear(dense: DenseLinear) -> GGUFLinear:
+def q8_linear(dense: DenseLinear) -> PartsLinear:
     out_features, in_features = dense.weight.shape
-    return GGUFLinear(q8_0_blocks(dense.weight), "Q8_0", in_features, out_features)
+    return PartsLinear([q8_0_blocks(dense.weight)], [kernels.FORMATS["Q8_0"].code], in_features, out_features)
 
 
 class Int8Llama(DecodeLlama):

@@ -2,9 +2,11 @@
 
 Fused q/k/v and gate/up products, a preallocated KV cache (`StaticKV`), rotary embeddings from a
 precomputed table, and every product through a layer object that may do the RMS norm in the same
-call. Two sets of layers plug in:
+call. Three sets of layers plug in:
 
-- genkit/native/q4.py: the GGUF file's 4-bit blocks (`--native-4bit`).
+- genkit/native/decoder.py: a GGUF file's blocks as they are (GGUFDecoder, the default for .gguf
+  files on the CPU), with the knobs of the architectures it runs.
+- genkit/native/int8.py: an fp32 Llama's weights quantised to Q8_0 blocks (`--native-8bit`).
 - `fast_llama()` below: a transformers Llama in fp32, sharing its weights, with genkit's kernels
   for the one-row products of decoding (about twice torch's speed there) and torch's
   products for prompts. The engine uses it for every decoder-only strategy.

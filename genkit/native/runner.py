@@ -1,5 +1,5 @@
 """The engine's Runner interface over genkit's own decoder (genkit/native/llama.py: the fast
-fp32 path, --native-4bit, --native-8bit).
+fp32 path, native GGUF files, --native-8bit).
 
 Same contract as genkit.engine.runner.Runner: prefill, step, select, crop. Left padding is
 handled with a boolean attention mask; the KV cache is preallocated and grows by doubling.
