@@ -6,8 +6,6 @@ scripts/make_fixtures_455.py), the last release that had both strategies in its 
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
 import parity455
@@ -35,25 +33,16 @@ def test_contrastive_matches_transformers_455(request, fixture_models, case):
     assert parity455.run_case(lm, case) == expected
 
 
-def _forced_contrastive(lm, **params):
-    """Settings that run the contrastive strategy even where its parameters alone would not
-    select it (penalty_alpha 0 means greedy to the parameter rules)."""
-    from genkit import params as P
+def test_contrastive_vanishing_penalty_is_greedy(tiny):
+    """With a vanishing degeneration penalty (alpha 0 itself selects greedy by the parameter
+    rules) the most probable candidate wins: greedy decoding, here checked against transformers
+    5's own greedy on a padded batch."""
     from genkit.engine import settings as settings_mod
+    from genkit import params as P
 
-    s = settings_mod.build(lm, P.check_params(params, "test"))
-    return dataclasses.replace(s, strategy="contrastive")
-
-
-def test_contrastive_alpha_zero_is_greedy(tiny):
-    """With no degeneration penalty the most probable candidate wins: greedy decoding, here
-    checked against transformers 5's own greedy on a padded batch."""
-    from genkit.engine import Generation
-
-    s = _forced_contrastive(tiny, penalty_alpha=0.0, top_k=4, max_new_tokens=16)
-    gen = Generation(tiny, PROMPTS, s, raw=True)
-    gen.run()
-    assert [r.token_ids for r in gen.results] == hf_generate(tiny, PROMPTS, max_new_tokens=16, do_sample=False)
+    params = dict(penalty_alpha=1e-7, top_k=4, max_new_tokens=16)
+    assert settings_mod.build(tiny, P.check_params(params, "test")).strategy == "contrastive"
+    assert genkit_generate(tiny, PROMPTS, **params) == hf_generate(tiny, PROMPTS, max_new_tokens=16, do_sample=False)
 
 
 def test_contrastive_penalty_changes_the_choice(tiny):

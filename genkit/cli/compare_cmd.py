@@ -20,8 +20,7 @@ def register(app: typer.Typer) -> None:
 @o.model_options
 @c.constraint_options
 def compare(
-    prompt: Annotated[Optional[str], typer.Argument(
-        help="The prompt; '-' or a pipe reads stdin.", show_default=False)] = None,
+    prompt: o.Prompt = None,
     presets_: Annotated[str, typer.Option(
         "--presets", show_default=False,
         help=o.with_default("Comma-separated presets, e.g. greedy,creative,contrastive,factual-dola.", "none"))] = "",

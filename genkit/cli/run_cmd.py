@@ -28,8 +28,7 @@ def register(app: typer.Typer) -> None:
 @o.model_options
 @c.constraint_options
 def run(
-    prompt: Annotated[Optional[str], typer.Argument(
-        help="The prompt; '-' or a pipe reads stdin.", show_default=False)] = None,
+    prompt: o.Prompt = None,
     preset: o.Preset = None,
     model: o.Model = None,
     system: o.System = None,
