@@ -31,6 +31,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -128,8 +129,11 @@ class DecodeStack {
                                 states->numel() == n * B * hidden),
                     "states must be contiguous float32 (n_layers, B, hidden)");
         float* saved = states ? states->data_ptr<float>() : nullptr;
-        std::vector<float> qkv(B * (hq_ + 2 * hk_) * d_), attn(B * hq_ * d_), gate_up(B * layers_[0].gate_up.out);
-        std::vector<float> out(B * hidden), inner;
+        const std::lock_guard<std::mutex> one_step_at_a_time(busy_);  // the scratch below is the stack's
+        auto& [qkv, attn, gate_up, out, inner] = scratch_;
+        qkv.resize(B * (hq_ + 2 * hk_) * d_);
+        attn.resize(B * hq_ * d_);
+        out.resize(B * hidden);
         float* h = x.data_ptr<float>();
         const int64_t per_table = B * d_;
         for (int64_t i = 0; i < n; ++i) {
@@ -157,6 +161,13 @@ class DecodeStack {
     }
 
   private:
+    // A step's intermediate rows, kept from step to step (resized to the batch, never freed
+    // between steps): q/k/v projections, attention output, gate/up, a product before its post
+    // norm, gelu's GLU.
+    struct Scratch {
+        std::vector<float> qkv, attn, gate_up, out, inner;
+    };
+
     struct Layer {
         torch::Tensor attn_norm, ffn_norm;
         Weight qkv, o, gate_up, down;
@@ -208,6 +219,8 @@ class DecodeStack {
     int64_t hq_, hk_, d_;
     float eps_, scale_ = 0.0f;
     bool gelu_ = false;
+    Scratch scratch_;
+    std::mutex busy_;
     std::vector<Layer> layers_;
 };
 
