@@ -180,7 +180,8 @@ def test_truncated_file_fails_cleanly(tiny_file, tmp_path, genkit_home):
 
 def test_rotary_tables_grow_with_the_positions_in_use(tmp_path):
     """A plain (llama) stack's rotary tables are computed for the positions in use, not for every
-    position the config allows (131k for Llama 3: 67 MB), and extend to cover later ones."""
+    position the config allows (131k for Llama 3: 67 MB), and extend to cover later ones; their
+    columns follow the q/k rows' interleaved pairs."""
     from transformers import AutoConfig, GenerationConfig
 
     from genkit.native.decoder import GGUFDecoder
@@ -194,5 +195,7 @@ def test_rotary_tables_grow_with_the_positions_in_use(tmp_path):
     assert native.cos.shape[0] >= 3001
     inv = 1.0 / (config.rope_parameters["rope_theta"] ** (torch.arange(0, native.head_dim, 2).double() / native.head_dim))
     angles = 3000 * inv
-    torch.testing.assert_close(native.cos[3000].double(), torch.cat([angles, angles]).cos(), atol=2e-4, rtol=0)
-    torch.testing.assert_close(native.sin_signed[3000].double(), torch.cat([-angles, angles]).sin(), atol=2e-4, rtol=0)
+    # llama.cpp's q/k rows come in interleaved pairs (2k, 2k + 1), and the tables with them
+    pairs = lambda a, b: torch.stack([a, b], -1).flatten()
+    torch.testing.assert_close(native.cos[3000].double(), pairs(angles, angles).cos(), atol=2e-4, rtol=0)
+    torch.testing.assert_close(native.sin_signed[3000].double(), pairs(-angles, angles).sin(), atol=2e-4, rtol=0)

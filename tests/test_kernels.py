@@ -240,9 +240,11 @@ def test_candidate_steps_keep_the_winners_cache(tiny):
 
 @pytest.mark.parametrize("d", [12, 64, 96, 128])  # 12: the scalar path; 96: 64 + 32 lanes
 @pytest.mark.parametrize("slot", [0, 7, 8, 70])
-def test_decode_attention_kernel(d, slot):
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_decode_attention_kernel(d, slot, interleaved):
     """Rotary embedding, cache write and attention of one token per row against torch, for
-    head sizes and context lengths on and off the kernel's blocks of 8, with left padding."""
+    head sizes and context lengths on and off the kernel's blocks of 8, with left padding; the
+    rotary pairs (k, k + d/2) or, as llama.cpp stores Llama's q/k rows, (2k, 2k + 1)."""
     B, hq, hk, cap = 3, 6, 2, 80
     gen = torch.Generator().manual_seed(d + slot)
     qkv = torch.randn(B, (hq + 2 * hk) * d, generator=gen)
@@ -250,9 +252,11 @@ def test_decode_attention_kernel(d, slot):
     k, v = torch.randn(B, hk, cap, d, generator=gen), torch.randn(B, hk, cap, d, generator=gen)
     first = torch.tensor([0, min(slot, 3), slot])
     k_ref, v_ref = k.clone(), v.clone()
-    out = kernels.decode_attention(qkv, cos, sin, k, v, slot, first, hq, hk)
+    out = kernels.decode_attention(qkv, cos, sin, k, v, slot, first, hq, hk, interleaved)
 
-    rot = lambda x: x * cos[:, None] + x.roll(d // 2, dims=-1) * sin[:, None]
+    partner = (lambda x: x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)) if interleaved else \
+        (lambda x: x.roll(d // 2, dims=-1))
+    rot = lambda x: x * cos[:, None] + partner(x) * sin[:, None]
     parts = qkv.view(B, hq + 2 * hk, d)
     q, k_ref[:, :, slot], v_ref[:, :, slot] = rot(parts[:, :hq]), rot(parts[:, hq:hq + hk]), parts[:, hq + hk:]
     assert torch.allclose(k, k_ref, atol=1e-6) and torch.equal(v, v_ref)  # only slot `slot` written

@@ -16,12 +16,16 @@ def cached_weights(embedded_dir):
 def test_q4_1_blocks_decode_like_transformers(cached_weights):
     """The embedded file's blocks as the native decoder reads them (gguf.quants) are exactly the
     weights transformers dequantised, once llama.cpp's q/k row order is undone."""
-    from genkit.native.decoder import _unpermute_rows
+    import numpy as np
+
     from genkit.native.gguf_file import GGUFFile
 
     f = GGUFFile(models.default_gguf_path())
     assert torch.equal(f.floats("blk.3.ffn_down.weight"), cached_weights.get_tensor("model.layers.3.mlp.down_proj.weight"))
-    q = f.floats("blk.3.attn_q.weight")[_unpermute_rows(576, 9)]
+    # llama.cpp keeps q's rows in interleaved rotary pairs: row 2k of a head is transformers' row
+    # k, row 2k + 1 its row k + 32 (head_dim 64)
+    rotate_half_order = np.arange(576).reshape(9, 32, 2).swapaxes(1, 2).reshape(-1)
+    q = f.floats("blk.3.attn_q.weight")[rotate_half_order]
     assert torch.equal(q, cached_weights.get_tensor("model.layers.3.self_attn.q_proj.weight"))
     emb = f.floats("token_embd.weight")  # Q8_0
     assert torch.equal(emb, cached_weights.get_tensor("model.embed_tokens.weight"))

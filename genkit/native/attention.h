@@ -13,11 +13,14 @@ namespace {
 //   start (B): each row's first real slot (left padding before it is never looked at).
 //   out (B, hq d).
 //   Optional: the scores' scale (0: 1 / sqrt(d)); a sliding window (0: none) of the keys a query
-//   sees, itself included (gemma's local layers).
+//   sees, itself included (gemma's local layers); `interleaved` rotary pairs (2k, 2k + 1), the
+//   layout llama.cpp stores Llama's q/k rows in, instead of (k, k + d/2), with cs and sn in the
+//   same order.
 struct AttentionShape {
     int64_t B, hq, hk, d, cap;
     float scale = 0.0f;
     int64_t window = 0;
+    bool interleaved = false;
 };
 
 // Eight dot products at once: q against keys k, k + d, ..., k + 7d (d a multiple of 8), summed
@@ -90,8 +93,16 @@ void attend(const float* q, const float* keys, const float* values, int64_t n, i
         for (int64_t i = 0; i < d; ++i) out[i] += p[t] * values[t * d + i];
 }
 
-// The rotary embedding of one head: out = x cos + roll(x, d/2) sin (sign folded into sin).
-inline void rotate(const float* x, const float* c, const float* sn, int64_t d, float* out) {
+// The rotary embedding of one head: out = x cos + partner(x) sin (sign folded into sin), where
+// x_i's partner is x_(i +- d/2), or x_(i xor 1) for interleaved pairs.
+inline void rotate(const float* x, const float* c, const float* sn, int64_t d, bool interleaved, float* out) {
+    if (interleaved) {
+        for (int64_t i = 0; i < d; i += 2) {
+            out[i] = x[i] * c[i] + x[i + 1] * sn[i];
+            out[i + 1] = x[i + 1] * c[i + 1] + x[i] * sn[i + 1];
+        }
+        return;
+    }
     const int64_t half = d / 2;
     for (int64_t i = 0; i < half; ++i) out[i] = x[i] * c[i] + x[i + half] * sn[i];
     for (int64_t i = half; i < d; ++i) out[i] = x[i] * c[i] + x[i - half] * sn[i];
@@ -104,10 +115,10 @@ void attention(const AttentionShape& s, const float* x, const float* cs, const f
     at::parallel_for(0, B, 8, [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
             const float* row = x + b * (hq + 2 * hk) * d;
-            for (int64_t h = 0; h < hq; ++h) rotate(row + h * d, cs + b * d, sn + b * d, d, q.data() + (b * hq + h) * d);
+            for (int64_t h = 0; h < hq; ++h) rotate(row + h * d, cs + b * d, sn + b * d, d, s.interleaved, q.data() + (b * hq + h) * d);
             for (int64_t g = 0; g < hk; ++g) {
                 const int64_t at = ((b * hk + g) * cap + slot) * d;
-                rotate(row + (hq + g) * d, cs + b * d, sn + b * d, d, kc + at);
+                rotate(row + (hq + g) * d, cs + b * d, sn + b * d, d, s.interleaved, kc + at);
                 std::copy(row + (hq + hk + g) * d, row + (hq + hk + g + 1) * d, vc + at);
             }
         }

@@ -19,20 +19,19 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from genkit.errors import GenkitError
 from genkit.native.gguf_file import EmbeddingRows, GGUFFile, PartsLinear
-from genkit.native.llama import DecodeLlama, attention_mask_4d
+from genkit.native.llama import DecodeLlama, attention_mask_4d, rotary_partner
 
 
 @dataclass(frozen=True)
 class Spec:
     """What an architecture adds to a plain Llama layer."""
 
-    permuted_qk: bool = False  # llama.cpp stores q/k rows interleaved for its rotary embedding
+    permuted_qk: bool = False  # llama.cpp stores q/k rows in interleaved rotary pairs: rotated as they are
     qkv_bias: bool = False  # qwen2
     qk_norm: bool = False  # qwen3, gemma3: an RMS norm over each head of q and k
     post_norms: bool = False  # gemma2/3: norms on the attention and MLP outputs too
@@ -53,12 +52,6 @@ SPECS = {
     "gemma3": Spec(qk_norm=True, post_norms=True, embed_scale=True, gelu=True),
     "phi3": Spec(),  # fused q/k/v and gate/up tensors, read as they are (see _layer)
 }
-
-
-def _unpermute_rows(n_rows: int, n_head: int) -> np.ndarray:
-    """Row order that undoes llama.cpp's rotary permutation of q/k weights."""
-    dim = n_rows // n_head // 2
-    return np.arange(n_rows).reshape(n_head, dim, 2).swapaxes(1, 2).reshape(-1)
 
 
 def _inverse_frequencies(config, layer_type: str | None):
@@ -83,15 +76,20 @@ class RopeTable:
     """cos and sign-folded sin (positions, head_dim) of one layer type, computed for the positions
     in use and extended by doubling (a 32k-position table for every model costs a second at load)."""
 
-    def __init__(self, config, layer_type: str | None, limit: int):
+    def __init__(self, config, layer_type: str | None, limit: int, interleaved: bool = False):
         self.inv, self.factor = _inverse_frequencies(config, layer_type)
         self.limit = limit
+        # interleaved pairs (2k, 2k + 1) take columns k and k + d/2 of the rotate-half tables
+        half = self.inv.shape[0]
+        self.order = torch.arange(2 * half).view(2, half).T.reshape(-1) if interleaved else None
         self._extend(min(limit, 1024))
 
     def _extend(self, length: int) -> None:
         freqs = torch.outer(torch.arange(length, dtype=torch.float32), self.inv)
         self.cos = torch.cat([freqs, freqs], -1).cos() * self.factor
         self.sin = torch.cat([-freqs, freqs], -1).sin() * self.factor
+        if self.order is not None:
+            self.cos, self.sin = self.cos[:, self.order].contiguous(), self.sin[:, self.order].contiguous()
 
     def reach(self, positions: torch.Tensor) -> None:
         """Extend the table to cover `positions`."""
@@ -119,6 +117,7 @@ class GGUFDecoder(DecodeLlama):
             raise GenkitError(f"{path.name}: architecture {arch!r} does not run natively (genkit runs "
                               f"{', '.join(sorted(SPECS))}); add --dequantize to load it through transformers")
         self.spec = spec = SPECS[arch]
+        self.interleaved_rope = spec.permuted_qk
         self.architecture = arch
         self.config, self.generation_config = config, generation_config
         self.device, self.dtype = torch.device("cpu"), torch.float32
@@ -142,7 +141,7 @@ class GGUFDecoder(DecodeLlama):
         """One cos/sin table per layer type (gemma: local and global bases)."""
         length = config.max_position_embeddings
         types = set(getattr(config, "layer_types", None) or [None])
-        self.tables = {t: RopeTable(config, t, length) for t in types}
+        self.tables = {t: RopeTable(config, t, length, self.interleaved_rope) for t in types}
         first = next(iter(self.tables.values()))
         self.cos, self.sin_signed = first.cos, first.sin
 
@@ -155,17 +154,13 @@ class GGUFDecoder(DecodeLlama):
 
     def _layer(self, i: int) -> dict:
         f, spec, p = self.file, self.spec, f"blk.{i}."
-        orders = None
-        if spec.permuted_qk:
-            orders = [_unpermute_rows(self.n_heads * self.head_dim, self.n_heads),
-                      _unpermute_rows(self.n_kv * self.head_dim, self.n_kv), None]
         # phi3 stores q/k/v as one tensor and gate/up as one (ffn_up, gate first): used as they are
         fused_qkv, fused_gate_up = p + "attn_qkv.weight" in f.tensors, p + "ffn_gate.weight" not in f.tensors
         qkv = [p + "attn_qkv.weight"] if fused_qkv else [p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"]
         gate_up = [p + "ffn_up.weight"] if fused_gate_up else [p + "ffn_gate.weight", p + "ffn_up.weight"]
         layer = {
             "attn_norm": f.floats(p + "attn_norm.weight"),
-            "qkv": PartsLinear.from_file(f, qkv, None if fused_qkv else orders),
+            "qkv": PartsLinear.from_file(f, qkv),
             "o": PartsLinear.from_file(f, [p + "attn_output.weight"]),
             "ffn_norm": f.floats(p + "ffn_norm.weight"),
             "gate_up": PartsLinear.from_file(f, gate_up),
@@ -198,7 +193,7 @@ class GGUFDecoder(DecodeLlama):
         stack = super().decode_stack()
         if stack is not None:
             order = list(self.tables)
-            stack.set_options(self.scale, self.spec.gelu)
+            stack.set_options(self.scale, self.spec.gelu, self.interleaved_rope)
             for i, L in enumerate(self.layers):
                 kind = self.layer_types[i]
                 window = self.window if kind == "sliding_attention" and self.window else 0
@@ -233,7 +228,7 @@ class GGUFDecoder(DecodeLlama):
         b, n = tokens.shape
         x = self.embed[tokens]
         hq, hk, d = self.n_heads, self.n_kv, self.head_dim
-        half, end = d // 2, start + n
+        end = start + n
         masks = {t: self._mask(attention_mask, n, t) for t in set(self.layer_types)}
         rotations = {t: table(positions) for t, table in self.tables.items()}
         states = []
@@ -250,8 +245,8 @@ class GGUFDecoder(DecodeLlama):
             if "q_norm" in L:
                 q, k = self._rms(q, L["q_norm"]), self._rms(k, L["k_norm"])
             cos, sin = rotations[kind if kind in rotations else next(iter(rotations))]
-            q = (q * cos + q.roll(half, dims=-1) * sin).transpose(1, 2)
-            k = (k * cos + k.roll(half, dims=-1) * sin).transpose(1, 2)
+            q = (q * cos + rotary_partner(q, self.interleaved_rope) * sin).transpose(1, 2)
+            k = (k * cos + rotary_partner(k, self.interleaved_rope) * sin).transpose(1, 2)
             keys, values = cache.update(i, k, v, start, end)
             attn = self._attend(q, keys, values, masks[kind]).transpose(1, 2).reshape(b, n, hq * d)
             out = L["o"](attn)

@@ -101,16 +101,12 @@ class GGUFFile:
         values = dequantize(self.data(name), t.tensor_type).astype(np.float32)
         return torch.from_numpy(np.ascontiguousarray(values)).reshape(shape(t))
 
-    def part(self, name: str, rows: np.ndarray | None = None) -> tuple[torch.Tensor, int, int, int]:
+    def part(self, name: str) -> tuple[torch.Tensor, int, int, int]:
         """(data, kernel code, in_features, out_features) of a weight for kernels.parts_matmul:
-        the mapped bytes themselves, or a torch view of F32 / BF16 data. `rows` reorders the
-        output rows (a copy of this one tensor, in its own format)."""
+        the mapped bytes themselves, or a torch view of F32 / BF16 data."""
         t = self.tensors[name]
         out_features, in_features = shape(t)
         data = self.data(name)
-        if rows is not None:
-            data = np.ascontiguousarray(data[rows])
-            self._drop_pages(t)
         if t.kind == "F32":
             tensor = torch.from_numpy(data.view(np.float32).reshape(out_features, in_features))
         elif t.kind == "BF16":
@@ -119,15 +115,6 @@ class GGUFFile:
             tensor = torch.from_numpy(data.reshape(-1))
         return tensor, kernels.kind_code(t.kind, self.byte_activations) if t.kind not in kernels.DENSE else \
             kernels.FORMATS[t.kind].code, in_features, out_features
-
-
-    def _drop_pages(self, t: TensorInfo) -> None:
-        """Take a tensor used only through a reordered copy out of resident memory: the pages it
-        owns whole (reading them again, which nothing does, would fault them back from the file)."""
-        page = mmap.PAGESIZE
-        start, end = -(-t.offset // page) * page, (t.offset + t.nbytes) // page * page
-        if end > start and hasattr(mmap, "MADV_DONTNEED"):
-            self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def shape(t: TensorInfo) -> tuple[int, ...]:
@@ -146,8 +133,8 @@ class PartsLinear:
     out_features: int
 
     @classmethod
-    def from_file(cls, f: GGUFFile, names: list[str], row_orders: list | None = None) -> "PartsLinear":
-        parts = [f.part(n, row_orders[i] if row_orders else None) for i, n in enumerate(names)]
+    def from_file(cls, f: GGUFFile, names: list[str]) -> "PartsLinear":
+        parts = [f.part(n) for n in names]
         ins = {p[2] for p in parts}
         if len(ins) != 1:
             raise GenkitError(f"{f.path.name}: tensors {', '.join(names)} have different input sizes")

@@ -100,11 +100,12 @@ class DecodeStack {
         L.table = table;
     }
 
-    // The attention scores' scale (0: 1 / sqrt(head_dim)) and the MLP's activation: gelu (tanh
-    // approximation, gemma) instead of silu.
-    void set_options(double attention_scale, bool gelu) {
+    // The attention scores' scale (0: 1 / sqrt(head_dim)), the MLP's activation: gelu (tanh
+    // approximation, gemma) instead of silu, and interleaved rotary pairs (attention.h).
+    void set_options(double attention_scale, bool gelu, bool interleaved) {
         scale_ = static_cast<float>(attention_scale);
         gelu_ = gelu;
+        interleaved_ = interleaved;
     }
 
     // x (B, hidden): the new token's embeddings, updated in place to the last layer's output.
@@ -123,7 +124,7 @@ class DecodeStack {
         for (int64_t t = 0; t < (tables ? cos.size(0) : 1); ++t)
             check_rotation(tables ? cos[t] : cos, tables ? sin[t] : sin, first, B, d_);
         for (const Layer& L : layers_) TORCH_CHECK(L.table < (tables ? cos.size(0) : 1), "a layer's rotary table is missing");
-        AttentionShape s{B, hq_, hk_, d_, keys[0].size(2), scale_, 0};
+        AttentionShape s{B, hq_, hk_, d_, keys[0].size(2), scale_, 0, interleaved_};
         for (int64_t i = 0; i < n; ++i) check_cache(keys[i], values[i], s, slot);
         TORCH_CHECK(!states || (states->scalar_type() == torch::kFloat32 && states->is_contiguous() &&
                                 states->numel() == n * B * hidden),
@@ -218,7 +219,7 @@ class DecodeStack {
     }
     int64_t hq_, hk_, d_;
     float eps_, scale_ = 0.0f;
-    bool gelu_ = false;
+    bool gelu_ = false, interleaved_ = false;
     Scratch scratch_;
     std::mutex busy_;
     std::vector<Layer> layers_;
@@ -248,12 +249,13 @@ torch::Tensor dense_matmul(torch::Tensor x, torch::Tensor w, std::optional<torch
 }
 
 torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
-                               torch::Tensor v_cache, int64_t slot, torch::Tensor first, int64_t hq, int64_t hk) {
+                               torch::Tensor v_cache, int64_t slot, torch::Tensor first, int64_t hq, int64_t hk,
+                               bool interleaved) {
     const int64_t B = qkv.size(0), d = k_cache.size(3);
     TORCH_CHECK(qkv.scalar_type() == torch::kFloat32 && qkv.is_contiguous() && hq % hk == 0 &&
                     qkv.size(1) == (hq + 2 * hk) * d,
                 "decode_attention: qkv must be contiguous float32 (B, (hq + 2 hk) d)");
-    const AttentionShape s{B, hq, hk, d, k_cache.size(2)};
+    const AttentionShape s{B, hq, hk, d, k_cache.size(2), 0.0f, 0, interleaved};
     check_cache(k_cache, v_cache, s, slot);
     check_rotation(cos, sin, first, B, d);
     auto out = torch::empty({B, hq * d}, qkv.options());
@@ -266,6 +268,8 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tens
 // HTTP thread (genkit serve) keeps answering while the engine thread runs a step.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("decode_attention", &decode_attention, "rotary embedding, KV write and attention for one new token",
+          py::arg("qkv"), py::arg("cos"), py::arg("sin"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slot"),
+          py::arg("first"), py::arg("hq"), py::arg("hk"), py::arg("interleaved") = false,
           py::call_guard<py::gil_scoped_release>());
     m.def("gguf_matmul", &gguf_matmul, "rms_norm(x) @ W.T for W in GGUF blocks of a kind from formats.def (Q4_0 / Q4_1 / Q8_0 +32: byte activations)",
           py::arg("x"), py::arg("blocks"), py::arg("kind"), py::arg("in_features"), py::arg("norm") = py::none(),
@@ -283,7 +287,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         .def("add_extras", &DecodeStack::add_extras, py::arg("layer"), py::arg("qkv_bias") = py::none(),
              py::arg("q_norm") = py::none(), py::arg("k_norm") = py::none(), py::arg("post_attn_norm") = py::none(),
              py::arg("post_ffn_norm") = py::none(), py::arg("window") = 0, py::arg("table") = 0)
-        .def("set_options", &DecodeStack::set_options, py::arg("attention_scale"), py::arg("gelu"))
+        .def("set_options", &DecodeStack::set_options, py::arg("attention_scale"), py::arg("gelu"),
+             py::arg("interleaved") = false)
         .def("forward", &DecodeStack::forward, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("keys"),
              py::arg("values"), py::arg("slot"), py::arg("first"), py::arg("states") = py::none(),
              py::call_guard<py::gil_scoped_release>());

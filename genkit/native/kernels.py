@@ -153,9 +153,10 @@ def dense_matmul(x: torch.Tensor, w: torch.Tensor, norm: torch.Tensor | None = N
     return _module().dense_matmul(x, w, norm, eps, glu)
 
 
-def decode_attention(qkv, cos, sin, k_cache, v_cache, slot: int, first, n_heads: int, n_kv: int) -> torch.Tensor:
+def decode_attention(qkv, cos, sin, k_cache, v_cache, slot: int, first, n_heads: int, n_kv: int,
+                     interleaved: bool = False) -> torch.Tensor:
     """Rotary embedding, KV-cache write and attention of one new token per row (kernels.cpp)."""
-    return _module().decode_attention(qkv, cos, sin, k_cache, v_cache, slot, first, n_heads, n_kv)
+    return _module().decode_attention(qkv, cos, sin, k_cache, v_cache, slot, first, n_heads, n_kv, interleaved)
 
 
 def dense_kind(w: torch.Tensor) -> int:

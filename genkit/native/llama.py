@@ -39,7 +39,10 @@ class DecodeLlama:
     """The forward pass over pluggable layers; used through genkit.native.runner.NativeRunner.
 
     `layers` holds per layer: attn_norm, ffn_norm (fp32 vectors) and qkv, o, gate_up, down
-    (callables `f(x, norm=None, eps=0.0)`, fp32 in and out, q/k rows in rotate-half order)."""
+    (callables `f(x, norm=None, eps=0.0)`, fp32 in and out, q/k rows in rotate-half order, or in
+    interleaved pairs where `interleaved_rope` is set, with cos / sin tables in the same order)."""
+
+    interleaved_rope = False
 
     mode = "transformers-weights"
 
@@ -93,7 +96,7 @@ class DecodeLlama:
         # faster than bf16 ones.
         x = self.embed[tokens].float()
         hq, hk, d = self.n_heads, self.n_kv, self.head_dim
-        half, end = d // 2, start + n
+        end = start + n
         # One new token per row over genkit's cache: rotary embedding, cache write and attention
         # in one kernel call (`first`: each row's first real slot, after its left padding).
         fused = n == 1 and cache.fusable() and kernels.available()
@@ -102,8 +105,8 @@ class DecodeLlama:
             cos_rows, sin_rows = self.cos[positions[:, 0]], self.sin_signed[positions[:, 0]]
         else:
             mask = attention_mask_4d(attention_mask, n)
-            # Rotary embedding as x * cos + roll(x, half) * sin', with the sign of the rotation's
-            # first half folded into sin': four ops for q and k together.
+            # Rotary embedding as x * cos + partner(x) * sin', with the sign of the rotation's
+            # first element of each pair folded into sin': four ops for q and k together.
             cos = self.cos[positions].unsqueeze(2)  # (b, n, 1, d)
             sin = self.sin_signed[positions].unsqueeze(2)
         if fused and (stack := self.decode_stack()) is not None:
@@ -121,11 +124,11 @@ class DecodeLlama:
             if fused:
                 keys, values, slot = cache.buffers(i, start)
                 attn = kernels.decode_attention(qkv.view(b, -1), cos_rows, sin_rows, keys, values,
-                                                slot, first, hq, hk).view(b, 1, hq * d)
+                                                slot, first, hq, hk, self.interleaved_rope).view(b, 1, hq * d)
                 cache.advance(i)
             else:
                 qk = qkv[..., : (hq + hk) * d].view(b, n, hq + hk, d)
-                qk = qk * cos + qk.roll(half, dims=-1) * sin
+                qk = qk * cos + rotary_partner(qk, self.interleaved_rope) * sin
                 q = qk[:, :, :hq].transpose(1, 2)
                 k = qk[:, :, hq:].transpose(1, 2)
                 v = qkv[..., (hq + hk) * d:].view(b, n, hk, d).transpose(1, 2)
@@ -198,6 +201,14 @@ class DenseLinear:
     def kernel_weight(self):
         """([weight], [kind]) as kernels.decode_stack's layers take them."""
         return [self.weight], [kernels.dense_kind(self.weight)]
+
+
+def rotary_partner(x: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Each element's partner in the rotary embedding (x cos + partner(x) sin): x_(i +- d/2), or
+    x_(i xor 1) where q/k rows keep llama.cpp's interleaved pairs."""
+    if interleaved:
+        return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return x.roll(x.shape[-1] // 2, dims=-1)
 
 
 def glu_input(x: torch.Tensor) -> torch.Tensor:
