@@ -189,10 +189,8 @@ class DecodeStack {
         const float* weight = post_norm.data_ptr<float>();
         for (int64_t b = 0; b < B; ++b) {
             const float* row = out + b * hidden;
-            double squares = 0.0;
-            for (int64_t i = 0; i < hidden; ++i) squares += static_cast<double>(row[i]) * row[i];
-            const float inv_rms = 1.0f / std::sqrt(static_cast<float>(squares / hidden) + eps_);
-            for (int64_t i = 0; i < hidden; ++i) h[b * hidden + i] += row[i] * inv_rms * weight[i];
+            const float factor = inv_rms(row, hidden, eps_);
+            for (int64_t i = 0; i < hidden; ++i) h[b * hidden + i] += row[i] * factor * weight[i];
         }
     }
 
@@ -210,10 +208,8 @@ class DecodeStack {
             for (int64_t h = 0; h < hq_ + hk_; ++h) {
                 float* v = row + h * d_;
                 const float* w = (h < hq_ ? L.q_norm : L.k_norm).data_ptr<float>();
-                double squares = 0.0;
-                for (int64_t i = 0; i < d_; ++i) squares += static_cast<double>(v[i]) * v[i];
-                const float inv_rms = 1.0f / std::sqrt(static_cast<float>(squares / d_) + eps_);
-                for (int64_t i = 0; i < d_; ++i) v[i] = v[i] * inv_rms * w[i];
+                const float factor = inv_rms(v, d_, eps_);
+                for (int64_t i = 0; i < d_; ++i) v[i] = v[i] * factor * w[i];
             }
         }
     }

@@ -136,6 +136,15 @@ void glu_row(const float* gate, const float* up, float* out, int64_t n) {
     for (; i < n; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
 }
 
+// 1 / sqrt(mean(v^2) + eps) over n values, the mean of squares in double as torch's rms_norm
+// computes it: the factor of every RMS norm in the kernels (before a product, of q/k heads, of a
+// layer's output).
+inline float inv_rms(const float* v, int64_t n, float eps) {
+    double squares = 0.0;
+    for (int64_t i = 0; i < n; ++i) squares += static_cast<double>(v[i]) * v[i];
+    return 1.0f / std::sqrt(static_cast<float>(squares / n) + eps);
+}
+
 // gelu(gate) * up over n values, gelu's tanh approximation as torch computes it:
 // 0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3))), with tanh(z) = 1 - 2 / (e^(2z) + 1).
 void gelu_glu_row(const float* gate, const float* up, float* out, int64_t n) {
@@ -174,10 +183,8 @@ const float* prepare_rows(const float* x, int64_t M, int64_t I, const float* nor
                 std::copy(x + m * I, x + (m + 1) * I, out);
             }
             if (norm) {
-                double squares = 0.0;
-                for (int64_t i = 0; i < I; ++i) squares += static_cast<double>(out[i]) * out[i];
-                const float inv_rms = 1.0f / std::sqrt(static_cast<float>(squares / I) + eps);
-                for (int64_t i = 0; i < I; ++i) out[i] = out[i] * inv_rms * norm[i];
+                const float factor = inv_rms(out, I, eps);
+                for (int64_t i = 0; i < I; ++i) out[i] = out[i] * factor * norm[i];
             }
         }
     });
