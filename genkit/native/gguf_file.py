@@ -8,7 +8,6 @@ copy-on-write, so torch can wrap the arrays without a copy and nothing is ever w
 
 from __future__ import annotations
 
-import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,9 +62,7 @@ class GGUFFile:
         self.architecture = self.index["architecture"]
         self.tensors = {row[0]: TensorInfo(row[0], row[1], tuple(row[2]), row[3], row[4])
                         for row in self.index["tensors"]}
-        with open(path, "rb") as handle:
-            self._mmap = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
-        self.map = np.frombuffer(self._mmap, dtype=np.uint8)
+        self.map = np.memmap(path, mode="c", dtype=np.uint8)
         if any(t.offset + t.nbytes > self.map.shape[0] for t in self.tensors.values()):
             raise GenkitError(f"{path} is shorter than its tensors need (truncated); download it again")
 
