@@ -211,14 +211,14 @@ class GGUFDecoder(DecodeLlama):
         cos = torch.stack([t.cos[positions[:, 0]] for t in tables])
         sin = torch.stack([t.sin[positions[:, 0]] for t in tables])
         first = (attention_mask == 0).sum(-1)
-        states = torch.empty(self.n_layers, b, 1, x.shape[-1]) if hidden else None
-        x = self._stack_step(self.decode_stack(), x, cos, sin, cache, start, first, states).view(b, 1, -1)
-        logits = None
-        if logits_for is not None:
-            logits = self.head(x, self.norm, self.eps)
-            if self.final_softcap:
-                logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
-        return (logits, (*states.unbind(0), self._rms(x, self.norm))) if hidden else logits
+        return self._stack_step(self.decode_stack(), x, cos, sin, cache, start, first, logits_for, hidden)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The head over the final norm, soft-capped where the model caps its logits (gemma2)."""
+        logits = super()._logits(x)
+        if self.final_softcap:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits
 
     def _rms(self, x, weight):
         return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
@@ -260,11 +260,7 @@ class GGUFDecoder(DecodeLlama):
             x = x + (self._rms(out, L["post_ffn_norm"]) if "post_ffn_norm" in L else out)
         if hidden:
             states.append(self._rms(x, self.norm))
-        logits = None
-        if logits_for is not None:
-            logits = self.head(x[:, -logits_for:] if logits_for else x, self.norm, self.eps)
-            if self.final_softcap:
-                logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        logits = self._logits(x[:, -logits_for:] if logits_for else x) if logits_for is not None else None
         return (logits, tuple(states)) if hidden else logits
 
     def _mask(self, attention_mask, n: int, layer_type: str):

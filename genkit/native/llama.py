@@ -110,12 +110,7 @@ class DecodeLlama:
             cos = self.cos[positions].unsqueeze(2)  # (b, n, 1, d)
             sin = self.sin_signed[positions].unsqueeze(2)
         if fused and (stack := self.decode_stack()) is not None:
-            states = torch.empty(self.n_layers, b, 1, x.shape[-1]) if hidden else None
-            x = self._stack_step(stack, x.view(b, -1), cos_rows, sin_rows, cache, start, first, states).view(b, 1, -1)
-            logits = self.head(x, self.norm, self.eps) if logits_for is not None else None
-            if not hidden:
-                return logits
-            return logits, (*states.unbind(0), F.rms_norm(x, (x.shape[-1],), self.norm, self.eps))
+            return self._stack_step(stack, x.view(b, -1), cos_rows, sin_rows, cache, start, first, logits_for, hidden)
         states = []
         for i, L in enumerate(self.layers):
             if hidden:
@@ -142,9 +137,12 @@ class DecodeLlama:
         if logits_for is None:
             logits = None  # asked for hidden states only
         else:
-            logits = self.head(x[:, -logits_for:] if logits_for else x, self.norm, self.eps)
+            logits = self._logits(x[:, -logits_for:] if logits_for else x)
         return (logits, tuple(states)) if hidden else logits
 
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The head over the final norm of x."""
+        return self.head(x, self.norm, self.eps)
 
     def _cover_positions(self, positions: torch.Tensor) -> None:
         """Make self.cos / self.sin_signed reach `positions`: setup's tables already cover the
@@ -173,16 +171,22 @@ class DecodeLlama:
         state.pop("_stack", None)
         return state
 
-    def _stack_step(self, stack, x, cos_rows, sin_rows, cache, start: int, first, states=None) -> torch.Tensor:
-        """Every layer for one new token per row, through the DecodeStack; x is updated in place
-        (and `states`, when given, receives each layer's input)."""
+    def _stack_step(self, stack, x, cos_rows, sin_rows, cache, start: int, first, logits_for, hidden: bool):
+        """Every layer for one new token per row (x: (b, hidden) embeddings) through the
+        DecodeStack; forward's contract for what comes back."""
+        b = x.shape[0]
+        states = torch.empty(self.n_layers, b, 1, x.shape[-1]) if hidden else None  # each layer's input
         slots = [cache.buffers(i, start) for i in range(self.n_layers)]
         x = x.contiguous()
         stack.forward(x, cos_rows, sin_rows, [k for k, _, _ in slots], [v for _, v, _ in slots], slots[0][2], first,
                       states)
         for i in range(self.n_layers):
             cache.advance(i)
-        return x
+        x = x.view(b, 1, -1)
+        logits = self._logits(x) if logits_for is not None else None
+        if not hidden:
+            return logits
+        return logits, (*states.unbind(0), F.rms_norm(x, (x.shape[-1],), self.norm, self.eps))
 
 
 @dataclass
