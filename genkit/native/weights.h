@@ -25,9 +25,12 @@ const FormatInfo* find_format(int64_t code) {
 
 // A weight as the products see it: one or more parts stacked by output rows (fused q/k/v or
 // gate/up, whose parts a GGUF file may keep in different formats). A part's kind is its
-// format's code; a Q4_0 / Q4_1 / Q8_0 kind plus kInt8Activations multiplies the same blocks with
-// byte activations.
+// format's code; an integer format's code (Q4_0..Q8_0, Q5_0, Q5_1, Q3_K..Q6_K) plus
+// kInt8Activations multiplies the same blocks with byte activations.
 constexpr int64_t kF32 = 3, kBF16 = 4, kInt8Activations = 32;
+// The block format of a kind, with or without byte activations.
+int64_t format_of(int64_t kind) { return kind >= kInt8Activations ? kind - kInt8Activations : kind; }
+
 struct Part {
     torch::Tensor data;
     int64_t kind, out;
@@ -45,7 +48,7 @@ Part make_part(torch::Tensor data, int64_t kind, int64_t in_features) {
                     "a dense weight must be (out, in) float32 or bfloat16");
         return {data, kind, data.size(0)};
     }
-    const int64_t format = kind >= kInt8Activations ? kind - kInt8Activations : kind;
+    const int64_t format = format_of(kind);
     const FormatInfo* f = find_format(format);
     TORCH_CHECK(f && data.scalar_type() == torch::kUInt8 &&
                     (kind < kInt8Activations || format <= 2 || sub_format(format).has_value()),
@@ -128,7 +131,7 @@ enum class Route {
     Torch,        // F32 / BF16, more rows: torch's product
 };
 
-int64_t format_of(const Part& p) { return p.kind >= kInt8Activations ? p.kind - kInt8Activations : p.kind; }
+int64_t format_of(const Part& p) { return format_of(p.kind); }
 bool bytes_of(const Part& p) { return p.kind >= kInt8Activations; }
 
 Route route(const Part& p, int64_t M) {
