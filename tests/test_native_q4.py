@@ -42,6 +42,7 @@ def fp32_ids(embedded):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("needs_kernels")  # --native-4bit runs on the kernels
 def test_native_4bit_greedy_equals_fp32(fp32_ids):
     """--native-4bit runs the embedded model's GGUF through the native decoder (as any .gguf runs
     by default); its int16 activations keep greedy output the fp32 path's."""
@@ -119,6 +120,7 @@ def test_native_modes_exclude_each_other():
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("needs_kernels")  # --native-4bit runs on the kernels
 def test_int8_activations_reach_every_product(embedded):
     """--int8-activations: every integer product (the Q4_1 layers, the Q8_0 head) takes byte
     activations where it runs dot products (decode steps; prompts of 16 tokens or more decode the
@@ -147,6 +149,7 @@ def test_int8_activations_reach_every_product(embedded):
     assert [r.token_ids for r in first] == [r.token_ids for r in again]
 
 
+@pytest.mark.usefixtures("needs_kernels")  # --native-4bit runs on the kernels
 def test_versus_llama_cpp_on_the_same_file():
     """The bench's side-by-side: llama.cpp runs genkit's prompt ids from an empty cache each round."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is a benchmark extra")
