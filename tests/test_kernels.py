@@ -266,3 +266,19 @@ def test_decode_attention_kernel(d, slot, interleaved):
     scores = scores.masked_fill(torch.arange(slot + 1)[None, None] < first[:, None, None], float("-inf"))
     expected = torch.einsum("bht,bhtd->bhd", scores.softmax(-1), values).reshape(B, hq * d)
     assert torch.allclose(out, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_the_avx2_build_compiles_on_a_vnni_cpu():
+    """On a CPU with AVX-512 VNNI the build takes the fused-instruction branches; the AVX2
+    branches, which other CPUs build, must still compile (checked without linking: seconds)."""
+    import subprocess
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    if kernels._cflags() == kernels.CFLAGS:
+        pytest.skip("this CPU builds the AVX2 branches already (test_the_build_lands_in_the_tests_genkit_home)")
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+    done = subprocess.run(["c++", "-std=c++17", "-fsyntax-only", *kernels.CFLAGS, *includes, str(kernels.SOURCE)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

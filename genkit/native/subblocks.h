@@ -188,13 +188,13 @@ struct SubDot<int8_t, F> {
         : codes(kSignedCodes<F> ? _mm256_sign_epi8(s.codes, s.codes) : s.codes),
           signs(s.codes),
           scales(s.pairs) {}
-    // sum_j s c_j x_j as eight int32 partial sums
-    __m256i pair_sums(const int8_t* x) const {
+    // acc + sum_j s c_j x_j, as eight int32 partial sums
+    __m256i pair_sums(__m256i acc, const int8_t* x) const {
         __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
         if constexpr (kSignedCodes<F>) xv = _mm256_sign_epi8(xv, signs);
-        return _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), scales);
+        return madd_add(acc, _mm256_maddubs_epi16(codes, xv), scales);
     }
-    __m256 operator()(const int8_t* x) const { return _mm256_cvtepi32_ps(pair_sums(x)); }
+    __m256 operator()(const int8_t* x) const { return _mm256_cvtepi32_ps(pair_sums(_mm256_setzero_si256(), x)); }
 };
 
 // One output row against R activation rows, as gguf_row: every sub-block unpacked once and used
@@ -309,10 +309,10 @@ inline void super_row(const SuperRows& xq, int64_t m0, const uint8_t* row, int64
             ms[j] = s.m;
             for (int r = 0; r < R; ++r) {
                 const int64_t at = (m0 + r) * I + sb * kSuperGroup + j * kGroup;
-                high[r] = _mm256_add_epi32(high[r], prepared.pair_sums(xq.q.data() + at));
+                high[r] = prepared.pair_sums(high[r], xq.q.data() + at);
                 if constexpr (Wide) {  // the unsigned plane goes first in maddubs, the codes as signed bytes
                     const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.low.data() + at));
-                    low[r] = _mm256_add_epi32(low[r], _mm256_madd_epi16(_mm256_maddubs_epi16(lo, s.codes), s.pairs));
+                    low[r] = madd_add(low[r], _mm256_maddubs_epi16(lo, s.codes), s.pairs);
                 }
             }
         });
