@@ -57,15 +57,14 @@ void dense_rows(const float* x, const W* w, float* y, int64_t M, int64_t I, int6
 constexpr int kPanel = 8, kPanelRowsO = 6, kPanelsAtOnce = 2;
 
 // panels[p][i][l] = x[8p + l][i], zeros past the last row.
-std::vector<float> pack_panels(const float* x, int64_t M, int64_t I) {
+void pack_panels(const float* x, int64_t M, int64_t I, std::vector<float>& panels) {
     const int64_t P = (M + kPanel - 1) / kPanel;
-    std::vector<float> panels(P * I * kPanel, 0.0f);
+    panels.assign(P * I * kPanel, 0.0f);
     for (int64_t m = 0; m < M; ++m) {
         float* out = panels.data() + (m / kPanel) * I * kPanel + m % kPanel;
         const float* row = x + m * I;
         for (int64_t i = 0; i < I; ++i) out[i * kPanel] = row[i];
     }
-    return panels;
 }
 
 inline __m256 broadcast1(const float* w) { return _mm256_broadcast_ss(w); }

@@ -131,7 +131,7 @@ class DecodeStack {
                     "states must be contiguous float32 (n_layers, B, hidden)");
         float* saved = states ? states->data_ptr<float>() : nullptr;
         const std::lock_guard<std::mutex> one_step_at_a_time(busy_);  // the scratch below is the stack's
-        auto& [qkv, attn, gate_up, out, inner] = scratch_;
+        auto& [qkv, attn, gate_up, out, inner, acts] = scratch_;
         qkv.resize(B * (hq_ + 2 * hk_) * d_);
         attn.resize(B * hq_ * d_);
         out.resize(B * hidden);
@@ -140,7 +140,7 @@ class DecodeStack {
         for (int64_t i = 0; i < n; ++i) {
             const Layer& L = layers_[i];
             if (saved) std::copy(h, h + B * hidden, saved + i * B * hidden);
-            product(h, B, L.qkv, L.attn_norm.data_ptr<float>(), eps_, false, qkv.data(), false);
+            product(h, B, L.qkv, L.attn_norm.data_ptr<float>(), eps_, false, qkv.data(), false, acts);
             if (L.qkv_bias.defined() || L.q_norm.defined()) finish_qkv(L, B, qkv.data());
             s.window = L.window;
             attention(s, qkv.data(), cos.data_ptr<float>() + L.table * per_table,
@@ -148,7 +148,7 @@ class DecodeStack {
                       values[i].data_ptr<float>(), slot, first.data_ptr<int64_t>(), attn.data());
             add_output(attn.data(), B, L.o, L.post_attn_norm, false, out.data(), h, hidden);
             gate_up.resize(B * L.gate_up.out);
-            product(h, B, L.gate_up, L.ffn_norm.data_ptr<float>(), eps_, false, gate_up.data(), false);
+            product(h, B, L.gate_up, L.ffn_norm.data_ptr<float>(), eps_, false, gate_up.data(), false, acts);
             if (gelu_) {  // gelu(gate) * up here; the kernels' own GLU is silu's
                 const int64_t I = L.gate_up.out / 2;
                 inner.resize(B * I);
@@ -164,9 +164,10 @@ class DecodeStack {
   private:
     // A step's intermediate rows, kept from step to step (resized to the batch, never freed
     // between steps): q/k/v projections, attention output, gate/up, a product before its post
-    // norm, gelu's GLU.
+    // norm, gelu's GLU, and the products' activation forms.
     struct Scratch {
         std::vector<float> qkv, attn, gate_up, out, inner;
+        Activations acts;
     };
 
     struct Layer {
@@ -180,12 +181,12 @@ class DecodeStack {
     // h += the product of x with w, RMS-normed by `post_norm` first where the layer has one (the
     // product then lands in `out`, B rows of `hidden`, before it is added).
     void add_output(const float* x, int64_t B, const Weight& w, const torch::Tensor& post_norm, bool glu, float* out,
-                    float* h, int64_t hidden) const {
+                    float* h, int64_t hidden) {
         if (!post_norm.defined()) {
-            product(x, B, w, nullptr, 0.0f, glu, h, true);
+            product(x, B, w, nullptr, 0.0f, glu, h, true, scratch_.acts);
             return;
         }
-        product(x, B, w, nullptr, 0.0f, glu, out, false);
+        product(x, B, w, nullptr, 0.0f, glu, out, false, scratch_.acts);
         const float* weight = post_norm.data_ptr<float>();
         for (int64_t b = 0; b < B; ++b) {
             const float* row = out + b * hidden;

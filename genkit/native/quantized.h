@@ -218,11 +218,14 @@ const float* prepare_rows(const float* x, int64_t M, int64_t I, const float* nor
     return rows;
 }
 
+// r = x's M rows quantised per block of 32 (r's buffers keep their capacity from call to call).
 template <typename Q>
-QuantizedRows<Q> quantize_rows(const float* x, int64_t M, int64_t I) {
+void quantize_rows(const float* x, int64_t M, int64_t I, QuantizedRows<Q>& r) {
     constexpr float kMax = std::numeric_limits<Q>::max();
     const int64_t blocks = I / kGroup;
-    QuantizedRows<Q> r{std::vector<Q>(M * I), std::vector<float>(M * blocks), std::vector<float>(M * blocks)};
+    r.q.resize(M * I);
+    r.scale.resize(M * blocks);
+    r.sum.resize(M * blocks);
     at::parallel_for(0, M, 4, [&](int64_t begin, int64_t end) {
         for (int64_t m = begin; m < end; ++m) {
             for (int64_t b = 0; b < blocks; ++b) {
@@ -241,7 +244,6 @@ QuantizedRows<Q> quantize_rows(const float* x, int64_t M, int64_t I) {
             }
         }
     });
-    return r;
 }
 
 // A Q4 block's 32 codes as unsigned bytes in weight order (low nibbles, then high ones).

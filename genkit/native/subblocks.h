@@ -255,10 +255,13 @@ constexpr int64_t kSuperGroup = 256;
 // signed weight codes could not negate.
 constexpr float kWideMax = 127.0f * 256.0f;
 
-SuperRows quantize_super(const float* x, int64_t M, int64_t I, bool wide) {
+// r = x's M rows quantised per 256 (r's buffers keep their capacity from call to call).
+void quantize_super(const float* x, int64_t M, int64_t I, bool wide, SuperRows& r) {
     const int64_t supers = I / kSuperGroup;
-    SuperRows r{std::vector<int8_t>(M * I), std::vector<uint8_t>(wide ? M * I : 0), std::vector<float>(M * supers),
-                std::vector<float>(M * I / kGroup)};
+    r.q.resize(M * I);
+    r.low.resize(wide ? M * I : 0);
+    r.scale.resize(M * supers);
+    r.sum.resize(M * I / kGroup);
     const float top = wide ? kWideMax : 127.0f;
     const int limit = static_cast<int>(top);
     at::parallel_for(0, M, 4, [&](int64_t begin, int64_t end) {
@@ -286,7 +289,6 @@ SuperRows quantize_super(const float* x, int64_t M, int64_t I, bool wide) {
             }
         }
     });
-    return r;
 }
 
 template <SubFormat F, int R, bool Wide>

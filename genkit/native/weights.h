@@ -104,21 +104,6 @@ void decoded_panel_block(const float* panels, const uint8_t* w, float* y, int64_
     }
 }
 
-// The activation rows in the forms the loops take, each made once per product on first need.
-struct Activations {
-    const float* rows;
-    int64_t M, I;
-    std::optional<QuantizedRows<int16_t>> q16;
-    std::optional<QuantizedRows<int8_t>> q8;
-    std::optional<SuperRows> q8k, q16k;
-    std::vector<float> panels;
-    const QuantizedRows<int16_t>& int16() { if (!q16) q16 = quantize_rows<int16_t>(rows, M, I); return *q16; }
-    const QuantizedRows<int8_t>& int8() { if (!q8) q8 = quantize_rows<int8_t>(rows, M, I); return *q8; }
-    const SuperRows& super8() { if (!q8k) q8k = quantize_super(rows, M, I, false); return *q8k; }
-    const SuperRows& super16() { if (!q16k) q16k = quantize_super(rows, M, I, true); return *q16k; }
-    const float* panel() { if (panels.empty()) panels = pack_panels(rows, M, I); return panels.data(); }
-};
-
 // How a part's rows are multiplied by M activation rows.
 enum class Route {
     SubRows,      // Q5_0, Q5_1 below 16 rows: integer dot products per 32 (int16 or bytes)
@@ -130,6 +115,48 @@ enum class Route {
     DensePanels,  // F32 / BF16, 9..256 rows
     Torch,        // F32 / BF16, more rows: torch's product
 };
+
+// A product's activation rows in the forms the loops take, each made at most once per product,
+// on first need. A DecodeStack keeps one for all its products, step after step: the buffers keep
+// their capacity, so a decode step allocates nothing.
+class Activations {
+  public:
+    const float* rows = nullptr;
+    int64_t M = 0, I = 0;
+    std::vector<Route> routes;  // per part of the weight being multiplied
+    std::vector<int64_t> starts;  // each part's first output column
+
+    // The rows of a new product: prepare_rows(x) (normed, or the GLU of x's halves), no form made yet.
+    void start(const float* x, int64_t m, int64_t in, const float* norm, float eps, bool glu) {
+        rows = prepare_rows(x, m, in, norm, eps, glu, normed_);
+        M = m;
+        I = in;
+        made_ = 0;
+        routes.clear();
+        starts.clear();
+    }
+    const QuantizedRows<int16_t>& int16() { return make(kInt16, q16_, [&] { quantize_rows(rows, M, I, q16_); }); }
+    const QuantizedRows<int8_t>& int8() { return make(kInt8, q8_, [&] { quantize_rows(rows, M, I, q8_); }); }
+    const SuperRows& super8() { return make(kSuper8, q8k_, [&] { quantize_super(rows, M, I, false, q8k_); }); }
+    const SuperRows& super16() { return make(kSuper16, q16k_, [&] { quantize_super(rows, M, I, true, q16k_); }); }
+    const float* panels() { return make(kPanels, panels_, [&] { pack_panels(rows, M, I, panels_); }).data(); }
+
+  private:
+    enum Form { kInt16 = 1, kInt8 = 2, kSuper8 = 4, kSuper16 = 8, kPanels = 16 };
+    template <typename T, typename Fill>
+    const T& make(Form form, const T& buffer, Fill&& fill) {
+        if (!(made_ & form)) fill();
+        made_ |= form;
+        return buffer;
+    }
+    int made_ = 0;
+    std::vector<float> normed_;
+    QuantizedRows<int16_t> q16_;
+    QuantizedRows<int8_t> q8_;
+    SuperRows q8k_, q16k_;
+    std::vector<float> panels_;
+};
+
 
 int64_t format_of(const Part& p) { return format_of(p.kind); }
 bool bytes_of(const Part& p) { return p.kind >= kInt8Activations; }
@@ -151,8 +178,8 @@ void prepare(Activations& a, const Part& p, Route r) {
     switch (r) {
         case Route::SubRows: case Route::BlockRows: bytes ? (void)a.int8() : (void)a.int16(); break;
         case Route::SuperRows: bytes ? (void)a.super8() : (void)a.super16(); break;
-        case Route::Decoded: if (a.M >= kMinGgufPanelRows) a.panel(); break;
-        case Route::BlockPanels: case Route::DensePanels: a.panel(); break;
+        case Route::Decoded: if (a.M >= kMinGgufPanelRows) a.panels(); break;
+        case Route::BlockPanels: case Route::DensePanels: a.panels(); break;
         default: break;
     }
 }
@@ -168,8 +195,8 @@ void part_rows(Activations& a, const Part& p, Route r, float* y, int64_t O, bool
             with_sub_format(*sub_format(format), [&](auto F) {
                 constexpr SubFormat K = decltype(F)::value;
                 if constexpr (!kSuper<K>) {
-                    if (bytes) sub_rows<K>(*a.q8, p.data.data_ptr<uint8_t>(), y, M, I, O, b, e, add);
-                    else sub_rows<K>(*a.q16, p.data.data_ptr<uint8_t>(), y, M, I, O, b, e, add);
+                    if (bytes) sub_rows<K>(a.int8(), p.data.data_ptr<uint8_t>(), y, M, I, O, b, e, add);
+                    else sub_rows<K>(a.int16(), p.data.data_ptr<uint8_t>(), y, M, I, O, b, e, add);
                 }
             });
             break;
@@ -177,26 +204,26 @@ void part_rows(Activations& a, const Part& p, Route r, float* y, int64_t O, bool
             with_sub_format(*sub_format(format), [&](auto F) {
                 constexpr SubFormat K = decltype(F)::value;
                 if constexpr (kSuper<K>) {
-                    if (bytes) super_rows<K, false>(*a.q8k, p.data.data_ptr<uint8_t>(), y, M, I, O, b, e, add);
-                    else super_rows<K, true>(*a.q16k, p.data.data_ptr<uint8_t>(), y, M, I, O, b, e, add);
+                    if (bytes) super_rows<K, false>(a.super8(), p.data.data_ptr<uint8_t>(), y, M, I, O, b, e, add);
+                    else super_rows<K, true>(a.super16(), p.data.data_ptr<uint8_t>(), y, M, I, O, b, e, add);
                 }
             });
             break;
         case Route::Decoded:
             blocks::with_decoded(format, [&](auto K) {
-                if (M >= kMinGgufPanelRows) decoded_panel_block<decltype(K)::value>(a.panels.data(), p.data.data_ptr<uint8_t>(), y, M, I, O, b, e, add);
+                if (M >= kMinGgufPanelRows) decoded_panel_block<decltype(K)::value>(a.panels(), p.data.data_ptr<uint8_t>(), y, M, I, O, b, e, add);
                 else decoded_rows<decltype(K)::value>(rows, p.data.data_ptr<uint8_t>(), y, M, I, O, b, e, add);
             });
             break;
         case Route::BlockRows:
             with_format(static_cast<Format>(format), [&](auto F) {
-                if (bytes) gguf_rows<decltype(F)::value>(*a.q8, p.data.data_ptr<uint8_t>(), y, M, I, O, b, e, add);
-                else gguf_rows<decltype(F)::value>(*a.q16, p.data.data_ptr<uint8_t>(), y, M, I, O, b, e, add);
+                if (bytes) gguf_rows<decltype(F)::value>(a.int8(), p.data.data_ptr<uint8_t>(), y, M, I, O, b, e, add);
+                else gguf_rows<decltype(F)::value>(a.int16(), p.data.data_ptr<uint8_t>(), y, M, I, O, b, e, add);
             });
             break;
         case Route::BlockPanels:
             with_format(static_cast<Format>(format), [&](auto F) {
-                gguf_panel_block<decltype(F)::value>(a.panels.data(), p.data.data_ptr<uint8_t>(), y, M, I, O, b, e, add);
+                gguf_panel_block<decltype(F)::value>(a.panels(), p.data.data_ptr<uint8_t>(), y, M, I, O, b, e, add);
             });
             break;
         case Route::DenseRows:
@@ -204,8 +231,8 @@ void part_rows(Activations& a, const Part& p, Route r, float* y, int64_t O, bool
             else dense_rows(rows, reinterpret_cast<const uint16_t*>(p.data.data_ptr<at::BFloat16>()), y, M, I, O, b, e, add);
             break;
         case Route::DensePanels:
-            if (p.kind == kF32) panel_block(a.panels.data(), p.data.data_ptr<float>(), y, M, I, O, b, e, add);
-            else panel_block(a.panels.data(), reinterpret_cast<const uint16_t*>(p.data.data_ptr<at::BFloat16>()), y, M, I, O, b, e, add);
+            if (p.kind == kF32) panel_block(a.panels(), p.data.data_ptr<float>(), y, M, I, O, b, e, add);
+            else panel_block(a.panels(), reinterpret_cast<const uint16_t*>(p.data.data_ptr<at::BFloat16>()), y, M, I, O, b, e, add);
             break;
         case Route::Torch:
             break;  // whole parts, in product()
@@ -221,28 +248,26 @@ void torch_part(const Activations& a, const Part& p, float* y, int64_t O, bool a
     else out.copy_(result);
 }
 
-// y (M, w.out) = or += prepare_rows(x) @ W.T, for x (M, w.in) or (M, 2 w.in) with `glu`. Every
-// part's rows go through one parallel region: a fused q/k/v of three formats wakes the workers
-// once, not three times (each wake-up costs tens of microseconds with sleeping workers).
+// y (M, w.out) = or += prepare_rows(x) @ W.T, for x (M, w.in) or (M, 2 w.in) with `glu`, with
+// `a` as the workspace. Every part's rows go through one parallel region: a fused q/k/v of three
+// formats wakes the workers once, not three times (each wake-up costs tens of microseconds with
+// sleeping workers).
 void product(const float* x, int64_t M, const Weight& w, const float* norm, float eps, bool glu, float* y,
-             bool add) {
-    std::vector<float> buffer;
-    Activations a{prepare_rows(x, M, w.in, norm, eps, glu, buffer), M, w.in, {}, {}, {}, {}, {}};
-    std::vector<Route> routes;
-    std::vector<int64_t> starts;  // each part's first output column
+             bool add, Activations& a) {
+    a.start(x, M, w.in, norm, eps, glu);
     int64_t column = 0;
     for (const Part& p : w.parts) {
-        routes.push_back(route(p, M));
-        prepare(a, p, routes.back());
-        starts.push_back(column);
-        if (routes.back() == Route::Torch) torch_part(a, p, y + column, w.out, add);
+        a.routes.push_back(route(p, M));
+        prepare(a, p, a.routes.back());
+        a.starts.push_back(column);
+        if (a.routes.back() == Route::Torch) torch_part(a, p, y + column, w.out, add);
         column += p.out;
     }
     at::parallel_for(0, w.out, kGrain, [&](int64_t b, int64_t e) {
         for (size_t i = 0; i < w.parts.size(); ++i) {
-            const int64_t lo = std::max(b, starts[i]), hi = std::min(e, starts[i] + w.parts[i].out);
-            if (lo < hi && routes[i] != Route::Torch)
-                part_rows(a, w.parts[i], routes[i], y + starts[i], w.out, add, lo - starts[i], hi - starts[i]);
+            const int64_t first = a.starts[i], lo = std::max(b, first), hi = std::min(e, first + w.parts[i].out);
+            if (lo < hi && a.routes[i] != Route::Torch)
+                part_rows(a, w.parts[i], a.routes[i], y + first, w.out, add, lo - first, hi - first);
         }
     });
 }
@@ -265,8 +290,9 @@ torch::Tensor matmul(const torch::Tensor& x, const Weight& w, const std::optiona
                      bool glu) {
     check_x(x, w.in, glu);
     auto y = torch::empty({x.size(0), w.out}, x.options());
+    Activations a;
     product(x.data_ptr<float>(), x.size(0), w, norm_ptr(norm, w.in), static_cast<float>(eps), glu, y.data_ptr<float>(),
-            false);
+            false, a);
     return y;
 }
 }  // namespace
