@@ -65,7 +65,7 @@ def prompts():
 
 
 def test_logits_equal_transformers(pair):
-    from genkit.native.llama import StaticKV
+    from genkit.native.kv_cache import StaticKV
 
     ref, native = pair
     ids, mask = prompts()
@@ -102,7 +102,7 @@ def test_byte_activations_decode_close_to_exact(tmp_path):
     from transformers import AutoConfig, GenerationConfig
 
     from genkit.native.decoder import GGUFDecoder
-    from genkit.native.llama import StaticKV
+    from genkit.native.kv_cache import StaticKV
 
     model = gguf_writer.random_model(gguf_writer.tiny_config("llama", tie_word_embeddings=True))
     path = gguf_writer.write(model, tmp_path / "q5_0.gguf", {"*": "Q5_0", "token_embd.weight": "Q8_0"})

@@ -199,12 +199,13 @@ def test_decode_stack_equals_layer_by_layer(tiny):
     steps = ([[3], [4]], [[21], [22]], [[7], [9]])
     assert fast.decode_stack() is not None
     stacked = [_step_logits(fast, ids, mask, steps, hidden) for hidden in (False, True)]
-    fast._stack = None  # what decode_stack() gives where a layer is not a kernel's: per-layer calls
+    fast.stacked = False
     try:
+        assert fast.decode_stack() is None
         for hidden, ours in zip((False, True), stacked):  # hidden states too (DoLa, contrastive)
             assert torch.equal(ours, _step_logits(fast, ids, mask, steps, hidden))
     finally:
-        del fast._stack
+        fast.stacked = True
 
 
 @pytest.mark.parametrize("rows", [1, 5, 30, 200])  # 200: beyond the kernels' rows, torch's bf16 product

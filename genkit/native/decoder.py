@@ -185,21 +185,16 @@ class GGUFDecoder(DecodeLlama):
             return self._stack_forward(tokens, positions, cache, start, attention_mask, logits_for, hidden)
         return self._forward(tokens, positions, cache, start, attention_mask, logits_for, hidden)
 
-    def decode_stack(self):
-        """DecodeLlama's C++ stack with the spec's knobs: q/k/v biases, q/k norms, post norms,
-        gelu, the attention scale, and each layer's sliding window and rotary table."""
-        if "_stack" in self.__dict__:
-            return self._stack
-        stack = super().decode_stack()
-        if stack is not None:
-            order = list(self.tables)
-            stack.set_options(self.scale, self.spec.gelu, self.interleaved_rope)
-            for i, L in enumerate(self.layers):
-                kind = self.layer_types[i]
-                window = self.window if kind == "sliding_attention" and self.window else 0
-                stack.add_extras(i, L.get("qkv_bias"), L.get("q_norm"), L.get("k_norm"), L.get("post_attn_norm"),
-                                 L.get("post_ffn_norm"), window, order.index(kind) if kind in order else 0)
-        return stack
+    def _configure_stack(self, stack) -> None:
+        """The spec's knobs on DecodeLlama's C++ stack: q/k/v biases, q/k norms, post norms, gelu,
+        the attention scale, and each layer's sliding window and rotary table."""
+        order = list(self.tables)
+        stack.set_options(self.scale, self.spec.gelu, self.interleaved_rope)
+        for i, L in enumerate(self.layers):
+            kind = self.layer_types[i]
+            window = self.window if kind == "sliding_attention" and self.window else 0
+            stack.add_extras(i, L.get("qkv_bias"), L.get("q_norm"), L.get("k_norm"), L.get("post_attn_norm"),
+                             L.get("post_ffn_norm"), window, order.index(kind) if kind in order else 0)
 
     def _stack_forward(self, tokens, positions, cache, start: int, attention_mask, logits_for, hidden: bool):
         """One new token per row, every layer in one DecodeStack call; _forward's contract."""

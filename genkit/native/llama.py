@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from genkit.native import kernels
+from genkit.native.kv_cache import StaticKV, TransformersKV
 
 
 class _Config:
@@ -148,27 +149,44 @@ class DecodeLlama:
         """Make self.cos / self.sin_signed reach `positions`: setup's tables already cover the
         config's every position; GGUFDecoder's grow on demand."""
 
+    # Decode steps go through the C++ DecodeStack where every layer allows it; False runs them
+    # layer by layer (the stack's reference in the tests).
+    stacked = True
+    _stack = None
+    _stack_built = False
+
     def decode_stack(self):
         """genkit's C++ DecodeStack over these layers, built on first use: a decode step's layers
-        in one call instead of five per layer. None where a layer is not one the kernels multiply
-        (torch's int4 fallback) or the kernels are not built."""
-        if "_stack" not in self.__dict__:
-            self._stack = None
-            weights = [[L[name].kernel_weight() if hasattr(L[name], "kernel_weight") else None
-                        for name in ("qkv", "o", "gate_up", "down")] for L in self.layers]
-            if kernels.available() and all(w is not None for ws in weights for w in ws):
-                stack = kernels.decode_stack(self.n_heads, self.n_kv, self.head_dim, self.eps)
-                for L, ws in zip(self.layers, weights):
-                    stack.add_layer(L["attn_norm"].float().contiguous(), L["ffn_norm"].float().contiguous(),
-                                    *[part for w in ws for part in w])
-                self._stack = stack
+        in one call instead of five per layer. None where a layer is not one the kernels multiply,
+        the kernels are not built, or `stacked` is off."""
+        if not self.stacked:
+            return None
+        if not self._stack_built:
+            self._stack_built = True
+            self._stack = self._build_stack()
         return self._stack
+
+    def _build_stack(self):
+        weights = [[L[name].kernel_weight() if hasattr(L[name], "kernel_weight") else None
+                    for name in ("qkv", "o", "gate_up", "down")] for L in self.layers]
+        if not kernels.available() or any(w is None for ws in weights for w in ws):
+            return None
+        stack = kernels.decode_stack(self.n_heads, self.n_kv, self.head_dim, self.eps)
+        for L, ws in zip(self.layers, weights):
+            stack.add_layer(L["attn_norm"].float().contiguous(), L["ffn_norm"].float().contiguous(),
+                            *[part for w in ws for part in w])
+        self._configure_stack(stack)
+        return stack
+
+    def _configure_stack(self, stack) -> None:
+        """The architecture's knobs on a new stack (GGUFDecoder's); plain Llama has none."""
 
     def __getstate__(self):
         """Copies (copy.deepcopy of a model, e.g. to make a draft) rebuild the C++ stack over their
         own weights on first use: it cannot be pickled, and would point at the original's."""
         state = dict(self.__dict__)
         state.pop("_stack", None)
+        state.pop("_stack_built", None)
         return state
 
     def _stack_step(self, stack, x, cos_rows, sin_rows, cache, start: int, first, logits_for, hidden: bool):
@@ -288,78 +306,3 @@ def attention_mask_4d(attention_mask: torch.Tensor, n: int):
     queries = torch.arange(length - n, length, device=attention_mask.device)
     causal = keys[None, :] <= queries[:, None]  # (n, length)
     return (causal[None] & attention_mask[:, None, :].bool()).unsqueeze(1)
-
-
-class TransformersKV:
-    """A transformers Cache seen through StaticKV's `update`."""
-
-    def __init__(self, cache):
-        self.cache = cache
-
-    def update(self, layer: int, k, v, start: int, end: int):
-        return self.cache.update(k, v, layer)
-
-    def fusable(self) -> bool:
-        """Whether every layer keeps a contiguous buffer with room for one more token (the
-        continuous batcher's layers do), so decode_attention can write into it."""
-        return bool(self.cache.layers) and all(  # no layers yet: a prefill's empty cache
-            getattr(layer, "_k", None) is not None and layer.length < layer._k.shape[2] and layer._k.is_contiguous()
-            for layer in self.cache.layers
-        )
-
-    def buffers(self, layer: int, start: int):
-        entry = self.cache.layers[layer]
-        return entry._k, entry._v, entry.length
-
-    def advance(self, layer: int) -> None:
-        entry = self.cache.layers[layer]
-        entry.length += 1
-        entry.keys, entry.values = entry._k[:, :, :entry.length], entry._v[:, :, :entry.length]
-
-
-class StaticKV:
-    """Preallocated keys and values. All layers live in one tensor each,
-    (layers, batch, kv_heads, capacity, head_dim), so reordering rows (beam search, contrastive
-    candidates) is one copy for the whole cache, not one per layer; `k` and `v` hold each
-    layer's (batch, kv_heads, capacity, head_dim) view, which the kernels write in place."""
-
-    def __init__(self, model: DecodeLlama, batch: int, capacity: int):
-        shape = (model.n_layers, batch, model.n_kv, capacity, model.head_dim)
-        self._set(torch.zeros(shape, dtype=torch.float32), torch.zeros(shape, dtype=torch.float32))
-
-    def _set(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        self.keys, self.values = keys, values
-        self.k, self.v = list(keys.unbind(0)), list(values.unbind(0))
-        self.capacity = keys.shape[3]
-
-    def fusable(self) -> bool:
-        return True
-
-    def buffers(self, layer: int, start: int):
-        """Where decode_attention writes the new token: the layer's buffers and slot."""
-        return self.k[layer], self.v[layer], start
-
-    def advance(self, layer: int) -> None:
-        pass  # the runner counts filled slots
-
-    def update(self, layer: int, k, v, start: int, end: int):
-        """Write the new keys and values at slots start..end; all keys and values so far."""
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-    def grow(self, capacity: int) -> None:
-        """Room for `capacity` slots; what is filled stays."""
-        more = capacity - self.capacity
-        if more > 0:
-            pad = lambda t: torch.cat([t, t.new_zeros(*t.shape[:3], more, t.shape[4])], dim=3)
-            self._set(pad(self.keys), pad(self.values))
-
-    def select(self, index: torch.Tensor) -> None:
-        """Keep rows `index` (repeats allowed)."""
-        self._set(self.keys.index_select(1, index), self.values.index_select(1, index))
-
-    def copy_slot(self, slot: int, source: torch.Tensor) -> None:
-        """Row r's entries at `slot` become those of row source[r], in every layer."""
-        for t in (self.keys, self.values):
-            t[:, :, :, slot] = t[:, source, :, slot]

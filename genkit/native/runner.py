@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import torch
 
+from genkit.native.kv_cache import StaticKV
 from genkit.step import StepOutput
-from genkit.native.llama import DecodeLlama, StaticKV
 
 
 class NativeRunner:
-    def __init__(self, model: DecodeLlama, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """`model`: a DecodeLlama (genkit/native/llama.py) or one of its subclasses."""
         self.model = model
         self.device = input_ids.device
         self.prompt = input_ids
