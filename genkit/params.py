@@ -12,8 +12,9 @@ genkit never falls back to the 20-token `max_length`; see `DEFAULT_MAX_NEW_TOKEN
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
+from genkit import constraints
 from genkit.errors import GenkitError, did_you_mean, shorten, shown
 
 # Used when neither a preset, a flag nor the model says how long to generate: long enough to
@@ -166,10 +167,8 @@ def _check(kind: str, v: Any) -> Any:
             return v
         raise ValueError("expected a JSON Schema mapping, JSON text or a file path")
     if kind == "choice":
-        from genkit.constraints import choices
-
-        if isinstance(v, (str, list)) and all(isinstance(c, str) for c in v) and choices(v):
-            return choices(v)
+        if isinstance(v, (str, list)) and all(isinstance(c, str) for c in v) and constraints.choices(v):
+            return constraints.choices(v)
         raise ValueError("expected a list of strings or a comma-separated string")
     if kind == "early_stopping":
         if isinstance(v, bool) or v == "never":
@@ -237,7 +236,7 @@ def check_params(values: dict, where: str) -> dict:
     return dict(check_param(str(k), v, where) for k, v in values.items())
 
 
-CONSTRAINT_KEYS = ("json_schema", "json_object", "regex", "choice", "grammar")
+CONSTRAINT_KEYS = constraints.KEYS
 
 
 def merge(base: dict, top: dict) -> dict:
@@ -305,8 +304,6 @@ def check_combination(values: dict, where: str) -> None:
     if len(special) > 1:
         bad(f"{special[0]} and {special[1]} select different strategies: choose one")
     if any(v[k] not in (None, False) for k in CONSTRAINT_KEYS):
-        from genkit import constraints
-
         constraints.check(values, strategy_of(values), where)
     if v["penalty_alpha"] and v["do_sample"]:
         bad("contrastive search (penalty_alpha) does not sample: set do_sample to false")

@@ -137,10 +137,11 @@ def load_vocabulary(model: str | None):
     from transformers import AutoConfig, AutoTokenizer
 
     from genkit import models
+    from genkit.loaded import quiet_transformers
 
     _, _, location = models.resolve_source(model)
     try:
-        with models._quiet():
+        with quiet_transformers():
             return AutoConfig.from_pretrained(location), AutoTokenizer.from_pretrained(location)
     except Exception as e:  # transformers raises OSError, ValueError, ... for a missing model
         first = str(e).splitlines()[0] if str(e) else type(e).__name__

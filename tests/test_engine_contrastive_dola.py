@@ -16,11 +16,6 @@ DOLA = parity455.load("dola_455.json")
 PROMPTS = ["The capital of France is", "Once upon a time, in a land far away, there lived a", "Hi"]
 
 
-@pytest.fixture(scope="module")
-def fixture_models(tmp_path_factory, embedded_dir):
-    return parity455.ModelCache(tmp_path_factory, embedded_dir)
-
-
 # ---------------------------------------------------------------- contrastive search
 
 
@@ -106,14 +101,14 @@ LAYER_RULES = [
 
 @pytest.mark.parametrize("layers,tied,dola_layers,expected", LAYER_RULES)
 def test_dola_layer_selection(layers, tied, dola_layers, expected):
-    from genkit.engine.strategies.dola import dola_layer_indices
+    from genkit.engine.dola_layers import dola_layer_indices
 
     assert dola_layer_indices(layers, dola_layers, tied) == expected
 
 
 @pytest.mark.parametrize("dola_layers", [[12], [3, 13], [30]])
 def test_dola_unknown_layer_is_an_error(dola_layers):
-    from genkit.engine.strategies.dola import dola_layer_indices
+    from genkit.engine.dola_layers import dola_layer_indices
     from genkit.errors import GenkitError
 
     with pytest.raises(GenkitError, match="does not exist"):

@@ -66,6 +66,8 @@ def test_a_load_error_that_means_damage_rebuilds_the_entry_once(embedded_dir, tm
     entry is rebuilt (here by a stand-in conversion that copies the real one) and loaded."""
     import logging
 
+    from genkit import model_cache
+
     monkeypatch.setenv("GENKIT_HOME", str(tmp_path))
     entry = models.models_dir() / embedded_dir.name
     shutil.copytree(embedded_dir, entry)
@@ -85,7 +87,7 @@ def test_a_load_error_that_means_damage_rebuilds_the_entry_once(embedded_dir, tm
     handler.emit = said.append
     logging.getLogger("genkit").addHandler(handler)
     monkeypatch.setattr(models, "_load_from", damaged_once)
-    monkeypatch.setattr(models, "convert_gguf", convert)
+    monkeypatch.setattr(model_cache, "convert_gguf", convert)
     try:
         lm = models.load(None)
     finally:

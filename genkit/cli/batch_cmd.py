@@ -174,7 +174,7 @@ def summary_line(job, interrupted: bool = False) -> str:
     if job.final_records is not None and s.world > 1:
         parts.append(f"{where}: {job.final_records} records merged from {s.world} processes")
     if interrupted:
-        parts.append(f"interrupted: run the same command again to resume" if job.opts.output
+        parts.append("interrupted: run the same command again to resume" if job.opts.output
                      else "interrupted")
     elif job.final_failed:
         parts.append(f"{job.final_failed} records in {where} carry \"error\"")

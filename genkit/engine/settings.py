@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from genkit import params as P
+from genkit.engine.dola_layers import layers_for
 from genkit.errors import GenkitError
 
 # Parameters of the model's generation_config.json that genkit takes as the model's defaults.
@@ -166,8 +167,6 @@ def build(lm, generation: dict) -> DecodeSettings:
     if values["dola_layers"] is not None and lm.is_encoder_decoder:
         raise GenkitError("DoLa (dola_layers) works with decoder-only models only")
     if values["dola_layers"] is not None:
-        from genkit.engine.strategies.dola import layers_for
-
         layers_for(lm.model, values["dola_layers"])  # an unknown layer fails here, before generation
     if values["penalty_alpha"] and lm.is_encoder_decoder:
         raise GenkitError("contrastive search (penalty_alpha) works with decoder-only models only")

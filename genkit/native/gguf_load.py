@@ -21,7 +21,10 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from genkit.cache_manifest import MANIFEST, check_entry, write_manifest
 from genkit.errors import GenkitError
+from genkit.loaded import LoadedModel, fix_tokenizer, quiet_transformers
+from genkit.model_cache import check_gguf_magic, entry_name, models_dir
 
 INDEX = "gguf-index.json"
 # tokenizer_config.json keys that name how transformers loaded it, not what the tokenizer is
@@ -33,20 +36,19 @@ def load_native(path: Path, progress=None, byte_activations: bool = False):
     `byte_activations`: the integer products take activations quantised to bytes (--int8-activations)."""
     from transformers import AutoConfig, GenerationConfig
 
-    from genkit import models
     from genkit.native.decoder import GGUFDecoder
 
     entry = native_entry(path, progress)
-    with models._quiet(), ThreadPoolExecutor(1, thread_name_prefix="genkit-tokenizer") as pool:
+    with quiet_transformers(), ThreadPoolExecutor(1, thread_name_prefix="genkit-tokenizer") as pool:
         tokenizer = pool.submit(load_tokenizer, entry)
         config = AutoConfig.from_pretrained(str(entry))
         index = json.loads((entry / INDEX).read_text())
         model = GGUFDecoder(path, config, GenerationConfig.from_model_config(config), index, byte_activations)
         tokenizer = tokenizer.result()
     _return_freed_heap()
-    models.fix_tokenizer(tokenizer, model)
+    fix_tokenizer(tokenizer, model)
     info = {"mode": "gguf-native" + (" int8-activations" if byte_activations else ""), "architecture": model.architecture}
-    return models.LoadedModel(model=model, tokenizer=tokenizer, name=path.name, source=str(path), path=str(path),
+    return LoadedModel(model=model, tokenizer=tokenizer, name=path.name, source=str(path), path=str(path),
                               info=info)
 
 
@@ -104,10 +106,8 @@ def prefetch_tokenizer(path: Path) -> None:
     torch and transformers are imported: `tokenizers` holds no GIL while it parses (a second for
     Gemma's 262k tokens), so the parse overlaps the imports instead of following them. The result
     is used only if the entry still holds that file when the load reaches it."""
-    from genkit import models
-
     try:
-        file = models.models_dir() / f"{models._entry_name(path, False)}-native" / "tokenizer.json"
+        file = models_dir() / f"{entry_name(path, False)}-native" / "tokenizer.json"
         stamp = _stamp(file)
     except OSError:
         return
@@ -139,11 +139,9 @@ def _stamp(file: Path) -> tuple:
 
 def native_entry(path: Path, progress=None) -> Path:
     """The file's cache entry (index, config, tokenizer), made or remade as needed."""
-    from genkit import models
-
-    models.check_gguf_magic(path)
-    entry = models.models_dir() / f"{models._entry_name(path, False)}-native"
-    if entry.is_dir() and models.check_entry(entry) is None:
+    check_gguf_magic(path)
+    entry = models_dir() / f"{entry_name(path, False)}-native"
+    if entry.is_dir() and check_entry(entry) is None:
         return entry
     if progress:
         progress("reading the GGUF metadata and converting its tokenizer (once)")
@@ -160,7 +158,6 @@ def native_entry(path: Path, progress=None) -> Path:
 
 
 def _build(path: Path, tmp: Path) -> None:
-    from genkit import models
     from genkit.native.decoder import SPECS
     from genkit.native.gguf_file import GGUFFile, read_index
     from genkit.native.gguf_meta import GGUFMeta, transformers_config
@@ -175,7 +172,7 @@ def _build(path: Path, tmp: Path) -> None:
         raise GenkitError(f"{path.name} has no tokenizer in its metadata (tokenizer.ggml.*); "
                           "use a GGUF file converted with its tokenizer, or pass a transformers directory")
     try:
-        with models._quiet():
+        with quiet_transformers():
             config = transformers_config(meta)
             tokenizer = convert_tokenizer(path, config.model_type)
     except Exception as e:
@@ -185,8 +182,8 @@ def _build(path: Path, tmp: Path) -> None:
     config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / INDEX).write_text(json.dumps(f.index))
-    models.write_manifest(tmp, str(path))
-    manifest = tmp / models.MANIFEST
+    write_manifest(tmp, str(path))
+    manifest = tmp / MANIFEST
     info = json.loads(manifest.read_text())
     manifest.write_text(json.dumps({**info, "architecture": f.architecture, "types": f.types()}, indent=1))
 
