@@ -71,6 +71,14 @@ def embedded_dir(genkit_home) -> Path:
 
 
 @pytest.fixture(scope="session")
+def fixture_models(tmp_path_factory, embedded_dir):
+    """The models transformers 4.55's fixtures were recorded on (tests/parity455.py), each loaded once."""
+    import parity455
+
+    return parity455.ModelCache(tmp_path_factory, embedded_dir)
+
+
+@pytest.fixture(scope="session")
 def embedded(embedded_dir):
     """The embedded model, loaded once."""
     from genkit import models

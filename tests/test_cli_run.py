@@ -134,6 +134,7 @@ def test_encoder_decoder_run(tiny_t5_dir):
 
 @pytest.mark.parametrize("args, stdin, message", [
     (["--model", "/no/such/model", "Hi"], None, "model path /no/such/model does not exist"),
+    (["--model", __file__, "Hi"], None, f"{__file__} is a file but not a model"),
     (["--preset", "nope", "Hi"], None, "unknown preset 'nope'"),
     (["--set", "temprature=1", "Hi"], None, "did you mean 'temperature'"),
     (["--set", "top_k", "Hi"], None, "expected key=value"),

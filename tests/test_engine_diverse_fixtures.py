@@ -17,11 +17,6 @@ pytest.importorskip("genkit.engine.strategies.beam", reason="genkit's beam searc
 DIVERSE = parity455.load("diverse_beam_455.json")
 
 
-@pytest.fixture(scope="module")
-def fixture_models(tmp_path_factory, embedded_dir):
-    return parity455.ModelCache(tmp_path_factory, embedded_dir)
-
-
 @pytest.mark.parametrize("case", DIVERSE["cases"], ids=parity455.case_id)
 def test_diverse_beam_matches_transformers_455(request, fixture_models, case):
     lm = fixture_models.get(request, DIVERSE, case["model"])

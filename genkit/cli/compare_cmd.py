@@ -13,10 +13,6 @@ from genkit.cli import options as o
 from genkit.models import LoadOptions
 
 
-def register(app: typer.Typer) -> None:
-    app.command("compare")(compare)
-
-
 @o.model_options
 @c.constraint_options
 def compare(
@@ -90,3 +86,7 @@ def _show(console, rows) -> None:
         body.append(f"\n{count(r.tokens, 'token')} · {r.tokens_per_s:.1f} tok/s · {r.finish_reason}", style="dim cyan")
         panels.append(Panel(body, width=width, title=f"[bold]{r.label}[/bold] · {r.strategy}", title_align="left"))
     console.print(Columns(panels, equal=True))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("compare")(compare)

@@ -83,38 +83,36 @@ Model = Annotated[Optional[str], _model_flag(
     "--model", "-m", help="Model directory, .gguf file or hub id.", default="the embedded SmolLM2-135M-Instruct",
     autocompletion=complete.model_names)]
 
+def _switch(flag: str, help: str) -> tuple:
+    """An on/off model-loading flag, off by default: LOAD_FLAGS' (annotation, default)."""
+    return Annotated[bool, _model_flag(flag, help=help)], False
+
+
 # name -> (annotation, default) of every flag `model_options` adds, in LoadOptions' field order.
 LOAD_FLAGS: dict[str, tuple] = {
     "dtype": (Annotated[str, _model_flag("--dtype", help="auto, float32, bfloat16 or float16.", default="auto")], "auto"),
     "device_map": (Annotated[Optional[str], _model_flag(
         "--device-map", help="auto, cpu, cuda, balanced or a JSON map.",
         default="none: the whole model on the CPU")], None),
-    "load_in_4bit": (Annotated[bool, _model_flag(
-        "--load-in-4bit", help="Quantise the weights to 4 bits (bitsandbytes).")], False),
-    "load_in_8bit": (Annotated[bool, _model_flag(
-        "--load-in-8bit", help="Quantise the weights to 8 bits (bitsandbytes).")], False),
+    "load_in_4bit": _switch("--load-in-4bit", "Quantise the weights to 4 bits (bitsandbytes)."),
+    "load_in_8bit": _switch("--load-in-8bit", "Quantise the weights to 8 bits (bitsandbytes)."),
     "quant_type": (Annotated[str, _model_flag("--quant-type", help="4-bit quantisation type: nf4 or fp4.", default="nf4")], "nf4"),
     "compute_dtype": (Annotated[Optional[str], _model_flag(
         "--compute-dtype", help="4-bit compute dtype: float32, bfloat16 or float16.",
         default="bitsandbytes'")], None),
-    "trust_remote_code": (Annotated[bool, _model_flag(
-        "--trust-remote-code", help="Allow the model's own Python code to run.")], False),
-    "native_4bit": (Annotated[bool, _model_flag(
-        "--native-4bit", help="Run the embedded model's GGUF file natively on the CPU, as every .gguf "
-                              "--model runs by default (kept for scripts).")], False),
-    "native_8bit": (Annotated[bool, _model_flag(
-        "--native-8bit",
-        help="Quantise the weights to Q8_0 blocks for genkit's CPU kernels (fast; Llama models).")], False),
-    "int8_activations": (Annotated[bool, _model_flag(
-        "--int8-activations",
-        help="With a .gguf run natively or --native-4bit: activations quantised to bytes, as llama.cpp "
-             "does (faster; greedy output can drift from the fp32 path at near ties).")], False),
+    "trust_remote_code": _switch("--trust-remote-code", "Allow the model's own Python code to run."),
+    "native_4bit": _switch("--native-4bit", "Run the embedded model's GGUF file natively on the CPU, as every "
+                                            ".gguf --model runs by default (kept for scripts)."),
+    "native_8bit": _switch("--native-8bit",
+                           "Quantise the weights to Q8_0 blocks for genkit's CPU kernels (fast; Llama models)."),
+    "int8_activations": _switch(
+        "--int8-activations", "With a .gguf run natively or --native-4bit: activations quantised to bytes, as "
+                              "llama.cpp does (faster; greedy output can drift from the fp32 path at near ties)."),
     "threads": (Annotated[Optional[int], _model_flag(
         "--threads", min=1, help="CPU threads for torch and genkit's kernels.",
         default="OMP_NUM_THREADS, else every usable core")], None),
-    "dequantize": (Annotated[bool, _model_flag(
-        "--dequantize", help="Load a .gguf through transformers as a float copy in genkit's cache, instead of "
-                             "running its blocks natively on the CPU.")], False),
+    "dequantize": _switch("--dequantize", "Load a .gguf through transformers as a float copy in genkit's cache, "
+                                          "instead of running its blocks natively on the CPU."),
     "backend": (Annotated[str, _model_flag(
         "--backend", default="auto",
         help="The runner: auto (the fastest that applies), transformers (transformers' forward, the "
