@@ -43,6 +43,18 @@ def random_model(config, seed: int = 0):
     return model
 
 
+def llama3_divisors(cfg) -> np.ndarray:
+    """Llama 3's rope scaling as llama.cpp's converter stores it (rope_freqs.weight): per
+    frequency, the plain inverse frequency over the scaled one transformers computes."""
+    import torch
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    d = cfg.head_dim
+    plain = 1.0 / (cfg.rope_parameters["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, torch.device("cpu"))
+    return (plain / scaled).numpy().astype(np.float32)
+
+
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's q/k permutation (rotate-half pairs made interleaved)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -84,6 +96,8 @@ def write(model, path: Path, types: dict[str, str] | str = "Q8_0", seed: int = 0
         add_tokenizer(writer, tokenizer, cfg.vocab_size)
     rope = cfg.rope_parameters
     writer.add_rope_freq_base((rope.get("full_attention") or rope)["rope_theta"])
+    if rope.get("rope_type") == "llama3":
+        writer.add_tensor("rope_freqs.weight", llama3_divisors(cfg))
     if getattr(cfg, "sliding_window", None) and cfg.model_type.startswith("gemma"):
         writer.add_sliding_window(cfg.sliding_window)
     if cfg.model_type == "gemma2":

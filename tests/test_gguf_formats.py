@@ -44,7 +44,7 @@ def assert_product(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, tolerance:
 
 def test_one_table_for_python_cpp_and_gguf():
     """kernels.py reads formats.def, kernels.cpp includes it: both agree, and with gguf's sizes."""
-    built = {name: (code, w, b) for name, code, w, b in kernels._module().formats()}
+    built = {name: (code, w, b) for name, code, w, b in kernels.built_formats()}
     assert built == {f.name: (f.code, f.weights, f.bytes) for f in kernels.FORMATS.values()}
     for f in kernels.FORMATS.values():
         assert GGML_QUANT_SIZES[GGMLQuantizationType[f.name]] == (f.weights, f.bytes)

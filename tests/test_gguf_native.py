@@ -121,6 +121,49 @@ def test_byte_activations_decode_close_to_exact(tmp_path):
     assert 1e-6 * scale < (logits[1] - logits[0]).abs().max() < 3e-2 * scale
 
 
+def test_llama3_rope_scaling_from_the_files_rope_freqs(tmp_path):
+    """Llama 3.1+ files carry their rope scaling as rope_freqs.weight (transformers' GGUF reader
+    ignores it): genkit's logits equal transformers' on the original model with its llama3
+    rope_parameters (F32 weights: nothing rounded), and not those without the scaling."""
+    from genkit.native.kv_cache import StaticKV
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    model = gguf_writer.random_model(gguf_writer.tiny_config("llama", rope_parameters=rope))
+    path = gguf_writer.write(model, tmp_path / "llama3.gguf", "F32")
+    unscaled, native = load_both(path)
+    ids, mask = prompts()
+    with torch.no_grad():
+        want, plain = (m(ids, attention_mask=mask).logits for m in (model, unscaled))
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    got = native.forward(ids, positions, StaticKV(native, 2, 64), 0, mask, 0)
+    real, scale = mask.bool(), want.abs().max()
+    assert (got - want)[real].abs().max() <= 1e-4 * scale
+    assert (plain - want)[real].abs().max() > 1e-2 * scale
+
+
+def test_native_config_reads_as_the_architectures_own():
+    """load_native reads config.json as a plain PretrainedConfig (the architecture's class would
+    import transformers' modelling code): the rotary tables come out the same for every rope
+    type the decoder meets."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    from genkit.native.decoder import _inverse_frequencies
+
+    cases = [("llama", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                        "original_max_position_embeddings": 64, "rope_theta": 500000.0}),
+             ("llama", {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
+             ("qwen2", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 1e4}),
+             ("gemma3_text", {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                              "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})]
+    for model_type, rope in cases:
+        own = gguf_writer.tiny_config(model_type, rope_parameters=rope)
+        plain = PretrainedConfig.from_dict(own.to_dict())
+        for layer_type in (["full_attention", "sliding_attention"] if model_type.startswith("gemma") else [None]):
+            (a, fa), (b, fb) = _inverse_frequencies(own, layer_type), _inverse_frequencies(plain, layer_type)
+            assert torch.equal(a, b) and fa == fb, (model_type, layer_type)
+
+
 def test_unsupported_block_type_names_the_tensor(tmp_path):
     import gguf
     import numpy as np
@@ -191,7 +234,7 @@ def test_rotary_tables_grow_with_the_positions_in_use(tmp_path):
     config = AutoConfig.from_pretrained(str(tmp_path), gguf_file=path.name)
     native = GGUFDecoder(path, config, GenerationConfig.from_model_config(config))
     assert native.cos.shape[0] == 1024
-    native._cover_positions(torch.tensor([[3000]]))
+    native.cover_positions(torch.tensor([[3000]]))
     assert native.cos.shape[0] >= 3001
     inv = 1.0 / (config.rope_parameters["rope_theta"] ** (torch.arange(0, native.head_dim, 2).double() / native.head_dim))
     angles = 3000 * inv

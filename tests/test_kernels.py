@@ -277,7 +277,7 @@ def test_the_avx2_build_compiles_on_a_vnni_cpu():
 
     from torch.utils import cpp_extension
 
-    if kernels._cflags() == kernels.CFLAGS:
+    if kernels.build_flags() == kernels.CFLAGS:
         pytest.skip("this CPU builds the AVX2 branches already (test_the_build_lands_in_the_tests_genkit_home)")
     includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
     done = subprocess.run(["c++", "-std=c++17", "-fsyntax-only", *kernels.CFLAGS, *includes, str(kernels.SOURCE)],

@@ -76,8 +76,11 @@ class RopeTable:
     """cos and sign-folded sin (positions, head_dim) of one layer type, computed for the positions
     in use and extended by doubling (a 32k-position table for every model costs a second at load)."""
 
-    def __init__(self, config, layer_type: str | None, limit: int, interleaved: bool = False):
+    def __init__(self, config, layer_type: str | None, limit: int, interleaved: bool = False,
+                 divisors: torch.Tensor | None = None):
         self.inv, self.factor = _inverse_frequencies(config, layer_type)
+        if divisors is not None:  # rope_freqs.weight (see GGUFDecoder._rope)
+            self.inv = self.inv / divisors
         self.limit = limit
         # interleaved pairs (2k, 2k + 1) take columns k and k + d/2 of the rotate-half tables
         half = self.inv.shape[0]
@@ -138,14 +141,17 @@ class GGUFDecoder(DecodeLlama):
         self.final_softcap = getattr(config, "final_logit_softcapping", None)
 
     def _rope(self, config) -> None:
-        """One cos/sin table per layer type (gemma: local and global bases)."""
+        """One cos/sin table per layer type (gemma: local and global bases). Llama 3.1+ files keep
+        their rope scaling as a tensor, rope_freqs.weight: each frequency's divisor, which
+        llama.cpp applies and transformers' GGUF reader does not (it reads no scaling for llama)."""
         length = config.max_position_embeddings
         types = set(getattr(config, "layer_types", None) or [None])
-        self.tables = {t: RopeTable(config, t, length, self.interleaved_rope) for t in types}
+        divisors = self.file.floats("rope_freqs.weight") if "rope_freqs.weight" in self.file.tensors else None
+        self.tables = {t: RopeTable(config, t, length, self.interleaved_rope, divisors) for t in types}
         first = next(iter(self.tables.values()))
         self.cos, self.sin_signed = first.cos, first.sin
 
-    def _cover_positions(self, positions: torch.Tensor) -> None:
+    def cover_positions(self, positions: torch.Tensor) -> None:
         """DecodeLlama's forward (plain stacks) reads self.cos / self.sin_signed: the first table,
         extended to the positions in use (in full, Llama 3's 131k positions take 67 MB)."""
         first = next(iter(self.tables.values()))

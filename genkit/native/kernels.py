@@ -77,7 +77,7 @@ def _cpu_has(*features: str) -> bool:
     return all(f in flags for f in features)
 
 
-def _cflags() -> list[str]:
+def build_flags() -> list[str]:
     """The compiler flags for this CPU: CFLAGS, plus VNNI_CFLAGS where it has AVX-512 VNNI."""
     return CFLAGS + (VNNI_CFLAGS if _cpu_has("avx512f", "avx512vl", "avx512bw", "avx512_vnni") else [])
 
@@ -97,7 +97,7 @@ def _module():
             raise RuntimeError("GENKIT_REQUIRE_KERNELS=1, but this CPU lacks AVX2 or GENKIT_NO_KERNELS=1 is set")
         return None
     sources = SOURCE.read_bytes() + b"".join(h.read_bytes() for h in HEADERS)
-    cflags = _cflags()
+    cflags = build_flags()
     digest = hashlib.sha256(sources + " ".join(cflags).encode()).hexdigest()[:12]
     name = f"genkit_kernels_{digest}"
     build = paths.cache_dir() / "kernels" / f"torch-{torch.__version__.split('+')[0]}-{digest}"
@@ -140,6 +140,12 @@ def library() -> Path | None:
     """The built library in use (under genkit's cache), or None without the kernels."""
     module = _module()
     return None if module is None else Path(module.__file__)
+
+
+def built_formats() -> list[tuple[str, int, int, int]]:
+    """(name, code, weights per block, bytes per block) of every format, as the built library
+    has them from formats.def (FORMATS is the same table read by Python)."""
+    return _module().formats()
 
 
 def kind_code(kind: str, byte_activations: bool = False) -> int:

@@ -92,7 +92,7 @@ class DecodeLlama:
         transformers gives them: the embeddings, each layer's output, and the last one after the
         final norm."""
         b, n = tokens.shape
-        self._cover_positions(positions)
+        self.cover_positions(positions)
         # Everything outside the products stays in fp32: on these CPUs small fp32 ops run 2-3x
         # faster than bf16 ones.
         x = self.embed[tokens].float()
@@ -145,7 +145,7 @@ class DecodeLlama:
         """The head over the final norm of x."""
         return self.head(x, self.norm, self.eps)
 
-    def _cover_positions(self, positions: torch.Tensor) -> None:
+    def cover_positions(self, positions: torch.Tensor) -> None:
         """Make self.cos / self.sin_signed reach `positions`: setup's tables already cover the
         config's every position; GGUFDecoder's grow on demand."""
 
