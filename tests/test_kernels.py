@@ -239,6 +239,23 @@ def test_candidate_steps_keep_the_winners_cache(tiny):
     assert runner.cache.keys.shape[1] == 2  # back to one cache row per row
 
 
+def test_native_cache_sized_by_the_expected_length(tiny):
+    """The KV cache starts at what the caller expects the sequences to reach (the engine passes
+    prompt + max_new_tokens), at most 512 slots past the prompt, in multiples of 64, and grows by
+    doubling past it with the same logits."""
+    fast = tiny.backend.fast
+    ids = torch.tensor([[5, 6, 7]])
+    mask = torch.ones_like(ids)
+    sizes = [fast.native_runner(ids, mask, capacity=c).cache.capacity for c in (None, 200, 10_000)]
+    assert sizes == [64, 256, 576]
+    runner, roomy = fast.native_runner(ids, mask), fast.native_runner(ids, mask, capacity=200)
+    token = torch.tensor([[9]])
+    runner.prefill(), roomy.prefill()
+    for i in range(70):
+        assert torch.equal(runner.step(token).logits, roomy.step(token).logits)
+    assert runner.cache.capacity == 128 and roomy.cache.capacity == 256
+
+
 @pytest.mark.parametrize("d", [12, 64, 96, 128])  # 12: the scalar path; 96: 64 + 32 lanes
 @pytest.mark.parametrize("slot", [0, 7, 8, 70])
 @pytest.mark.parametrize("interleaved", [False, True])

@@ -38,9 +38,9 @@ class Backend:
         from genkit.engine import runner as runners
 
         if self.kind == "native":
-            return self.model.native_runner(input_ids, attention_mask)
+            return self.model.native_runner(input_ids, attention_mask, capacity)
         if self.kind == "genkit":
-            return self.fast.native_runner(input_ids, attention_mask)
+            return self.fast.native_runner(input_ids, attention_mask, capacity)
         if self.kind == "static":
             from genkit.engine.static_runner import StaticRunner
 

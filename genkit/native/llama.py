@@ -68,11 +68,11 @@ class DecodeLlama:
     def eval(self):
         return self
 
-    def native_runner(self, input_ids, attention_mask):
+    def native_runner(self, input_ids, attention_mask, capacity: int | None = None):
         """The engine asks the model for its runner (see genkit.engine.backends)."""
         from genkit.native.runner import NativeRunner
 
-        return NativeRunner(self, input_ids, attention_mask)
+        return NativeRunner(self, input_ids, attention_mask, capacity)
 
     def get_output_embeddings(self):
         """The head without the final norm, as DoLa applies it to earlier layers' states."""
