@@ -15,6 +15,22 @@ from typing import Protocol
 import torch
 
 
+# Preallocated KV caches (the static runner's, the native runner's) hold slots in multiples of
+# this (keeps a mask's rows aligned for SDPA) and grow by doubling.
+CACHE_ROUND = 64
+
+
+def cache_slots(positions: int) -> int:
+    """Slots for `positions` positions: rounded up to a multiple of CACHE_ROUND."""
+    return -(-positions // CACHE_ROUND) * CACHE_ROUND
+
+
+def grown_slots(end: int, capacity: int) -> int:
+    """The new size of a cache of `capacity` slots that must reach position `end`: doubled, or
+    to `end` if that is further."""
+    return cache_slots(max(end, 2 * capacity))
+
+
 @dataclass
 class StepOutput:
     logits: torch.Tensor  # (batch, new_positions, vocab), float32

@@ -83,6 +83,7 @@ Model = Annotated[Optional[str], _model_flag(
     "--model", "-m", help="Model directory, .gguf file or hub id.", default="the embedded SmolLM2-135M-Instruct",
     autocompletion=complete.model_names)]
 
+
 def _switch(flag: str, help: str) -> tuple:
     """An on/off model-loading flag, off by default: LOAD_FLAGS' (annotation, default)."""
     return Annotated[bool, _model_flag(flag, help=help)], False

@@ -24,12 +24,11 @@ from __future__ import annotations
 import torch
 
 from genkit.engine.runner import with_cache
-from genkit.step import StepOutput
+from genkit.step import StepOutput, cache_slots, grown_slots
 
 # Decoder-only architectures whose attention layers store keys and values through
 # `cache.update(k, v, layer)` and attend to the whole context.
 FULL_ATTENTION_TYPES = ("llama", "mistral", "qwen2", "qwen3", "granite", "olmo2", "phi3")
-ROUND = 64  # capacity grows in multiples of this (keeps the mask's rows aligned for SDPA)
 
 
 def eligible(model) -> bool:
@@ -47,10 +46,6 @@ def eligible(model) -> bool:
         return False  # bitsandbytes layers under graphs: not yet measured on a GPU
     devices = {p.device for p in model.parameters()}
     return len(devices) == 1
-
-
-def _rounded(n: int) -> int:
-    return -(-n // ROUND) * ROUND
 
 
 class SlotCache:
@@ -140,7 +135,7 @@ class StaticRunner:
         # (batch, new tokens, hidden states?) -> (graph, its input buffers, its outputs)
         self.graphs: dict[tuple, tuple] = {}
         self.pool = None  # one memory pool for all of this runner's graphs
-        want = _rounded(max(capacity or 0, p + 1))
+        want = cache_slots(max(capacity or 0, p + 1))
         if not self._reuse(b, want):
             live = torch.zeros(b, want, dtype=torch.bool, device=self.device)
             self.cache = SlotCache(self.model.config.get_text_config().num_hidden_layers, live)
@@ -181,7 +176,7 @@ class StaticRunner:
 
     def _ensure(self, end: int) -> None:
         if end > self.cache.capacity:
-            self.cache.resize(_rounded(max(end, 2 * self.cache.capacity)))
+            self.cache.resize(grown_slots(end, self.cache.capacity))
             self.graphs.clear()
 
     # -- forward passes

@@ -4,10 +4,11 @@ torch has no product that streams fp32 or GGUF 4-bit weights at memory speed for
 activation rows of a decode step (fp32 `F.linear` reads about 10 GB/s at one row where memory
 gives about 36 GB/s on the 2-core CPUs genkit is measured on), so genkit compiles a small
 AVX2 extension with torch's own toolchain the first time it is needed (with AVX-512 VNNI's fused
-integer products where the CPU has them) and keeps the build in its cache. Where that cannot work (no AVX2, no compiler) `available()` is False and callers use
-torch's products instead: slower, never wrong. GENKIT_REQUIRE_KERNELS=1 (the tests set it where
-a compiler and AVX2 are present, CI always) turns that fallback into an error, so a broken
-kernels.cpp cannot pass unnoticed.
+integer products where the CPU has them) and keeps the build in its cache. Where that cannot
+work (no AVX2, no compiler) `available()` is False and callers use torch's products instead:
+slower, never wrong. GENKIT_REQUIRE_KERNELS=1 (the tests set it where a compiler and AVX2 are
+present, CI always) turns that fallback into an error, so a broken kernels.cpp cannot pass
+unnoticed.
 """
 
 from __future__ import annotations

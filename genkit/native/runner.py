@@ -10,17 +10,13 @@ from __future__ import annotations
 import torch
 
 from genkit.native.kv_cache import StaticKV
-from genkit.step import StepOutput
+from genkit.step import StepOutput, cache_slots, grown_slots
 
 
-# The cache holds slots in multiples of this; a runner's first allocation reaches at most this far
-# past the prompt, whatever capacity the caller expects (fp32 keys and values of a 4B model take
-# 0.3 MB a slot: a generous max_new_tokens must not claim them all before the first token).
-ROUND, AHEAD = 64, 512
-
-
-def _rounded(n: int) -> int:
-    return -(-n // ROUND) * ROUND
+# A runner's first allocation reaches at most this far past the prompt, whatever capacity the
+# caller expects (fp32 keys and values of a 4B model take 0.3 MB a slot: a generous
+# max_new_tokens must not claim them all before the first token).
+AHEAD = 512
 
 
 class NativeRunner:
@@ -34,7 +30,7 @@ class NativeRunner:
         pos = attention_mask.long().cumsum(-1) - 1
         self.positions = pos.masked_fill(attention_mask == 0, 0)
         n = input_ids.shape[1]
-        self.cache = StaticKV(model, input_ids.shape[0], _rounded(max(n + 1, min(capacity or 0, n + AHEAD))))
+        self.cache = StaticKV(model, input_ids.shape[0], cache_slots(max(n + 1, min(capacity or 0, n + AHEAD))))
         self.filled = 0  # cache slots in use
         # Contrastive search: `candidates` is n while the rows stand expanded n times for one
         # step; `mirrored` is n while each row still owns n identical cache rows after it.
@@ -51,7 +47,7 @@ class NativeRunner:
 
     def _ensure(self, end: int) -> None:
         if end > self.cache.capacity:
-            self.cache.grow(_rounded(max(end, 2 * self.cache.capacity)))
+            self.cache.grow(grown_slots(end, self.cache.capacity))
 
     def _run(self, tokens, positions, n, keep, hidden, logits=True):
         start = self.filled

@@ -143,10 +143,14 @@ class Activations {
 
   private:
     enum Form { kInt16 = 1, kInt8 = 2, kSuper8 = 4, kSuper16 = 8, kPanels = 16 };
+    // Worker threads only read forms `prepare` made before they started: made_ is written here
+    // only while a form is filled, on the product's own thread.
     template <typename T, typename Fill>
     const T& make(Form form, const T& buffer, Fill&& fill) {
-        if (!(made_ & form)) fill();
-        made_ |= form;
+        if (!(made_ & form)) {
+            fill();
+            made_ |= form;
+        }
         return buffer;
     }
     int made_ = 0;
@@ -156,7 +160,6 @@ class Activations {
     SuperRows q8k_, q16k_;
     std::vector<float> panels_;
 };
-
 
 int64_t format_of(const Part& p) { return format_of(p.kind); }
 bool bytes_of(const Part& p) { return p.kind >= kInt8Activations; }
