@@ -2,8 +2,10 @@
 the same file: tiny random models of each architecture, written as GGUF files the way
 llama.cpp writes them (tests/gguf_writer.py), in the block formats of llama.cpp's mixes.
 transformers dequantises the file to fp32 and runs its model; genkit multiplies the blocks as
-they are. Logits agree to 1e-4 of their largest magnitude (float32 rounding of two different
-summation orders) and greedy tokens are the same."""
+they are, with the activations quantised to 16 bits per 32 inputs (about 1.5e-5 of a block's
+largest value; the integer products' only rounding besides float32's). Logits agree to 5e-4 of
+their largest magnitude (measured on these models: 4e-5 to 2.2e-4 through their layers, against
+about 1e-6 with float products) and greedy tokens are the same."""
 
 import warnings
 
@@ -74,7 +76,7 @@ def test_logits_equal_transformers(pair):
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     got = native.forward(ids, positions, StaticKV(native, 2, 64), 0, mask, 0)
     real = mask.bool()
-    assert (got - want)[real].abs().max() <= 1e-4 * want[real].abs().max()
+    assert (got - want)[real].abs().max() <= 5e-4 * want[real].abs().max()
 
 
 def test_greedy_tokens_equal_transformers(pair):

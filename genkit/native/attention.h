@@ -1,6 +1,6 @@
 // One decode step's rotary embedding, KV-cache write and attention, for every row and head.
 // Part of kernels.cpp's one translation unit, which includes torch, AVX2 and blocks.h first and
-// then, in this order: quantized.h, dense.h, weights.h, attention.h.
+// then, in this order: quantized.h, subblocks.h, dense.h, int_panels.h, weights.h, attention.h.
 #pragma once
 
 namespace {

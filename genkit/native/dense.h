@@ -1,7 +1,7 @@
 // Float products: streaming rows for a few activation rows, register-tiled panels for more,
 // and GGUF rows decoded to floats into the panels.
 // Part of kernels.cpp's one translation unit, which includes torch, AVX2 and blocks.h first and
-// then, in this order: quantized.h, dense.h, weights.h, attention.h.
+// then, in this order: quantized.h, subblocks.h, dense.h, int_panels.h, weights.h, attention.h.
 #pragma once
 
 namespace {
@@ -135,41 +135,6 @@ void panel_block(const float* panels, const W* w, float* y, int64_t M, int64_t I
     });
 }
 
-// One weight row of GGUF blocks as floats (w = q d + m, (q - 8) d or q d).
-template <Format F>
-void dequantize_row(const uint8_t* row, int64_t I, float* out) {
-    for (int64_t b = 0; b < I / kGroup; ++b) {
-        const uint8_t* blk = row + b * block_bytes(F);
-        const float d = half_to_float(blk);
-        const Codes codes = block_codes<F>(blk);
-        const __m256 dv = _mm256_set1_ps(d), mv = _mm256_set1_ps(block_offset<F>(blk, d));
-        float* o = out + b * kGroup;
-        for (const __m256i c : {codes.first, codes.second}) {
-            const __m256i lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(c));
-            const __m256i hi = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(c, 1));
-            _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), dv, mv));
-            _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), dv, mv));
-            o += 16;
-        }
-    }
-}
-
-// Prompts through GGUF weights: a tile's weight rows are decoded to floats once (into a few KB
-// that stay in L1) and multiplied with the panels, so that many activation rows run at the
-// float product's speed instead of the integer dot products'.
-template <Format F>
-void gguf_panel_block(const float* panels, const uint8_t* w, float* y, int64_t M, int64_t I, int64_t O,
-                      int64_t o_begin, int64_t o_end, bool add) {
-    const int64_t row_bytes = I / kGroup * block_bytes(F);
-    std::vector<float> rows(kPanelRowsO * I);
-    for (int64_t o = o_begin; o < o_end; o += kPanelRowsO) {
-        const int64_t n = std::min<int64_t>(kPanelRowsO, o_end - o);
-        for (int64_t r = 0; r < n; ++r) dequantize_row<F>(w + (o + r) * row_bytes, I, rows.data() + r * I);
-        if (n == kPanelRowsO) panel_tiles<kPanelRowsO>(panels, M, rows.data(), I, y, o, O, add);
-        else with_count<kPanelRowsO - 1>(n, [&](auto c) { panel_tiles<decltype(c)::value>(panels, M, rows.data(), I, y, o, O, add); });
-    }
-}
-
 // A grain of 16 output rows keeps threads busy on the small (192-row) products too.
 constexpr int64_t kGrain = 16;
 
@@ -178,8 +143,7 @@ constexpr int64_t kGrain = 16;
 // there to 256 rows it is compute-bound and the panels run 1.3-2x faster than torch's product
 // (64 rows: 135-185 GFLOPS against 120-135); beyond, torch's product (MKL) is as fast: prompts.
 constexpr int64_t kMaxStreamRows = 8, kMaxPanelRows = 256;
-// GGUF weights: from this many rows, decoding a tile of weights to floats for the panels beats
-// the integer dot products (which decode each block once per 4 activation rows).
-// (measured, embedded model's Q4_1 layers: 16 rows 91-97 GFLOPS against 65-71, 64 rows 120 against 65).
-constexpr int64_t kMinGgufPanelRows = 16;
+// Decoded formats (F16, Q2_K): from this many rows, decoding a tile of weight rows to floats for
+// the panels beats decoding each row once per 4 activation rows.
+constexpr int64_t kMinDecodedPanelRows = 16;
 }  // namespace

@@ -14,15 +14,16 @@
 //   gguf Q4_0   blocks of 32 weights: f16 d, 16 bytes of nibbles;          w = (q - 8) * d
 //   gguf Q8_0   blocks of 32 weights: f16 d, 32 signed bytes;              w = q * d
 //   Q5_0, Q5_1, Q3_K .. Q6_K: integer dot products per 32-weight sub-block (subblocks.h)
-//   F16, Q2_K, and every format from 16 activation rows: rows decoded to floats (blocks.h), then
-//   the float loops
+//   every integer format from 8 activation rows: integer panels (int_panels.h)
+//   F16, Q2_K: rows decoded to floats (blocks.h), then the float loops
 // (formats.def lists every format with its code and block size, for this file and kernels.py).
 // In a Q4 block, byte j holds weight j in its low nibble and weight j + 16 in its high one.
 //
 // One translation unit in parts: quantized.h (integer products on Q4/Q8 blocks), subblocks.h
-// (integer products on Q5 and k-quant sub-blocks), dense.h (float
-// rows and panels), weights.h (a weight's parts and the product that picks the loop), attention.h
-// (rotary + KV write + attention); this file holds the whole-step DecodeStack and the bindings.
+// (integer products on Q5 and k-quant sub-blocks), dense.h (float rows and panels), int_panels.h
+// (integer panels for many activation rows), weights.h (a weight's parts and the product that
+// picks the loop), attention.h (rotary + KV write + attention); this file holds the whole-step
+// DecodeStack and the bindings.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -40,6 +41,7 @@
 #include "quantized.h"
 #include "subblocks.h"
 #include "dense.h"
+#include "int_panels.h"
 #include "weights.h"
 #include "attention.h"
 

@@ -29,8 +29,8 @@ from genkit import paths
 SOURCE = Path(__file__).with_name("kernels.cpp")
 # Sources besides SOURCE that the build includes: part of the build's digest.
 FORMAT_TABLE = Path(__file__).with_name("formats.def")
-HEADERS = [Path(__file__).with_name(name) for name in ("blocks.h", "quantized.h", "subblocks.h", "dense.h", "weights.h",
-                                                       "attention.h")] + [FORMAT_TABLE]
+HEADERS = [Path(__file__).with_name(name) for name in ("blocks.h", "quantized.h", "subblocks.h", "dense.h",
+                                                       "int_panels.h", "weights.h", "attention.h")] + [FORMAT_TABLE]
 
 
 @dataclass(frozen=True)

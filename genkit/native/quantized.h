@@ -1,7 +1,7 @@
 // Products of float activations with GGUF Q4_0 / Q4_1 / Q8_0 blocks as they are: the
 // activations quantised per block of 32 (int16, or int8 as llama.cpp does), integer dot products.
 // Part of kernels.cpp's one translation unit, which includes torch, AVX2 and blocks.h first and
-// then, in this order: quantized.h, dense.h, weights.h, attention.h.
+// then, in this order: quantized.h, subblocks.h, dense.h, int_panels.h, weights.h, attention.h.
 #pragma once
 
 namespace {

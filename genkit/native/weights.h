@@ -1,7 +1,7 @@
 // A weight as parts of any format (formats.def) and the product that picks a loop for it: the
 // norm and GLU fused in, the activations prepared once per product.
 // Part of kernels.cpp's one translation unit, which includes torch, AVX2 and blocks.h first and
-// then, in this order: quantized.h, dense.h, weights.h, attention.h.
+// then, in this order: quantized.h, subblocks.h, dense.h, int_panels.h, weights.h, attention.h.
 #pragma once
 
 namespace {
@@ -106,11 +106,11 @@ void decoded_panel_block(const float* panels, const uint8_t* w, float* y, int64_
 
 // How a part's rows are multiplied by M activation rows.
 enum class Route {
-    SubRows,      // Q5_0, Q5_1 below 16 rows: integer dot products per 32 (int16 or bytes)
-    SuperRows,    // the k-quants below 16 rows: integer dot products per 256 (16-bit planes or bytes)
-    Decoded,      // Q2_K, F16 (rows decoded to floats), and every decoded format from 16 rows: panels
-    BlockRows,    // Q4_0, Q4_1, Q8_0 below 16 rows: integer dot products per 32
-    BlockPanels,  // Q4_0, Q4_1, Q8_0 from 16 rows: blocks decoded into the panel product
+    SubRows,      // Q5_0, Q5_1 below 8 rows: integer dot products per 32 (int16 or bytes)
+    SuperRows,    // the k-quants below 8 rows: integer dot products per 256 (16-bit planes or bytes)
+    Decoded,      // Q2_K, F16: rows decoded to floats (panels from 16 rows)
+    BlockRows,    // Q4_0, Q4_1, Q8_0 below 8 rows: integer dot products per 32
+    IntPanels,    // every integer format from 8 rows: widened weight tiles, integer panels (int_panels.h)
     DenseRows,    // F32 / BF16, up to 8 rows: rows streamed
     DensePanels,  // F32 / BF16, 9..256 rows
     Torch,        // F32 / BF16, more rows: torch's product
@@ -140,9 +140,10 @@ class Activations {
     const SuperRows& super8() { return make(kSuper8, q8k_, [&] { quantize_super(rows, M, I, false, q8k_); }); }
     const SuperRows& super16() { return make(kSuper16, q16k_, [&] { quantize_super(rows, M, I, true, q16k_); }); }
     const float* panels() { return make(kPanels, panels_, [&] { pack_panels(rows, M, I, panels_); }).data(); }
+    const IntPanels& int_panels() { return make(kIntPanels, int_panels_, [&] { pack_int_panels(rows, M, I, int_panels_); }); }
 
   private:
-    enum Form { kInt16 = 1, kInt8 = 2, kSuper8 = 4, kSuper16 = 8, kPanels = 16 };
+    enum Form { kInt16 = 1, kInt8 = 2, kSuper8 = 4, kSuper16 = 8, kPanels = 16, kIntPanels = 32 };
     // Worker threads only read forms `prepare` made before they started: made_ is written here
     // only while a form is filled, on the product's own thread.
     template <typename T, typename Fill>
@@ -159,6 +160,7 @@ class Activations {
     QuantizedRows<int8_t> q8_;
     SuperRows q8k_, q16k_;
     std::vector<float> panels_;
+    IntPanels int_panels_;
 };
 
 int64_t format_of(const Part& p) { return format_of(p.kind); }
@@ -167,9 +169,10 @@ bool bytes_of(const Part& p) { return p.kind >= kInt8Activations; }
 Route route(const Part& p, int64_t M) {
     const int64_t format = format_of(p);
     const auto sub = sub_format(format);
-    if (sub && M < kMinGgufPanelRows) return *sub >= SubFormat::Q3_K ? Route::SuperRows : Route::SubRows;
-    if (blocks::decoded(format)) return Route::Decoded;  // the sub-block formats included
-    if (format < kF32) return M < kMinGgufPanelRows ? Route::BlockRows : Route::BlockPanels;
+    if (int_panel_format(format) && M >= kMinIntPanelRows) return Route::IntPanels;
+    if (sub) return *sub >= SubFormat::Q3_K ? Route::SuperRows : Route::SubRows;
+    if (blocks::decoded(format)) return Route::Decoded;
+    if (format < kF32) return Route::BlockRows;
     if (M <= kMaxStreamRows) return Route::DenseRows;
     return M <= kMaxPanelRows ? Route::DensePanels : Route::Torch;
 }
@@ -181,8 +184,9 @@ void prepare(Activations& a, const Part& p, Route r) {
     switch (r) {
         case Route::SubRows: case Route::BlockRows: bytes ? (void)a.int8() : (void)a.int16(); break;
         case Route::SuperRows: bytes ? (void)a.super8() : (void)a.super16(); break;
-        case Route::Decoded: if (a.M >= kMinGgufPanelRows) a.panels(); break;
-        case Route::BlockPanels: case Route::DensePanels: a.panels(); break;
+        case Route::Decoded: if (a.M >= kMinDecodedPanelRows) a.panels(); break;
+        case Route::IntPanels: a.int_panels(); break;
+        case Route::DensePanels: a.panels(); break;
         default: break;
     }
 }
@@ -214,7 +218,7 @@ void part_rows(Activations& a, const Part& p, Route r, float* y, int64_t O, bool
             break;
         case Route::Decoded:
             blocks::with_decoded(format, [&](auto K) {
-                if (M >= kMinGgufPanelRows) decoded_panel_block<decltype(K)::value>(a.panels(), p.data.data_ptr<uint8_t>(), y, M, I, O, b, e, add);
+                if (M >= kMinDecodedPanelRows) decoded_panel_block<decltype(K)::value>(a.panels(), p.data.data_ptr<uint8_t>(), y, M, I, O, b, e, add);
                 else decoded_rows<decltype(K)::value>(rows, p.data.data_ptr<uint8_t>(), y, M, I, O, b, e, add);
             });
             break;
@@ -224,11 +228,12 @@ void part_rows(Activations& a, const Part& p, Route r, float* y, int64_t O, bool
                 else gguf_rows<decltype(F)::value>(a.int16(), p.data.data_ptr<uint8_t>(), y, M, I, O, b, e, add);
             });
             break;
-        case Route::BlockPanels:
-            with_format(static_cast<Format>(format), [&](auto F) {
-                gguf_panel_block<decltype(F)::value>(a.panels(), p.data.data_ptr<uint8_t>(), y, M, I, O, b, e, add);
-            });
+        case Route::IntPanels: {
+            const FormatInfo* f = find_format(format);
+            int_panel_block(format, I / f->weights * f->bytes, a.int_panels(), p.data.data_ptr<uint8_t>(), y, M, I, O,
+                            b, e, add);
             break;
+        }
         case Route::DenseRows:
             if (p.kind == kF32) dense_rows(rows, p.data.data_ptr<float>(), y, M, I, O, b, e, add);
             else dense_rows(rows, reinterpret_cast<const uint16_t*>(p.data.data_ptr<at::BFloat16>()), y, M, I, O, b, e, add);
