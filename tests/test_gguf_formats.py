@@ -87,6 +87,28 @@ def test_byte_activations_on_every_integer_format(kind):
     assert (coarse.double() - exact).abs().max() > (kernels.gguf_matmul(x, blocks, kind, cols).double() - exact).abs().max()
 
 
+@pytest.mark.parametrize("kind", kernels.INTEGER_KINDS)
+def test_byte_panels_multiply_activations_rounded_per_32(kind):
+    """From 8 rows (the integer panels) with byte activations: x rounded to 127 steps of its
+    block's largest value per 32 inputs, times the dequantised W, to float rounding (the biases
+    that make Q8_0's, Q6_K's and Q3_K's codes unsigned cancel exactly). On CPUs without VNNI the
+    panels keep 16-bit activations, which are within 5e-5 of x itself."""
+    cols = 512
+    raw = random_rows(kind, 43, cols, seed=11)
+    w = reference(raw, kind)
+    torch.manual_seed(11)
+    x = torch.randn(20, cols)
+    y = kernels.gguf_matmul(x, torch.from_numpy(raw.reshape(-1)), kind, cols, byte_activations=True)
+    blocks = x.double().view(20, -1, 32)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    rounded = (torch.round(blocks / scale) * scale).view(20, cols)
+    if kernels.build_flags() == kernels.CFLAGS:
+        assert_product(y, x, w, 5e-5)
+    else:
+        assert_product(y, rounded, w, 2e-6)
+        assert not torch.allclose(rounded, x.double(), rtol=1e-3)
+
+
 def test_mixed_parts_with_norm_and_glu():
     """One weight stacked from parts of different formats (q/k/v of a Q4_K_M file), after the
     RMS norm or the GLU done in the kernel: the separate products, concatenated."""

@@ -110,7 +110,7 @@ enum class Route {
     SuperRows,    // the k-quants below 8 rows: integer dot products per 256 (16-bit planes or bytes)
     Decoded,      // Q2_K, F16: rows decoded to floats (panels from 16 rows)
     BlockRows,    // Q4_0, Q4_1, Q8_0 below 8 rows: integer dot products per 32
-    IntPanels,    // every integer format from 8 rows: widened weight tiles, integer panels (int_panels.h)
+    IntPanels,    // every integer format from 8 rows: unpacked weight tiles, integer panels (int_panels.h)
     DenseRows,    // F32 / BF16, up to 8 rows: rows streamed
     DensePanels,  // F32 / BF16, 9..256 rows
     Torch,        // F32 / BF16, more rows: torch's product
@@ -140,10 +140,13 @@ class Activations {
     const SuperRows& super8() { return make(kSuper8, q8k_, [&] { quantize_super(rows, M, I, false, q8k_); }); }
     const SuperRows& super16() { return make(kSuper16, q16k_, [&] { quantize_super(rows, M, I, true, q16k_); }); }
     const float* panels() { return make(kPanels, panels_, [&] { pack_panels(rows, M, I, panels_); }).data(); }
-    const IntPanels& int_panels() { return make(kIntPanels, int_panels_, [&] { pack_int_panels(rows, M, I, int_panels_); }); }
+    const IntPanels& int_panels() { return make(kIntPanels, int_panels_, [&] { pack_quant_panels(rows, M, I, int_panels_); }); }
+    const BytePanels& byte_panels() {
+        return make(kBytePanels, byte_panels_, [&] { pack_quant_panels(rows, M, I, byte_panels_); });
+    }
 
   private:
-    enum Form { kInt16 = 1, kInt8 = 2, kSuper8 = 4, kSuper16 = 8, kPanels = 16, kIntPanels = 32 };
+    enum Form { kInt16 = 1, kInt8 = 2, kSuper8 = 4, kSuper16 = 8, kPanels = 16, kIntPanels = 32, kBytePanels = 64 };
     // Worker threads only read forms `prepare` made before they started: made_ is written here
     // only while a form is filled, on the product's own thread.
     template <typename T, typename Fill>
@@ -161,6 +164,7 @@ class Activations {
     SuperRows q8k_, q16k_;
     std::vector<float> panels_;
     IntPanels int_panels_;
+    BytePanels byte_panels_;
 };
 
 int64_t format_of(const Part& p) { return format_of(p.kind); }
@@ -185,7 +189,7 @@ void prepare(Activations& a, const Part& p, Route r) {
         case Route::SubRows: case Route::BlockRows: bytes ? (void)a.int8() : (void)a.int16(); break;
         case Route::SuperRows: bytes ? (void)a.super8() : (void)a.super16(); break;
         case Route::Decoded: if (a.M >= kMinDecodedPanelRows) a.panels(); break;
-        case Route::IntPanels: a.int_panels(); break;
+        case Route::IntPanels: bytes && kHasBytePanels ? (void)a.byte_panels() : (void)a.int_panels(); break;
         case Route::DensePanels: a.panels(); break;
         default: break;
     }
@@ -230,8 +234,10 @@ void part_rows(Activations& a, const Part& p, Route r, float* y, int64_t O, bool
             break;
         case Route::IntPanels: {
             const FormatInfo* f = find_format(format);
-            int_panel_block(format, I / f->weights * f->bytes, a.int_panels(), p.data.data_ptr<uint8_t>(), y, M, I, O,
-                            b, e, add);
+            const int64_t row_bytes = I / f->weights * f->bytes;
+            const uint8_t* w = p.data.data_ptr<uint8_t>();
+            if (bytes && kHasBytePanels) quant_panel_block(format, row_bytes, a.byte_panels(), w, y, M, I, O, b, e, add);
+            else quant_panel_block(format, row_bytes, a.int_panels(), w, y, M, I, O, b, e, add);
             break;
         }
         case Route::DenseRows:
