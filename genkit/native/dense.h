@@ -1,5 +1,5 @@
-// Float products: streaming rows for a few activation rows, register-tiled panels for more,
-// and GGUF rows decoded to floats into the panels.
+// Float products: streaming rows for a few activation rows, register-tiled panels for more (the
+// F32 / BF16 weights, and F16 / Q2_K rows decoded to floats).
 // Part of kernels.cpp's one translation unit, which includes torch, AVX2 and blocks.h first and
 // then, in this order: quantized.h, subblocks.h, dense.h, int_panels.h, weights.h, attention.h.
 #pragma once
