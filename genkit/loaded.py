@@ -65,14 +65,19 @@ def fix_tokenizer(tokenizer, model) -> None:
 
 
 @contextlib.contextmanager
-def quiet_transformers():
+def quiet_transformers(gguf: bool = False):
     """Silence transformers' progress bars and advice while genkit reports its own progress.
 
-    transformers' own bars follow `disable_progress_bar()`; its GGUF dequantiser calls
-    `tqdm.auto.tqdm` directly, which read TQDM_DISABLE when tqdm was imported (setting it now
-    would do nothing), so that module's `tqdm` is swapped for a disabled one meanwhile."""
-    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    transformers' own bars follow `disable_progress_bar()`; its GGUF reader (`gguf`: for the
+    blocks that run it) calls `tqdm.auto.tqdm` directly, which read TQDM_DISABLE when tqdm was
+    imported (setting it now would do nothing), so that module's `tqdm` is swapped for a disabled
+    one meanwhile. Only then is that module imported: it pulls in transformers' GGUF tokenizer
+    mappings, about 0.6 s that a native load never needs."""
     from transformers.utils import logging as hf_logging
+
+    gguf_utils = None
+    if gguf:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
     old = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()

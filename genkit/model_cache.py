@@ -97,11 +97,11 @@ def convert_gguf(gguf: Path, entry: Path, progress: Callable[[str], None] | None
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         say("converting tokenizer")
-        with quiet_transformers():
+        with quiet_transformers(gguf=True):
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         tok.save_pretrained(tmp)
         say("dequantising weights")
-        with quiet_transformers():
+        with quiet_transformers(gguf=True):
             model = AutoModelForCausalLM.from_pretrained(
                 str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
             )
@@ -111,7 +111,7 @@ def convert_gguf(gguf: Path, entry: Path, progress: Callable[[str], None] | None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         say("writing safetensors")
-        with quiet_transformers():
+        with quiet_transformers(gguf=True):
             model.save_pretrained(tmp)
         write_manifest(tmp, str(gguf))
         shutil.rmtree(entry, ignore_errors=True)

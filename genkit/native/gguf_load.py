@@ -184,7 +184,7 @@ def _build(path: Path, tmp: Path) -> None:
         raise GenkitError(f"{path.name} has no tokenizer in its metadata (tokenizer.ggml.*); "
                           "use a GGUF file converted with its tokenizer, or pass a transformers directory")
     try:
-        with quiet_transformers():
+        with quiet_transformers(gguf=True):
             config = transformers_config(meta)
             tokenizer = convert_tokenizer(path, config.model_type)
     except Exception as e:
