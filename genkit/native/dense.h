@@ -114,15 +114,24 @@ __attribute__((noinline)) void panel_tile(const float* panels, int64_t p0, int64
     scatter_tile(&tile[0][0][0], OR, NP, p0 * kPanel, rows, y, o0, O, add);
 }
 
+// Calls tile(p, std::integral_constant<int, n>{}) for the panels of M activation rows in groups
+// of n = NP from panel p, the last group smaller: how every panel product walks its panels.
+template <int NP, typename Fn>
+inline void panel_groups(int64_t M, Fn&& tile) {
+    const int64_t P = (M + kPanel - 1) / kPanel;
+    int64_t p = 0;
+    for (; p + NP <= P; p += NP) tile(p, std::integral_constant<int, NP>{});
+    with_count<NP - 1>(P - p, [&](auto n) { tile(p, n); });
+}
+
 // OR weight rows against every panel: the rows come from memory on the first tile and from
 // cache on the others.
 template <int OR, typename W>
 inline void panel_tiles(const float* panels, int64_t M, const W* wr, int64_t I, float* y, int64_t o0, int64_t O,
                         bool add) {
-    const int64_t P = (M + kPanel - 1) / kPanel;
-    int64_t p = 0;
-    for (; p + kPanelsAtOnce <= P; p += kPanelsAtOnce) panel_tile<OR, kPanelsAtOnce>(panels, p, M, wr, I, y, o0, O, add);
-    if (p < P) panel_tile<OR, 1>(panels, p, M, wr, I, y, o0, O, add);
+    panel_groups<kPanelsAtOnce>(M, [&](int64_t p, auto n) {
+        panel_tile<OR, decltype(n)::value>(panels, p, M, wr, I, y, o0, O, add);
+    });
 }
 
 template <typename W>

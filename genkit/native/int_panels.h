@@ -24,14 +24,14 @@ constexpr int64_t kMinIntPanelRows = 8;
 constexpr bool kHasBytePanels = GENKIT_VNNI;
 constexpr int64_t kHalf = kGroup / 2;  // the k-quants' scales of Q3_K and Q6_K hold for 16 weights
 
-// The activations' code type Q (int16_t, int8_t) sets the rest: the largest code, the weights'
-// code type and how many inputs one int32 lane sums.
+// The activations' code type Q (int16_t, int8_t) sets the rest: the weights' code type and how
+// many inputs one int32 lane sums.
 //   int16: |code x scale| <= 4096 (Q6_K, summed per 16 inputs), <= 1953 (Q5_K) elsewhere, so the
 //          products of 16 (Q6_K) or 32 inputs fit int32 (16 * 4096 * 32767 < 2^31).
 template <typename Q>
 struct Codes16or8 {
     static constexpr bool kBytes = std::is_same_v<Q, int8_t>;
-    static constexpr int kMax = kBytes ? 127 : 32767, kPerLane = kBytes ? 4 : 2;
+    static constexpr int kPerLane = kBytes ? 4 : 2;
     using W = std::conditional_t<kBytes, uint8_t, int16_t>;
 };
 
@@ -48,7 +48,7 @@ using BytePanels = QuantPanels<int8_t>;
 
 template <typename Q>
 void pack_quant_panels(const float* x, int64_t M, int64_t I, QuantPanels<Q>& r) {
-    constexpr int kMax = Codes16or8<Q>::kMax, kLane = Codes16or8<Q>::kPerLane;
+    constexpr int kLane = Codes16or8<Q>::kPerLane;
     const int64_t P = (M + kPanel - 1) / kPanel, blocks = I / kGroup;
     r.q.assign(P * I * kPanel, 0);
     r.scale.assign(P * blocks * kPanel, 0.0f);
@@ -60,12 +60,7 @@ void pack_quant_panels(const float* x, int64_t M, int64_t I, QuantPanels<Q>& r) 
             // a row's kLane codes are one int32 of a panel, 8 rows apart
             int32_t* lanes = reinterpret_cast<int32_t*>(r.q.data() + p * I * kPanel) + l;
             for (int64_t b = 0; b < blocks; ++b) {
-                const float* v = x + m * I + b * kGroup;
-                float amax = 0.0f;
-                for (int j = 0; j < kGroup; ++j) amax = std::max(amax, std::fabs(v[j]));
-                const float scale = amax / kMax, inv = scale > 0.0f ? 1.0f / scale : 0.0f;
-                for (int j = 0; j < kGroup; ++j)
-                    codes[j] = static_cast<Q>(std::clamp(static_cast<int>(std::nearbyint(v[j] * inv)), -kMax, kMax));
+                const float scale = quantize_block(x + m * I + b * kGroup, codes);
                 r.scale[(p * blocks + b) * kPanel + l] = scale;
                 for (int h = 0; h < 2; ++h) {
                     int sum = 0;
@@ -264,11 +259,7 @@ constexpr int kIntRowsO = 2, kIntPanelsAtOnce = 2;
 template <typename Q, int OR, bool Offset, int Parts>
 void quant_panel_tiles(const QuantPanels<Q>& x, int64_t M, const QuantTile<typename Codes16or8<Q>::W>& t, int64_t I,
                        float* y, int64_t o0, int64_t O, bool add) {
-    const int64_t P = (M + kPanel - 1) / kPanel;
-    int64_t p = 0;
-    for (; p + kIntPanelsAtOnce <= P; p += kIntPanelsAtOnce)
-        quant_panel_tile<Q, OR, kIntPanelsAtOnce, Offset, Parts>(x, p, M, t, I, y, o0, O, add);
-    with_count<kIntPanelsAtOnce - 1>(P - p, [&](auto n) {
+    panel_groups<kIntPanelsAtOnce>(M, [&](int64_t p, auto n) {
         quant_panel_tile<Q, OR, decltype(n)::value, Offset, Parts>(x, p, M, t, I, y, o0, O, add);
     });
 }

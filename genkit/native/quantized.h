@@ -218,10 +218,22 @@ const float* prepare_rows(const float* x, int64_t M, int64_t I, const float* nor
     return rows;
 }
 
+// One block of 32 inputs v as codes q = round(v / scale) of type Q, the scale putting the block's
+// largest magnitude at Q's largest value; returns the scale.
+template <typename Q>
+inline float quantize_block(const float* v, Q* q) {
+    constexpr int kMax = std::numeric_limits<Q>::max();
+    float amax = 0.0f;
+    for (int j = 0; j < kGroup; ++j) amax = std::max(amax, std::fabs(v[j]));
+    const float scale = amax / kMax, inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+    for (int j = 0; j < kGroup; ++j)
+        q[j] = static_cast<Q>(std::clamp(static_cast<int>(std::nearbyint(v[j] * inv)), -kMax, kMax));
+    return scale;
+}
+
 // r = x's M rows quantised per block of 32 (r's buffers keep their capacity from call to call).
 template <typename Q>
 void quantize_rows(const float* x, int64_t M, int64_t I, QuantizedRows<Q>& r) {
-    constexpr float kMax = std::numeric_limits<Q>::max();
     const int64_t blocks = I / kGroup;
     r.q.resize(M * I);
     r.scale.resize(M * blocks);
@@ -229,16 +241,10 @@ void quantize_rows(const float* x, int64_t M, int64_t I, QuantizedRows<Q>& r) {
     at::parallel_for(0, M, 4, [&](int64_t begin, int64_t end) {
         for (int64_t m = begin; m < end; ++m) {
             for (int64_t b = 0; b < blocks; ++b) {
-                const float* v = x + m * I + b * kGroup;
-                float amax = 0.0f;
-                for (int j = 0; j < kGroup; ++j) amax = std::max(amax, std::fabs(v[j]));
-                const float scale = amax / kMax, inv = scale > 0.0f ? 1.0f / scale : 0.0f;
-                int qsum = 0;
                 Q* q = r.q.data() + (m * blocks + b) * kGroup;
-                for (int j = 0; j < kGroup; ++j) {
-                    q[j] = static_cast<Q>(std::nearbyint(v[j] * inv));
-                    qsum += q[j];
-                }
+                const float scale = quantize_block(x + m * I + b * kGroup, q);
+                int qsum = 0;
+                for (int j = 0; j < kGroup; ++j) qsum += q[j];
                 r.scale[m * blocks + b] = scale;
                 r.sum[m * blocks + b] = scale * static_cast<float>(qsum);
             }
