@@ -49,18 +49,28 @@ def main() -> None:
     ap.add_argument("--kinds", default="Q4_K,Q6_K,Q8_0,Q5_0,Q4_1")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
+    kinds = args.kinds.split(",")
+    unknown = [k for k in kinds if k not in kernels.INTEGER_KINDS]
+    if unknown:
+        ap.error(f"--kinds: {', '.join(unknown)} is not an integer GGUF format; pick from {','.join(kernels.INTEGER_KINDS)}")
+    try:
+        rows = [int(r) for r in args.rows.split(",")]
+    except ValueError:
+        ap.error(f"--rows: {args.rows!r} is not a comma-separated list of row counts")
+    if not kernels.available():
+        ap.exit(1, "panel_products.py: genkit's CPU kernels are not available on this machine\n")
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     print(f"{'kind':6} {'rows':>5} {'out x in':>11} {'int16 GFLOPS':>13} {'bytes GFLOPS':>13}")
-    for kind in args.kinds.split(","):
+    for kind in kinds:
         for out, inp in SHAPES:
             w = random_blocks(kind, out, inp, rng)
-            for rows in (int(r) for r in args.rows.split(",")):
-                x = torch.randn(rows, inp)
-                flops = 2 * rows * out * inp
+            for n in rows:
+                x = torch.randn(n, inp)
+                flops = 2 * n * out * inp
                 rates = [flops / best_seconds(lambda b=b: kernels.gguf_matmul(x, w, kind, inp, byte_activations=b),
                                               args.repeats) / 1e9 for b in (False, True)]
-                print(f"{kind:6} {rows:5} {out:5}x{inp:<5} {rates[0]:13.1f} {rates[1]:13.1f}", flush=True)
+                print(f"{kind:6} {n:5} {out:5}x{inp:<5} {rates[0]:13.1f} {rates[1]:13.1f}", flush=True)
 
 
 if __name__ == "__main__":
